@@ -1,0 +1,1 @@
+"""On-policy self-distillation of language models (DemoPSD, SDPO, OPSD, GRPO)."""
