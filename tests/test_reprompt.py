@@ -1,0 +1,143 @@
+"""Tests for the teacher's privileged context (reprompting)."""
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
+
+PLAIN = RepromptConfig(demonstration_template="{solution}")
+
+
+def test_failures_get_the_first_successful_sibling_and_successes_never_themselves():
+    completions = ["f0", "s1", "f2", "s3", "f4", "f5", "s6", "f7"]
+    rewards = [0, 1, 0, 1, 0, 0, 1, 0]
+    contexts = build_contexts(completions, rewards, 4, PLAIN)
+    # group 1: s1 and s3 succeed; s1 gets s3, s3 gets s1, failures get s1 (the first)
+    assert contexts[:4] == ["s1", "s3", "s1", "s1"]
+    # group 2: s6 is the lone success; it has no other success to learn from
+    assert contexts[4:] == ["s6", "s6", None, "s6"]
+
+
+def test_success_threshold_is_inclusive():
+    contexts = build_contexts(["a", "b"], [0.5, 0.49], 2, PLAIN)
+    assert contexts == [None, "a"]
+    strict = dataclasses.replace(PLAIN, success_threshold=1.0)
+    assert build_contexts(["a", "b"], [0.5, 1.0], 2, strict) == ["b", None]
+
+
+def test_loners_and_groups_without_success_are_masked():
+    assert build_contexts(["a", "b", "c"], [1, 1, 0], 1, PLAIN) == [None, None, None]
+    assert build_contexts(["a", "b", "c"], [0, 0, 0], 3, PLAIN) == [None, None, None]
+
+
+def test_fallbacks_in_order_demonstration_then_feedback_then_answer():
+    config = dataclasses.replace(PLAIN, use_feedback=True, use_reference_answer=True)
+    completions = ["s0", "f1", "f2", "f3", "f4", "f5"]
+    rewards = [1, 0, 0, 0, 0, 0]
+    feedback = ["fb0", "fb1", None, "fb3", "  ", None]
+    contexts = build_contexts(completions, rewards, 2, config, answers=["A", "B", "C"], feedback=feedback)
+    assert contexts == [
+        "The following is feedback from your unsuccessful earlier attempt:\n\nfb0",  # own success not used
+        "s0",  # a demonstration wins over feedback
+        "The correct answer is B.",  # no feedback: the reference answer
+        "The following is feedback from your unsuccessful earlier attempt:\n\nfb3",
+        "The correct answer is C.",  # blank feedback counts as none
+        "The correct answer is C.",
+    ]
+
+
+def test_fallbacks_are_off_by_default():
+    contexts = build_contexts(["f0", "f1"], [0, 0], 2, PLAIN, answers=["A"], feedback=["fb", "fb"])
+    assert contexts == [None, None]
+
+
+def test_reference_answer_only_when_demonstrations_are_off():
+    config = dataclasses.replace(PLAIN, use_demonstrations=False, use_reference_answer=True)
+    contexts = build_contexts(["s0", "s1", "f2", "f3"], [1, 1, 0, 0], 2, config, answers=["D", "B"])
+    assert contexts == ["The correct answer is D."] * 2 + ["The correct answer is B."] * 2
+
+
+def test_thinking_is_removed_from_demonstrations():
+    completion = "<think>secret\nplan</think>\n<reasoning>r</reasoning><answer>A</answer>"
+    contexts = build_contexts([completion, "f"], [1, 0], 2, RepromptConfig())
+    assert contexts[1] == "Correct solution:\n\n<reasoning>r</reasoning><answer>A</answer>"
+    kept = dataclasses.replace(PLAIN, remove_thinking=False)
+    assert build_contexts([completion, "f"], [1, 0], 2, kept)[1] == completion
+    custom = dataclasses.replace(PLAIN, thinking_pattern=r"<reasoning>.*?</reasoning>")
+    assert build_contexts([completion, "f"], [1, 0], 2, custom)[1] == "<think>secret\nplan</think>\n<answer>A</answer>"
+
+
+def test_teacher_prompt_renders_the_default_template():
+    contexts = build_contexts(["<answer>B</answer>", "x"], [1, 0], 2, RepromptConfig())
+    assert teacher_prompt("Q?\nA: 1\nB: 2", contexts[1], RepromptConfig()) == (
+        "Q?\nA: 1\nB: 2\n\nCorrect solution:\n\n<answer>B</answer>\n\nCorrectly solve the original question."
+    )
+    custom = RepromptConfig(template="[{context}] {prompt}")
+    assert teacher_prompt("Q {x}", "c", custom) == "[c] Q {x}"
+
+
+def test_random_selection_is_seeded_and_stays_in_group():
+    config = dataclasses.replace(PLAIN, selection="random", seed=3)
+    completions = [f"r{i}" for i in range(16)]
+    rewards = [1, 1, 1, 0] * 4
+    first = build_contexts(completions, rewards, 4, config, step=7)
+    assert first == build_contexts(completions, rewards, 4, config, step=7)
+    steps = {tuple(build_contexts(completions, rewards, 4, config, step=s)) for s in range(10)}
+    assert len(steps) > 1  # different steps draw different siblings
+    for i, context in enumerate(first):
+        j = int(context[1:])
+        assert j != i and j // 4 == i // 4 and rewards[j] == 1
+
+
+@given(
+    rewards=st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=24),
+    group_size=st.integers(1, 6),
+    selection=st.sampled_from(["first", "random"]),
+)
+def test_contexts_come_from_successful_siblings(rewards, group_size, selection):
+    rewards = rewards[: len(rewards) - len(rewards) % group_size] or [0.0] * group_size
+    completions = [str(i) for i in range(len(rewards))]
+    config = dataclasses.replace(PLAIN, selection=selection)
+    for i, context in enumerate(build_contexts(completions, rewards, group_size, config)):
+        group = range(i - i % group_size, i - i % group_size + group_size)
+        has_sibling = any(rewards[j] == 1.0 for j in group if j != i)
+        assert (context is not None) == has_sibling
+        if context is not None:
+            j = int(context)
+            assert j != i and j in group and rewards[j] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(completions=["a", "b", "c"], rewards=[0, 0, 0], group_size=2), "group_size=2"),
+        (dict(completions=["a"], rewards=[0], group_size=0), "group_size=0 must be an integer >= 1"),
+        (dict(completions=["a", "b"], rewards=[0], group_size=1), "1 rewards for 2 completions"),
+        (dict(completions=["a"], rewards=[0], group_size=1, feedback=[]), "0 feedback entries"),
+    ],
+)
+def test_bad_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_contexts(config=PLAIN, **kwargs)
+
+
+def test_reference_answer_fallback_needs_answers():
+    config = dataclasses.replace(PLAIN, use_reference_answer=True)
+    with pytest.raises(ValueError, match="one answer per group: got none for 1 groups"):
+        build_contexts(["a", "b"], [0, 0], 2, config)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(selection="best"), "selection='best' is not one of"),
+        (dict(template="{prompt} only"), "missing {context}"),
+        (dict(demonstration_template="no slot"), "missing {solution}"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RepromptConfig(**kwargs)
