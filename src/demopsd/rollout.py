@@ -1,0 +1,139 @@
+"""Rollouts: chat prompts in, sampled responses out, as padded token tensors the trainer can score.
+
+Layout used across the project: a batch of sequences is a left-padded prompt block ``[B, P]`` followed
+by a right-padded response block ``[B, R]``; the hidden state at column ``P - 1 + t`` predicts
+response token ``t``, whatever the prompt length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What to sample: ``n`` rollouts per prompt, at this temperature / top-p, up to ``max_new_tokens``."""
+
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"rollout.n={self.n} is invalid: at least 1 rollout per prompt is accepted")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature} is invalid: a positive temperature is accepted")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p} is invalid: a value in (0, 1] is accepted")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} is invalid: at least 1 is accepted")
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt tokens: ``ids`` and ``mask`` are ``[B, P]``."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """``n`` responses per prompt, grouped consecutively (rows ``i*n .. i*n+n-1`` share prompt ``i``).
+
+    ``prompt`` is ``[B*n, P]``; ``response_ids`` / ``response_mask`` are ``[B*n, R]``, the mask covering
+    the generated tokens up to and including the first end-of-sequence token.
+    """
+
+    prompt: PromptBatch
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    *,
+    max_tokens: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> PromptBatch:
+    """Render each conversation with the chat template (plus the generation prompt) and left-pad."""
+    texts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        for c in conversations
+    ]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    lengths = encoded["attention_mask"].sum(-1)
+    if max_tokens is not None and int(lengths.max()) > max_tokens:
+        longest = int(lengths.argmax())
+        raise ValueError(
+            f"prompt {longest} of the batch has {int(lengths[longest])} tokens, more than "
+            f"max_prompt_tokens={max_tokens}; raise data.max_prompt_tokens or shorten the prompt"
+        )
+    return PromptBatch(ids=encoded["input_ids"], mask=encoded["attention_mask"])
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """``[B, R]`` mask of the tokens up to and including the first EOS of each row (all if none)."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
+    eos_before = is_eos.cumsum(-1) - is_eos
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: PromptBatch,
+    sampling: SamplingConfig,
+) -> RolloutBatch:
+    """Sample ``sampling.n`` responses per prompt with Hugging Face ``generate`` on the live weights."""
+    device = model.device
+    prompt = PromptBatch(
+        ids=prompts.ids.repeat_interleave(sampling.n, dim=0).to(device),
+        mask=prompts.mask.repeat_interleave(sampling.n, dim=0).to(device),
+    )
+    eos_ids = eos_token_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    sequences = model.generate(
+        input_ids=prompt.ids,
+        attention_mask=prompt.mask,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=0,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    response_ids = sequences[:, prompt.ids.shape[1] :]
+    mask = response_mask(response_ids, eos_ids)
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds)
