@@ -1,0 +1,63 @@
+"""Weights & Biases that never blocks or crashes a run: online with a key, offline without, CSV-only on failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def has_wandb_credentials() -> bool:
+    """True when an API key is in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` → ``online`` with credentials, else ``offline``; ``WANDB_MODE`` in the environment wins."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode={mode!r} is invalid: one of {WANDB_MODES} is accepted")
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return mode
+
+
+def make_wandb_logger(wandb_cfg, *, save_dir: Path, run_name: str, config: dict) -> WandbLogger | None:
+    """A started W&B logger writing under ``save_dir/wandb``, or None (with a warning) if W&B cannot start.
+
+    An online start that fails (no network, bad key) falls back to offline; ``wandb sync`` uploads it later.
+    """
+    mode = resolve_wandb_mode(wandb_cfg.mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+        try:
+            logger = WandbLogger(
+                name=run_name,
+                save_dir=str(save_dir),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                group=wandb_cfg.group,
+                tags=list(wandb_cfg.tags),
+                config=config,
+                mode=attempt,
+                settings=wandb.Settings(init_timeout=60, silent=True),
+            )
+            logger.experiment  # starts the run now, so that failures surface here
+            return logger
+        except Exception as error:  # noqa: BLE001 - W&B must never take a run down
+            log.warning("W&B could not start in %s mode (%s); continuing", attempt, error)
+    log.warning("W&B is off for this run; metrics.csv in %s still has every metric", save_dir)
+    return None

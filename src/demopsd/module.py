@@ -1,0 +1,279 @@
+"""The LightningModule: one training step calls the tested pieces in order and logs what they measured.
+
+prompts → rollouts → rewards → privileged contexts → teacher / student hidden states → objective →
+optimizer step (Lightning) → EMA teacher update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from demopsd.data import MCQExample
+from demopsd.forward import lm_head_weight, response_hidden_states
+from demopsd.objectives import (
+    DiscrepancyNormalizer,
+    DistillationConfig,
+    GRPOConfig,
+    aggregation_weights,
+    chunked_distillation_loss,
+    chunked_token_log_probs,
+    grpo_advantages,
+    grpo_loss,
+    lambda_max_at,
+)
+from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
+from demopsd.rewards import score_mcq
+from demopsd.rollout import Conversation, RolloutBatch, SamplingConfig, encode_prompts, generate_rollouts
+from demopsd.teacher import ema_update, make_ema_teacher
+
+TEACHER_KINDS = ("ema", "live")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+
+
+@dataclass
+class PromptConfig:
+    """How examples become chat prompts: length limit and extra chat-template arguments."""
+
+    max_prompt_tokens: int | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+
+def student_conversation(example: MCQExample) -> Conversation:
+    return [{"role": "system", "content": example.system}, {"role": "user", "content": example.prompt}]
+
+
+def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptConfig) -> Conversation:
+    return [
+        {"role": "system", "content": example.system},
+        {"role": "user", "content": teacher_prompt(example.prompt, context, reprompt)},
+    ]
+
+
+class SelfDistillationModule(L.LightningModule):
+    """Trains ``policy`` on-policy with a self-distillation objective (demopsd/sdpo/opsd) or GRPO.
+
+    ``objective`` is a :class:`DistillationConfig` (then ``reprompt`` and ``teacher`` are used) or a
+    :class:`GRPOConfig`. ``teacher`` is ``"ema"`` (a frozen moving-average copy, updated with
+    ``ema_rate`` after every optimizer step) or ``"live"`` (the policy's current weights, no gradient).
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: DistillationConfig | GRPOConfig,
+        sampling: SamplingConfig,
+        *,
+        reprompt: RepromptConfig | None = None,
+        teacher: str = "ema",
+        ema_rate: float = 0.05,
+        optim: OptimConfig | None = None,
+        prompts: PromptConfig | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.sampling = sampling
+        self.optim = optim or OptimConfig()
+        self.prompts = prompts or PromptConfig()
+        self.chunk_size = chunk_size
+        self.distills = isinstance(objective, DistillationConfig)
+        if self.distills:
+            if teacher not in TEACHER_KINDS:
+                raise ValueError(f"method.teacher={teacher!r} is invalid: one of {TEACHER_KINDS} is accepted")
+            if reprompt is None:
+                raise ValueError("a distillation objective needs a RepromptConfig for the privileged context")
+            self.reprompt = reprompt
+            self.teacher_kind = teacher
+            self.ema_rate = ema_rate
+            self.teacher = make_ema_teacher(policy) if teacher == "ema" else None
+            self.normalizer = DiscrepancyNormalizer(objective.normalize_momentum)
+        self._step_started = 0.0
+
+    # ------------------------------------------------------------------ training step
+    def training_step(self, batch: list[MCQExample], batch_idx: int) -> torch.Tensor:
+        self._step_started = time.perf_counter()
+        prompts = encode_prompts(
+            self.tokenizer,
+            [student_conversation(e) for e in batch],
+            max_tokens=self.prompts.max_prompt_tokens,
+            chat_template_kwargs=self.prompts.chat_template_kwargs,
+        )
+        rollouts = generate_rollouts(self.policy, self.tokenizer, prompts, self.sampling)
+        examples = [e for e in batch for _ in range(self.sampling.n)]
+        scores = [score_mcq(text, e.answer, e.letters) for text, e in zip(rollouts.texts, examples)]
+        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
+
+        metrics = {
+            "train/reward_mean": rewards.mean(),
+            "train/accuracy": torch.tensor([s.correct for s in scores], dtype=torch.float32).mean(),
+            "train/format_rate": torch.tensor([s.well_formed for s in scores], dtype=torch.float32).mean(),
+            "train/response_length": rollouts.response_mask.sum(-1).float().mean(),
+            "perf/rollout_seconds": torch.tensor(rollouts.seconds),
+            "perf/rollout_tokens_per_s": torch.tensor(rollouts.num_tokens / max(rollouts.seconds, 1e-9)),
+        }
+        if self.distills:
+            loss, step_metrics = self._distillation_step(rollouts, examples, rewards)
+        else:
+            loss, step_metrics = self._grpo_step(rollouts, rewards)
+        metrics.update(step_metrics)
+        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, batch_size=len(examples))
+        self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
+        if self.distills:
+            self.log("λ", metrics["distill/lambda_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
+        return loss
+
+    def _distillation_step(
+        self, rollouts: RolloutBatch, examples: list[MCQExample], rewards: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config: DistillationConfig = self.objective
+        contexts = build_contexts(
+            rollouts.texts,
+            rewards.tolist(),
+            self.sampling.n,
+            self.reprompt,
+            answers=[e.answer for e in examples[:: self.sampling.n]],
+            step=self.global_step,
+        )
+        has_context = torch.tensor([c is not None for c in contexts], device=self.device)
+        response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
+        distill_mask = response_mask * has_context[:, None]
+
+        started = time.perf_counter()
+        student_hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
+        teacher_hidden = self._teacher_hidden(student_hidden, rollouts, examples, contexts)
+        teacher_seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        valid = response_mask.bool()
+        token_weights = aggregation_weights(distill_mask, config.aggregation)[valid]
+        teacher_model = self.teacher if self.teacher is not None else self.policy
+        loss, stats = chunked_distillation_loss(
+            student_hidden[valid],
+            lm_head_weight(self.policy),
+            teacher_hidden[valid],
+            lm_head_weight(teacher_model).detach(),
+            response_ids[valid],
+            token_weights,
+            config,
+            lambda_max=lambda_max_at(config, self.global_step),
+            discrepancy_scale=self.normalizer.scale if config.normalize_discrepancy else None,
+            chunk_size=self.chunk_size,
+        )
+        if has_context.any():
+            self.normalizer.update(float(stats["discrepancy_mean"]))
+        kl_ts, kl_qs = stats["kl_teacher_student"], stats["kl_target_student"]
+        metrics = {
+            "distill/loss": stats["loss"],
+            "distill/lambda_mean": stats["lambda_mean"],
+            "distill/lambda_q10": stats["lambda_q10"],
+            "distill/lambda_q50": stats["lambda_q50"],
+            "distill/lambda_q90": stats["lambda_q90"],
+            "distill/discrepancy_mean": stats["discrepancy_mean"],
+            "distill/mask_fraction": has_context.float().mean(),
+            "distill/is_weight_mean": stats["is_weight_mean"],
+            "distill/is_clip_fraction": stats["is_clip_fraction"],
+            "leakage/kl_teacher_student": kl_ts,
+            "leakage/kl_target_student": kl_qs,
+            "leakage/attenuation": kl_qs / kl_ts.clamp_min(1e-12),
+            "train/entropy": stats["entropy"],
+            "perf/teacher_seconds": torch.tensor(teacher_seconds),
+            "perf/student_seconds": torch.tensor(time.perf_counter() - started),
+        }
+        return loss, metrics
+
+    @torch.no_grad()
+    def _teacher_hidden(
+        self,
+        student_hidden: torch.Tensor,
+        rollouts: RolloutBatch,
+        examples: list[MCQExample],
+        contexts: list[str | None],
+    ) -> torch.Tensor:
+        """Teacher states ``[B*n, R, H]`` on the student's own tokens, prompted with the privileged context.
+
+        Rows without a context are masked out of the loss; they keep the student's (detached) states.
+        """
+        teacher_hidden = student_hidden.detach().clone()
+        rows = [i for i, c in enumerate(contexts) if c is not None]
+        if not rows:
+            return teacher_hidden
+        prompts = encode_prompts(
+            self.tokenizer,
+            [teacher_conversation(examples[i], contexts[i], self.reprompt) for i in rows],
+            chat_template_kwargs=self.prompts.chat_template_kwargs,
+        )
+        prompts.ids, prompts.mask = prompts.ids.to(self.device), prompts.mask.to(self.device)
+        model = self.teacher if self.teacher is not None else self.policy
+        teacher_hidden[rows] = response_hidden_states(
+            model, prompts, rollouts.response_ids[rows], rollouts.response_mask[rows]
+        )
+        return teacher_hidden
+
+    def _grpo_step(self, rollouts: RolloutBatch, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config: GRPOConfig = self.objective
+        started = time.perf_counter()
+        response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
+        valid = response_mask.bool()
+        hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
+        log_probs, entropy = chunked_token_log_probs(
+            hidden[valid], lm_head_weight(self.policy), response_ids[valid], chunk_size=self.chunk_size
+        )
+        advantages = grpo_advantages(rewards, self.sampling.n, scale_by_std=config.scale_by_std)
+        token_advantages = advantages[:, None].expand_as(response_mask)[valid]
+        token_weights = aggregation_weights(response_mask, config.aggregation)[valid]
+        loss, stats = grpo_loss(
+            log_probs,
+            None,
+            token_advantages,
+            token_weights,
+            clip_low=config.clip_low,
+            clip_high=config.clip_high,
+        )
+        metrics = {
+            "grpo/loss": stats["loss"],
+            "grpo/clip_fraction": stats["clip_fraction"],
+            "grpo/advantage_abs_mean": advantages.abs().mean(),
+            "train/entropy": entropy.mean(),
+            "perf/student_seconds": torch.tensor(time.perf_counter() - started),
+        }
+        return loss, metrics
+
+    # ------------------------------------------------------------------ around the step
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.distills and self.teacher is not None:
+            ema_update(self.teacher, self.policy, self.ema_rate)
+        self.log("perf/step_seconds", time.perf_counter() - self._step_started, on_step=True, batch_size=1)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.policy.parameters(),
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            betas=tuple(self.optim.betas),
+        )
+        warmup = max(self.optim.warmup_steps, 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.distills:
+            checkpoint["discrepancy_normalizer"] = self.normalizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.distills and "discrepancy_normalizer" in checkpoint:
+            self.normalizer.load_state_dict(checkpoint["discrepancy_normalizer"])

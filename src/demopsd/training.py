@@ -1,0 +1,124 @@
+"""From a composed Hydra config to a finished run: build the pieces, fit, say where everything went."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from demopsd.datamodule import PromptDataModule
+from demopsd.logging_setup import make_wandb_logger
+from demopsd.models import load_model_and_tokenizer
+from demopsd.module import OptimConfig, PromptConfig, SelfDistillationModule
+from demopsd.objectives import DistillationConfig, GRPOConfig
+from demopsd.reprompt import RepromptConfig
+from demopsd.rollout import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+METHOD_KINDS = ("distill", "grpo")
+
+
+def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
+    """The LightningModule for ``cfg.method`` (its ``kind`` picks the objective)."""
+    method = cfg.method
+    if method.kind not in METHOD_KINDS:
+        raise ValueError(f"method.kind={method.kind!r} is invalid: one of {METHOD_KINDS} is accepted")
+    rollout = cfg.rollout
+    sampling = SamplingConfig(
+        n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens
+    )
+    common = dict(
+        sampling=sampling,
+        optim=OptimConfig(**OmegaConf.to_container(cfg.optim)),
+        prompts=PromptConfig(
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
+        ),
+    )
+    if method.kind == "grpo":
+        return SelfDistillationModule(policy, tokenizer, GRPOConfig(**method.objective), **common)
+    if sampling.n < 2 and not method.reprompt.use_reference_answer:
+        raise ValueError(
+            f"rollout.n={sampling.n} is invalid for method={method.name}: demonstrations come from sibling "
+            "rollouts, so at least 2 are accepted (or set method.reprompt.use_reference_answer=true)"
+        )
+    return SelfDistillationModule(
+        policy,
+        tokenizer,
+        DistillationConfig(**method.objective),
+        reprompt=RepromptConfig(**method.reprompt, seed=cfg.seed),
+        teacher=method.teacher,
+        ema_rate=method.ema_rate,
+        **common,
+    )
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+    """``metrics.csv`` in the run directory (flushed every step), plus W&B unless disabled."""
+    loggers: list[Logger] = [CSVLogger(save_dir=output_dir, name="", version="", flush_logs_every_n_steps=1)]
+    if cfg.logger.wandb.enabled:
+        wandb_logger = make_wandb_logger(
+            cfg.logger.wandb,
+            save_dir=output_dir,
+            run_name=f"{cfg.run_name}_{output_dir.name}",
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)
+    return loggers
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says; returns the last logged value of every metric."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    policy, tokenizer = load_model_and_tokenizer(
+        cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype
+    )
+    module = build_module(cfg, policy, tokenizer)
+    datamodule = PromptDataModule(
+        source=cfg.data.source,
+        domain=cfg.data.domain,
+        data_dir=cfg.paths.data_dir,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        train_split=cfg.data.train_split,
+        num_workers=cfg.data.num_workers,
+    )
+    checkpoints = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        save_top_k=-1,
+        save_last="link",
+    )
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=build_loggers(cfg, output_dir),
+        callbacks=[checkpoints, RichProgressBar()],
+        default_root_dir=output_dir,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    if cfg.checkpoint.save_final_model and trainer.is_global_zero:
+        module.policy.save_pretrained(output_dir / "model")
+        tokenizer.save_pretrained(output_dir / "model")
+    final = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    log.info(
+        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml%s%s",
+        trainer.global_step,
+        output_dir,
+        ", model/" if cfg.checkpoint.save_final_model else "",
+        ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
+    )
+    return final

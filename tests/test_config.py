@@ -1,0 +1,81 @@
+"""Every method × dataset composes, and its objective / sampling / reprompt settings build and validate."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from demopsd.objectives import DistillationConfig, GRPOConfig
+from demopsd.reprompt import RepromptConfig
+from tests.helpers import CONFIG_DIR, REPO_ROOT
+
+METHODS = ["demopsd", "sdpo", "opsd", "grpo"]
+DATASETS = [f"sciknoweval/{d}" for d in ("biology", "chemistry", "material", "physics")]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_dataset_composes(method, dataset):
+    cfg = compose_train([f"method={method}", f"data={dataset}"])
+    assert cfg.method.name == method
+    assert cfg.data.domain == dataset.split("/")[1]
+    assert cfg.data.source == "sciknoweval" and cfg.data.batch_size >= 1
+    if cfg.method.kind == "grpo":
+        GRPOConfig(**cfg.method.objective)
+    else:
+        DistillationConfig(**cfg.method.objective)
+        RepromptConfig(**cfg.method.reprompt)
+
+
+def test_sdpo_has_the_published_defaults():
+    cfg = compose_train(["method=sdpo"])
+    objective = DistillationConfig(**cfg.method.objective)
+    assert (objective.top_k, objective.tail_bucket, objective.alpha, objective.is_clip) == (100, True, 0.5, 2.0)
+    assert (objective.blend, objective.lambda_max) == ("constant", 1.0)
+    assert (cfg.method.teacher, cfg.method.ema_rate) == ("ema", 0.05)
+
+
+def test_methods_differ_where_the_table_says():
+    demopsd, sdpo, opsd = (compose_train([f"method={m}"]).method for m in ("demopsd", "sdpo", "opsd"))
+    assert demopsd.objective.blend != "constant" and sdpo.objective.blend == "constant"
+    # DemoPSD and SDPO differ only in the target
+    same = {k for k in demopsd.objective if demopsd.objective[k] == sdpo.objective[k]}
+    assert set(demopsd.objective) - same == {"blend"}
+    assert (opsd.objective.alpha, opsd.objective.top_k, opsd.teacher) == (1.0, None, "live")
+    assert opsd.reprompt.use_reference_answer and not opsd.reprompt.use_demonstrations
+
+
+def test_plain_keys_override():
+    cfg = compose_train(
+        ["method.objective.top_k=20", "method.objective.is_clip=3", "method.objective.lambda_max=0.5",
+         "rollout.n=8", "rollout.temperature=0.7", "rollout.max_new_tokens=64", "optim.lr=2e-6"]
+    )
+    assert (cfg.method.objective.top_k, cfg.method.objective.is_clip, cfg.method.objective.lambda_max) == (20, 3, 0.5)
+    assert (cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.optim.lr) == (8, 0.7, 64, 2e-6)
+
+
+def test_smoke_debug_is_tiny():
+    cfg = compose_train(["debug=smoke", "method=sdpo", "data=sciknoweval/chemistry"])
+    assert cfg.trainer.max_steps <= 2 and cfg.data.batch_size <= 2 and cfg.rollout.max_new_tokens <= 32
+
+
+def test_gpu_experiment_selects_a_gpu_model_and_bf16():
+    cfg = compose_train(["experiment=sdpo_paper_qwen3_8b", "method=demopsd"])
+    assert cfg.model.name_or_path == "Qwen/Qwen3-8B"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = subprocess.run(
+        [sys.executable, "src/train.py", "method=grpo", "data=sciknoweval/physics", "--cfg", "job"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    cfg = OmegaConf.create(out)
+    assert cfg.method.name == "grpo" and cfg.data.domain == "physics"
