@@ -1,0 +1,80 @@
+"""Settings of the objectives, validated on construction (field names are the Hydra keys under ``method.objective``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DISCREPANCIES = ("jsd", "kl_ts", "kl_st", "tv")
+BLEND_RULES = ("exp", "linear", "sigmoid", "constant")
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def _require(ok: bool, name: str, value, accepted: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {accepted} is accepted")
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """Self-distillation (DemoPSD; SDPO and OPSD are ``blend="constant"``, ``lambda_max=1``).
+
+    ``temperature`` τ defaults to 0.1: the JSD discrepancy lies in [0, ln 2], so ``exp(-D/τ)`` keeps
+    the teacher (λ ≈ 1) where it barely moves (D ≲ 0.01) and falls to λ ≈ 0.001 at the maximum.
+    """
+
+    top_k: int | None = 100
+    tail_bucket: bool = True
+    eps: float = 1e-8
+    alpha: float = 0.5
+    discrepancy: str = "jsd"
+    blend: str = "exp"
+    lambda_max: float = 1.0
+    temperature: float = 0.1
+    sigmoid_center: float = 0.1
+    normalize_discrepancy: bool = False
+    normalize_momentum: float = 0.9
+    lambda_warmup_steps: int = 0
+    lambda_decay_steps: int = 0
+    lambda_final: float | None = None
+    is_clip: float | None = 2.0
+    aggregation: str = "token-mean"
+
+    def __post_init__(self) -> None:
+        _require(self.top_k is None or (isinstance(self.top_k, int) and self.top_k > 0),
+                 "top_k", self.top_k, "a positive integer, or null for the full vocabulary,")
+        _require(0 < self.eps < 1, "eps", self.eps, "a value in (0, 1)")
+        _require(0 <= self.alpha <= 1, "alpha", self.alpha, "a value in [0, 1]")
+        _require(self.discrepancy in DISCREPANCIES, "discrepancy", self.discrepancy, f"one of {DISCREPANCIES}")
+        _require(self.blend in BLEND_RULES, "blend", self.blend, f"one of {BLEND_RULES}")
+        _require(0 <= self.lambda_max <= 1, "lambda_max", self.lambda_max, "a value in [0, 1]")
+        _require(self.lambda_final is None or 0 <= self.lambda_final <= 1,
+                 "lambda_final", self.lambda_final, "null or a value in [0, 1]")
+        _require(self.temperature > 0, "temperature", self.temperature, "a positive value")
+        _require(0 < self.normalize_momentum < 1, "normalize_momentum", self.normalize_momentum, "a value in (0, 1)")
+        _require(self.lambda_warmup_steps >= 0, "lambda_warmup_steps", self.lambda_warmup_steps, "an integer >= 0")
+        _require(self.lambda_decay_steps >= 0, "lambda_decay_steps", self.lambda_decay_steps, "an integer >= 0")
+        _require(self.is_clip is None or self.is_clip >= 1, "is_clip", self.is_clip, "null (off) or a value >= 1")
+        _require(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {AGGREGATIONS}")
+
+    @property
+    def target_is_teacher(self) -> bool:
+        """λ ≡ 1: the target is the teacher itself (SDPO, OPSD)."""
+        return self.blend == "constant" and self.lambda_max == 1.0 and self.lambda_warmup_steps == 0 \
+            and self.lambda_decay_steps == 0
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO: group-normalised advantages, PPO ratio clipped to ``[1 - clip_low, 1 + clip_high]``."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    scale_by_std: bool = True
+    kl_coef: float = 0.0
+    aggregation: str = "token-mean"
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.clip_low < 1, "clip_low", self.clip_low, "a value in [0, 1)")
+        _require(self.clip_high >= 0, "clip_high", self.clip_high, "a value >= 0")
+        _require(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a value >= 0")
+        _require(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {AGGREGATIONS}")
