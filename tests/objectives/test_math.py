@@ -19,7 +19,6 @@ from demopsd.objectives import (
     kl,
 )
 
-torch.set_default_dtype(torch.float64)
 
 
 def random_log_probs(seed: int, *shape: int, sharpness: float = 2.0) -> torch.Tensor:
@@ -104,9 +103,9 @@ def test_divergence_family_endpoints_and_jsd_limits(seed, size):
     assert half == pytest.approx(float(divergence(log_q, log_s, 0.5)), rel=1e-12)
     assert 0 <= half <= math.log(2) + 1e-12
     assert float(divergence(log_s, log_q, 0.3)) == pytest.approx(float(divergence(log_q, log_s, 0.7)), rel=1e-12)
-    small = 1e-6
-    assert float(divergence(log_s, log_q, small)) / small == pytest.approx(forward, rel=1e-4, abs=1e-9)
-    assert float(divergence(log_s, log_q, 1 - small)) / small == pytest.approx(reverse, rel=1e-4, abs=1e-9)
+    small = 1e-9
+    assert float(divergence(log_s, log_q, small)) / small == pytest.approx(forward, rel=1e-3, abs=1e-6)
+    assert float(divergence(log_s, log_q, 1 - small)) / small == pytest.approx(reverse, rel=1e-3, abs=1e-6)
 
 
 def test_divergences_vanish_on_equal_distributions():

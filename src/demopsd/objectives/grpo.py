@@ -14,7 +14,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
         raise ValueError(
             f"group_size={group_size!r} is invalid for {rewards.numel()} rewards: a divisor of the count is accepted"
         )
-    groups = rewards.float().view(-1, group_size)
+    groups = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, group_size)
     centred = groups - groups.mean(-1, keepdim=True)
     if scale_by_std and group_size > 1:
         centred = centred / (groups.std(-1, keepdim=True) + eps)
