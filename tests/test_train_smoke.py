@@ -49,8 +49,14 @@ def alternating_reward(monkeypatch):
     monkeypatch.setattr(demopsd.module, "score_mcq", score)
 
 
-def smoke_config(method: str, output_dir: Path, *extra: str):
+@pytest.fixture
+def cache_dir(default_model_cache) -> Path:
+    return default_model_cache[0]
+
+
+def smoke_config(method: str, output_dir: Path, cache_dir: Path, *extra: str):
     overrides = ["debug=smoke", f"method={method}", "data=sciknoweval/biology", f"paths.output_dir={output_dir}",
+                 f"paths.cache_dir={cache_dir}",
                  "logger.wandb.mode=disabled", *SIGNAL[method], *extra]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
@@ -62,10 +68,10 @@ def initial_weights(cfg) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["demopsd", "sdpo", "opsd", "grpo"])
-def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, request):
+def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, cache_dir, request):
     if method == "grpo":
         request.getfixturevalue("alternating_reward")
-    cfg = smoke_config(method, tmp_path)
+    cfg = smoke_config(method, tmp_path, cache_dir)
     before = initial_weights(cfg)
 
     final = run(cfg)
@@ -89,9 +95,9 @@ def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, req
     assert set(expected) <= set(final)
 
 
-def test_without_a_successful_sibling_nothing_is_distilled(tmp_path):
+def test_without_a_successful_sibling_nothing_is_distilled(tmp_path, cache_dir):
     """SDPO's contexts come from successful siblings only: a batch with none has an all-zero mask and no update."""
-    cfg = smoke_config("sdpo", tmp_path, "trainer.max_steps=1", "method.reprompt.use_reference_answer=false",
+    cfg = smoke_config("sdpo", tmp_path, cache_dir, "trainer.max_steps=1", "method.reprompt.use_reference_answer=false",
                        "method.reprompt.success_threshold=2.0")
     before = initial_weights(cfg)
     run(cfg)
@@ -102,11 +108,12 @@ def test_without_a_successful_sibling_nothing_is_distilled(tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in after if k in before)
 
 
-def test_cli_smoke_run_writes_its_run_directory(tmp_path):
+def test_cli_smoke_run_writes_its_run_directory(tmp_path, cache_dir):
     env = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(
         [sys.executable, "src/train.py", "debug=smoke", "method=demopsd", "data=sciknoweval/physics",
-         f"paths.log_dir={tmp_path}", "checkpoint.save_final_model=false", "trainer.max_steps=1"],
+         f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "checkpoint.save_final_model=false",
+         "trainer.max_steps=1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]

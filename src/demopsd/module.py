@@ -254,6 +254,9 @@ class SelfDistillationModule(L.LightningModule):
         return loss, metrics
 
     # ------------------------------------------------------------------ around the step
+    def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
+        return batch  # plain examples; tokens are moved when they are made
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.distills and self.teacher is not None:
             ema_update(self.teacher, self.policy, self.ema_rate)
