@@ -52,6 +52,13 @@ def test_methods_differ_where_the_table_says():
     assert opsd.reprompt.use_reference_answer and not opsd.reprompt.use_demonstrations
 
 
+def test_reprompt_keys_mirror_the_library_defaults():
+    """Every reprompting setting is a plain config key, and the YAML defaults are SDPO's (the library's)."""
+    reprompt = compose_train(["method=sdpo", "method.reprompt.success_threshold=1.0"]).method.reprompt
+    assert reprompt.success_threshold == 1.0
+    assert RepromptConfig(**{**reprompt, "success_threshold": 0.5}) == RepromptConfig()
+
+
 def test_plain_keys_override():
     cfg = compose_train(
         ["method.objective.top_k=20", "method.objective.is_clip=3", "method.objective.lambda_max=0.5",

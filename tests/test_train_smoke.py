@@ -124,5 +124,5 @@ def test_cli_smoke_run_writes_its_run_directory(tmp_path, cache_dir):
     for name in ("metrics.csv", "config_resolved.yaml", ".hydra/config.yaml", "checkpoints/last.ckpt"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
-    last_line = (result.stdout + result.stderr).strip().splitlines()[-1]
+    last_line = result.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last_line and "metrics.csv" in last_line

@@ -61,3 +61,13 @@ def make_wandb_logger(wandb_cfg, *, save_dir: Path, run_name: str, config: dict)
             log.warning("W&B could not start in %s mode (%s); continuing", attempt, error)
     log.warning("W&B is off for this run; metrics.csv in %s still has every metric", save_dir)
     return None
+
+
+def finish_wandb(loggers) -> None:
+    """Close the W&B runs among ``loggers``, so that the next run of a multirun starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                logger.experiment.finish()
+            except Exception as error:  # noqa: BLE001 - the metrics are already on disk
+                log.warning("W&B could not finish cleanly (%s); metrics.csv has every metric", error)

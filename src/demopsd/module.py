@@ -84,7 +84,7 @@ class SelfDistillationModule(L.LightningModule):
         chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        self.policy = policy
+        self.policy = policy.train()  # from_pretrained returns eval mode; rollouts switch to eval themselves
         self.tokenizer = tokenizer
         self.objective = objective
         self.sampling = sampling

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from demopsd.datamodule import PromptDataModule
-from demopsd.logging_setup import make_wandb_logger
+from demopsd.logging_setup import finish_wandb, make_wandb_logger
 from demopsd.models import load_model_and_tokenizer
 from demopsd.module import OptimConfig, PromptConfig, SelfDistillationModule
 from demopsd.objectives import DistillationConfig, GRPOConfig
@@ -114,6 +114,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         module.policy.save_pretrained(output_dir / "model")
         tokenizer.save_pretrained(output_dir / "model")
     final = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    finish_wandb(trainer.loggers)
     log.info(
         "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml%s%s",
         trainer.global_step,
