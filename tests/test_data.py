@@ -10,17 +10,12 @@ from demopsd.data import SYSTEM_PROMPT, MCQExample, load_sciknoweval, option_let
 DATA_DIR = Path(os.environ.get("DEMOPSD_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 ROWS = {"biology": (450, 50), "chemistry": (1890, 210), "material": (841, 94), "physics": (720, 80)}
 
-needs_data = pytest.mark.skipif(
-    not (DATA_DIR / "sciknoweval").is_dir(), reason=f"no SciKnowEval data under {DATA_DIR} (set DEMOPSD_DATA_DIR)"
-)
-
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@needs_data
 @pytest.mark.parametrize("domain", sorted(ROWS))
 def test_row_counts_and_answers(domain):
     train, test = (load_sciknoweval(DATA_DIR, domain, split) for split in ("train", "test"))
@@ -33,7 +28,6 @@ def test_row_counts_and_answers(domain):
         assert e.system == SYSTEM_PROMPT  # the prompt the hub build writes
 
 
-@needs_data
 def test_data_dir_from_environment(monkeypatch):
     monkeypatch.setenv("DEMOPSD_DATA_DIR", str(DATA_DIR))
     first = load_sciknoweval(None, "biology", "test")[0]

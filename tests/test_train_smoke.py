@@ -1,5 +1,6 @@
 """End to end: `debug=smoke` runs of every method on the real default model and real SciKnowEval data."""
 
+import json
 import math
 import os
 import subprocess
@@ -108,16 +109,21 @@ def test_without_a_successful_sibling_nothing_is_distilled(tmp_path, cache_dir):
     assert all(torch.equal(after[k], before[k]) for k in after if k in before)
 
 
-def test_cli_smoke_run_writes_its_run_directory(tmp_path, cache_dir):
+def run_cli(script: str, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, "src/train.py", "debug=smoke", "method=demopsd", "data=sciknoweval/physics",
-         f"paths.log_dir={tmp_path}", f"paths.cache_dir={cache_dir}", "checkpoint.save_final_model=false",
-         "trainer.max_steps=1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env,
-    )
+    result = subprocess.run([sys.executable, script, *overrides], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dirs = list((tmp_path / "smoke" / "runs").iterdir())
+    return result
+
+
+def test_cli_train_with_evaluation_then_eval_of_its_checkpoint(tmp_path, cache_dir):
+    """`src/train.py` writes its run directory and evaluates at the end; `src/eval.py` on the saved
+    checkpoint with the same seed reproduces that evaluation answer for answer."""
+    common = ["debug=smoke", "data=sciknoweval/physics", f"paths.cache_dir={cache_dir}", "eval.max_examples=3"]
+    result = run_cli("src/train.py", *common, "method=demopsd", f"paths.log_dir={tmp_path / 'train'}",
+                     "checkpoint.save_final_model=false", "trainer.max_steps=1", "eval.at_end=true")
+    run_dirs = list((tmp_path / "train" / "smoke" / "runs").iterdir())
     assert len(run_dirs) == 1
     run_dir = run_dirs[0]
     assert run_dir.name.endswith("demopsd_sciknoweval-physics_seed0")
@@ -126,3 +132,19 @@ def test_cli_smoke_run_writes_its_run_directory(tmp_path, cache_dir):
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
     last_line = result.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last_line and "metrics.csv" in last_line
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    accuracy = metrics.dropna(subset=["eval/sciknoweval-physics/acc_avg@2"])
+    assert accuracy["step"].tolist() == [1]
+    during_training = json.loads((run_dir / "eval" / "step000001" / "summary.json").read_text())
+    assert during_training["metrics"]["eval/sciknoweval-physics/num_questions"] == 3
+    assert during_training["metrics"]["eval/sciknoweval-physics/acc_avg@2"] == accuracy.iloc[0][
+        "eval/sciknoweval-physics/acc_avg@2"]
+
+    result = run_cli("src/eval.py", *common, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "seed=1",
+                     f"paths.log_dir={tmp_path / 'eval'}")
+    eval_dir = next((tmp_path / "eval" / "smoke" / "runs").iterdir())
+    assert str(eval_dir) in result.stdout.strip().splitlines()[-1]
+    standalone = json.loads((eval_dir / "summary.json").read_text())
+    assert standalone["metrics"] == during_training["metrics"]
+    assert (eval_dir / "samples.jsonl").read_text() == (run_dir / "eval" / "step000001" / "samples.jsonl").read_text()

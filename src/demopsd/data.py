@@ -12,6 +12,7 @@ import json
 import os
 import re
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,11 @@ class MCQExample:
     """The option letters present in the prompt, e.g. ``"ABCD"`` or ``"AB"``."""
 
 
+def student_conversation(example: MCQExample) -> list[dict[str, str]]:
+    """The chat the policy answers: the task's system prompt, then the question."""
+    return [{"role": "system", "content": example.system}, {"role": "user", "content": example.prompt}]
+
+
 def option_letters(prompt: str) -> str:
     """The option letters of ``prompt``, from its ``X: ...`` lines; they must run A, B, C, ..."""
     letters = "".join(_OPTION_LINE.findall(prompt))
@@ -61,6 +67,23 @@ def option_letters(prompt: str) -> str:
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
     """``data_dir`` if given, else ``$DEMOPSD_DATA_DIR``, else ``./data``."""
     return Path(data_dir or os.environ.get("DEMOPSD_DATA_DIR") or "data").expanduser()
+
+
+SOURCES = ("sciknoweval", "gpqa")
+
+
+def load_split(data: Mapping, split: str, data_dir: str | Path | None = None) -> list[MCQExample]:
+    """The ``split`` of the dataset a ``data=`` config describes (its ``source`` picks the loader)."""
+    source = data["source"]
+    if source == "sciknoweval":
+        return load_sciknoweval(data_dir, data["domain"], split)
+    if source == "gpqa":
+        from demopsd.gpqa import load_gpqa
+
+        if split != "test":
+            raise ValueError(f"GPQA has only a test split; split={split!r} is not accepted (use it for evaluation)")
+        return load_gpqa(data_dir, data["subset"], seed=data["shuffle_seed"], domains=data["domains"])
+    raise ValueError(f"data.source={source!r} is invalid: one of {SOURCES} is accepted")
 
 
 def load_sciknoweval(data_dir: str | Path | None, domain: str, split: str) -> list[MCQExample]:

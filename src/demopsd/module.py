@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.data import MCQExample
+from demopsd.data import MCQExample, student_conversation
 from demopsd.forward import lm_head_weight, response_hidden_states
 from demopsd.objectives import (
     DiscrepancyNormalizer,
@@ -48,10 +48,6 @@ class PromptConfig:
 
     max_prompt_tokens: int | None = None
     chat_template_kwargs: dict = field(default_factory=dict)
-
-
-def student_conversation(example: MCQExample) -> Conversation:
-    return [{"role": "system", "content": example.system}, {"role": "user", "content": example.prompt}]
 
 
 def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptConfig) -> Conversation:

@@ -108,12 +108,23 @@ def generate_rollouts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: PromptBatch,
     sampling: SamplingConfig,
+    *,
+    greedy: bool = False,
 ) -> RolloutBatch:
-    """Sample ``sampling.n`` responses per prompt with Hugging Face ``generate`` on the live weights."""
+    """Sample ``sampling.n`` responses per prompt with Hugging Face ``generate`` on the live weights.
+
+    ``greedy``: one deterministic response per prompt (``n``, temperature and top-p are ignored).
+    """
     device = model.device
+    copies = 1 if greedy else sampling.n
     prompt = PromptBatch(
-        ids=prompts.ids.repeat_interleave(sampling.n, dim=0).to(device),
-        mask=prompts.mask.repeat_interleave(sampling.n, dim=0).to(device),
+        ids=prompts.ids.repeat_interleave(copies, dim=0).to(device),
+        mask=prompts.mask.repeat_interleave(copies, dim=0).to(device),
+    )
+    decoding = (
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if greedy
+        else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     )
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
@@ -122,10 +133,7 @@ def generate_rollouts(
     sequences = model.generate(
         input_ids=prompt.ids,
         attention_mask=prompt.mask,
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=0,
+        **decoding,
         max_new_tokens=sampling.max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
 from demopsd.datamodule import PromptDataModule
+from demopsd.eval_runner import periodic_evaluation
 from demopsd.logging_setup import finish_wandb, make_wandb_logger
 from demopsd.models import load_model_and_tokenizer
 from demopsd.module import OptimConfig, PromptConfig, SelfDistillationModule
@@ -85,15 +86,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype
     )
     module = build_module(cfg, policy, tokenizer)
-    datamodule = PromptDataModule(
-        source=cfg.data.source,
-        domain=cfg.data.domain,
-        data_dir=cfg.paths.data_dir,
-        batch_size=cfg.data.batch_size,
-        seed=cfg.seed,
-        train_split=cfg.data.train_split,
-        num_workers=cfg.data.num_workers,
-    )
+    datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
     checkpoints = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="step{step:06d}",
@@ -102,10 +95,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         save_top_k=-1,
         save_last="link",
     )
+    evaluation = periodic_evaluation(cfg, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=build_loggers(cfg, output_dir),
-        callbacks=[checkpoints, RichProgressBar()],
+        callbacks=[checkpoints, evaluation, RichProgressBar()],
         default_root_dir=output_dir,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -1,0 +1,26 @@
+"""Evaluate a trained policy (or the base model) on held-out questions.
+
+    python src/eval.py ckpt_path=outputs/train/runs/<run>              # in-domain test split of data=
+    python src/eval.py ckpt_path=<run> eval=gpqa eval.k=16              # plus GPQA-diamond, avg@16
+    python src/eval.py model=qwen3_8b data=sciknoweval/chemistry        # the base model
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("DEMOPSD_ROOT", str(Path(__file__).resolve().parents[1]))
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from demopsd.eval_runner import run_evaluation
+
+    run_evaluation(cfg)
+
+
+if __name__ == "__main__":
+    main()
