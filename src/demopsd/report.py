@@ -1,0 +1,487 @@
+"""Reports over finished (or running) training runs: curves per method and a results table.
+
+A *run directory* is any folder holding both ``metrics.csv`` (Lightning's CSVLogger) and
+``config_resolved.yaml``; a Hydra multirun folder holds several. ``write_report`` finds every run
+under the given paths and writes, into one output folder:
+
+* ``<quantity>.png``: entropy, leakage, λ, reward and every ``eval/<dataset>/acc_avg@k`` column
+  over optimizer steps; one colour per method, seeds aggregated as mean ± standard error band,
+  one row of panels per training dataset; long per-step curves are smoothed (rolling mean over
+  about 1/30 of the run, the raw mean drawn faintly behind), eval points are not;
+* ``results.md`` / ``results.csv``: one row per (dataset, method), each number the mean ± s.e.
+  over seeds of a per-seed scalar (best / final accuracy, final entropy, mean leakage);
+* ``runs.csv``: those per-seed scalars, one row per run.
+
+The standard error is ``std(ddof=1) / sqrt(n)`` over seeds; with one seed there is none (the
+table shows ``0.412 ± —``, the plot no band).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.csv"
+CONFIG_FILE = "config_resolved.yaml"
+METHOD_ORDER = ("demopsd", "sdpo", "opsd", "grpo")
+METHOD_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")  # demopsd, sdpo, opsd, grpo
+OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+EVAL_ACCURACY = re.compile(r"^eval/(?P<dataset>.+)/(?P<metric>acc_avg@(?P<k>\d+))$")
+DPI = 120
+MISSING = "—"
+
+# Per-seed scalars of the results table: key -> column header.
+QUANTITIES = {
+    "indomain_best": "in-domain acc (best)",
+    "indomain_final": "in-domain acc (final)",
+    "gpqa_best": "GPQA acc (best)",
+    "gpqa_final": "GPQA acc (final)",
+    "entropy_final": "final entropy",
+    "leakage_mean": "mean KL(teacher ‖ student)",
+}
+
+
+class NoRunsError(FileNotFoundError):
+    """No run directory (``metrics.csv`` + ``config_resolved.yaml``) under the searched paths."""
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One training run: where it is, what it trained, and its metrics (one row per step)."""
+
+    path: Path
+    method: str
+    dataset: str
+    seed: int | None
+    name: str
+    metrics: pd.DataFrame  # index "step" (sorted, unique); one column per logged metric
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """What ``write_report`` wrote, and the plots it skipped (with the reason)."""
+
+    out_dir: Path
+    table_md: Path
+    table_csv: Path
+    runs_csv: Path
+    plots: list[Path]
+    skipped: list[str] = field(default_factory=list)
+    runs: int = 0
+
+
+@dataclass(frozen=True)
+class CurveSpec:
+    """One PNG: a quantity over steps, one panel per column (side by side) and per dataset (rows)."""
+
+    key: str
+    title: str
+    ylabel: str
+    columns: tuple[str, ...]
+    panel_titles: tuple[str, ...] = ()
+    eval_points: bool = False  # sparse points: markers, no interpolation across gaps
+
+
+TRAIN_CURVES = (
+    CurveSpec("entropy", "Policy entropy", "entropy (nats / token)", ("train/entropy",)),
+    CurveSpec(
+        "leakage",
+        "Leakage: KL to the student",
+        "KL (nats / token)",
+        ("leakage/kl_teacher_student", "leakage/kl_target_student"),
+        ("KL(teacher ‖ student)", "KL(target ‖ student)"),
+    ),
+    CurveSpec("lambda", "Mixing weight λ", "mean λ over distilled tokens", ("distill/lambda_mean",)),
+    CurveSpec("reward", "Training reward", "mean reward", ("train/reward_mean",)),
+)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
+    """Every run directory at any depth under ``paths`` (a path itself may be one), sorted by path.
+
+    Raises ``FileNotFoundError`` for a path that does not exist and ``NoRunsError`` (naming the
+    searched paths) when none holds a run.
+    """
+    roots = _as_paths(paths)
+    for root in roots:
+        if not root.exists():
+            raise FileNotFoundError(f"no such file or directory: {root}")
+    run_dirs = sorted({d.resolve() for root in roots for d in _run_dirs_under(root)})
+    if not run_dirs:
+        searched = ", ".join(str(r) for r in roots)
+        raise NoRunsError(f"no run directories (a folder holding both {METRICS_FILE} and {CONFIG_FILE}) under: {searched}")
+    return [load_run(d) for d in run_dirs]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read one run directory: method, dataset, seed and run name from its config, and its metrics."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+    seed = OmegaConf.select(cfg, "seed", default=None)
+    return Run(
+        path=run_dir,
+        method=str(OmegaConf.select(cfg, "method.name", default="unknown")),
+        dataset=str(OmegaConf.select(cfg, "data.name", default="unknown")),
+        seed=None if seed is None else int(seed),
+        name=str(OmegaConf.select(cfg, "run_name", default=None) or run_dir.name),
+        metrics=read_metrics(run_dir / METRICS_FILE),
+    )
+
+
+def read_metrics(csv_path: str | Path) -> pd.DataFrame:
+    """``metrics.csv`` as one row per step: rows logged at the same step merged (last value wins)."""
+    try:
+        frame = pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:  # the run has not logged anything yet
+        return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+    if "step" not in frame.columns:
+        raise ValueError(f"{csv_path} has no 'step' column (columns: {', '.join(frame.columns)})")
+    frame = frame.dropna(subset=["step"]).astype({"step": "int64"})
+    return frame.groupby("step", sort=True).last()
+
+
+def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _run_dirs_under(root: Path) -> list[Path]:
+    if root.is_file():
+        root = root.parent
+    candidates = [root / METRICS_FILE, *root.rglob(METRICS_FILE)]
+    return [c.parent for c in candidates if c.is_file() and (c.parent / CONFIG_FILE).is_file()]
+
+
+# --------------------------------------------------------------------------- methods and colours
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    """The fixed order demopsd, sdpo, opsd, grpo, then other methods alphabetically."""
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def method_colours(methods: Iterable[str]) -> dict[str, str]:
+    """A colour per method: fixed for the four known methods, the rest in alphabetical order."""
+    colours = dict(zip(METHOD_ORDER, METHOD_COLOURS))
+    others = sorted(set(methods) - set(METHOD_ORDER))
+    colours.update({m: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, m in enumerate(others)})
+    return colours
+
+
+# --------------------------------------------------------------------------- per-seed scalars
+
+
+def eval_accuracy_columns(columns: Iterable[str]) -> dict[str, str]:
+    """``{eval dataset: column}`` for the ``eval/<dataset>/acc_avg@k`` columns, the largest ``k`` per dataset."""
+    best: dict[str, tuple[int, str]] = {}
+    for column in columns:
+        match = EVAL_ACCURACY.match(column)
+        if match:
+            k = int(match["k"])
+            if match["dataset"] not in best or k > best[match["dataset"]][0]:
+                best[match["dataset"]] = (k, column)
+    return {dataset: column for dataset, (_, column) in best.items()}
+
+
+def _values(run: Run, column: str | None) -> pd.Series:
+    if column is None or column not in run.metrics.columns:
+        return pd.Series(dtype="float64")
+    return pd.to_numeric(run.metrics[column], errors="coerce").dropna()
+
+
+def _last(values: pd.Series) -> float:
+    return float(values.iloc[-1]) if len(values) else math.nan
+
+
+def _max(values: pd.Series) -> float:
+    return float(values.max()) if len(values) else math.nan
+
+
+def _mean(values: pd.Series) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _eval_columns_of(run: Run) -> tuple[str | None, str | None]:
+    """The run's in-domain eval column (its own dataset) and its GPQA column, or None.
+
+    GPQA is the first ``gpqa*`` eval dataset in alphabetical order (``gpqa-diamond`` when present).
+    """
+    columns = {d: c for d, c in eval_accuracy_columns(run.metrics.columns).items() if len(_values(run, c))}
+    gpqa = sorted(d for d in columns if d.startswith("gpqa"))
+    return columns.get(run.dataset), (columns[gpqa[0]] if gpqa else None)
+
+
+def run_scalars(run: Run) -> dict[str, object]:
+    """The per-seed numbers of the results table for one run (NaN where the run lacks the metric)."""
+    indomain, gpqa = _eval_columns_of(run)
+    return {
+        "run": run.name,
+        "path": str(run.path),
+        "dataset": run.dataset,
+        "method": run.method,
+        "seed": run.seed,
+        "indomain_metric": indomain,
+        "gpqa_metric": gpqa,
+        "indomain_best": _max(_values(run, indomain)),
+        "indomain_final": _last(_values(run, indomain)),
+        "gpqa_best": _max(_values(run, gpqa)),
+        "gpqa_final": _last(_values(run, gpqa)),
+        "entropy_final": _last(_values(run, "train/entropy")),
+        "leakage_mean": _mean(_values(run, "leakage/kl_teacher_student")),
+    }
+
+
+def per_run(runs: Sequence[Run]) -> pd.DataFrame:
+    """``run_scalars`` of every run, one row per run."""
+    return pd.DataFrame([run_scalars(r) for r in runs])
+
+
+# --------------------------------------------------------------------------- aggregation over seeds
+
+
+def mean_se(values: Iterable[float]) -> tuple[float, float, int]:
+    """``(mean, standard error, n)`` over the non-NaN values; s.e. = std(ddof=1)/sqrt(n), NaN for n < 2."""
+    array = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(array)
+    if n == 0:
+        return math.nan, math.nan, 0
+    se = float(array.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return float(array.mean()), se, n
+
+
+def summarize(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per (dataset, method): ``seeds`` and, per quantity, ``<q>_mean``, ``<q>_se``, ``<q>_n``.
+
+    Each quantity is computed per seed first (``run_scalars``), then aggregated with ``mean_se``.
+    Rows are sorted by dataset, then in the fixed method order.
+    """
+    scalars = per_run(runs)
+    columns = ["dataset", "method", "seeds", *(f"{q}_{s}" for q in QUANTITIES for s in ("mean", "se", "n"))]
+    if scalars.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (dataset, method), group in scalars.groupby(["dataset", "method"], sort=False):
+        row: dict[str, object] = {"dataset": dataset, "method": method, "seeds": len(group)}
+        for q in QUANTITIES:
+            row[f"{q}_mean"], row[f"{q}_se"], row[f"{q}_n"] = mean_se(group[q])
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=columns)
+    order = sorted(range(len(table)), key=lambda i: (table["dataset"][i], method_sort_key(table["method"][i])))
+    return table.iloc[order].reset_index(drop=True)
+
+
+def format_mean_se(mean: float, se: float) -> str:
+    """``0.412 ± 0.013``; ``0.412 ± —`` without an s.e. (one seed); ``—`` without a value.
+
+    Three decimals, more for small magnitudes so that three significant digits remain.
+    """
+    if mean is None or math.isnan(mean):
+        return MISSING
+    decimals = 3 if mean == 0 else min(8, max(3, 2 - math.floor(math.log10(abs(mean)))))
+    spread = MISSING if se is None or math.isnan(se) else f"{se:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {spread}"
+
+
+def results_markdown(summary: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """The summary as a Markdown table; a cell from fewer seeds than its row says ``(n=k)``."""
+    header = ["dataset", "method", "seeds", *QUANTITIES.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for _, row in summary.iterrows():
+        cells = [str(row["dataset"]), str(row["method"]), str(row["seeds"])]
+        for q in QUANTITIES:
+            cell = format_mean_se(row[f"{q}_mean"], row[f"{q}_se"])
+            n = int(row[f"{q}_n"])
+            cells.append(cell if n in (0, row["seeds"]) else f"{cell} (n={n})")
+        lines.append("| " + " | ".join(cells) + " |")
+    intro = [
+        "# Results",
+        "",
+        "Mean ± standard error over seeds (s.e. = std(ddof=1) / √n); each number is first computed per seed. "
+        f"`± {MISSING}`: a single seed; `{MISSING}`: no run has the metric.",
+        "",
+    ]
+    return "\n".join(intro + lines + ([""] + [f"- {n}" for n in notes] if notes else []) + [""])
+
+
+def _table_notes(scalars: pd.DataFrame) -> list[str]:
+    """Which eval columns the accuracy numbers come from, and what each quantity means."""
+    notes = []
+    for kind in ("indomain_metric", "gpqa_metric"):
+        used = sorted({c for c in scalars[kind] if isinstance(c, str)}) if kind in scalars else []
+        label = "in-domain" if kind == "indomain_metric" else "GPQA"
+        notes.append(f"{label} accuracy from: {', '.join(f'`{c}`' for c in used) if used else 'no eval column'}")
+    notes.append("best = maximum over eval steps, final = last eval step; final entropy = last logged `train/entropy`; "
+                 "mean KL = mean over steps of `leakage/kl_teacher_student`")
+    return notes
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def seed_band(runs: Sequence[Run], column: str, interpolate: bool = True, window: int = 1) -> pd.DataFrame:
+    """Mean, s.e. and seed count per step of ``column`` over ``runs`` (columns ``mean``, ``se``, ``n``).
+
+    With ``interpolate``, gaps *inside* a run's curve (NaN steps) are filled linearly before
+    averaging, so that a seed missing one step does not make the mean jump; steps past a run's
+    end are not filled. With ``window > 1`` each run is first smoothed by a centred rolling mean
+    over that many logged steps. Steps with no value in any run are dropped.
+    """
+    series = [_run_series(run, column, interpolate, window).rename(run.name) for run in runs]
+    series = [s for s in series if len(s)]
+    if not series:
+        return pd.DataFrame(columns=["mean", "se", "n"], index=pd.Index([], name="step"))
+    frame = pd.concat(series, axis=1).sort_index()
+    n = frame.count(axis=1)
+    se = (frame.std(axis=1, ddof=1) / np.sqrt(n)).where(n > 1)
+    return pd.DataFrame({"mean": frame.mean(axis=1), "se": se, "n": n})
+
+
+def _run_series(run: Run, column: str, interpolate: bool, window: int) -> pd.Series:
+    if column not in run.metrics.columns:
+        return pd.Series(dtype="float64")
+    values = pd.to_numeric(run.metrics[column], errors="coerce")
+    if interpolate and values.notna().sum() > 1:
+        values = values.interpolate(method="index", limit_area="inside")
+    values = values.dropna()
+    return values.rolling(window, center=True, min_periods=1).mean() if window > 1 else values
+
+
+def smoothing_window(runs: Sequence[Run], columns: Iterable[str], points: int = 30) -> int:
+    """Rolling-mean window for dense per-step curves: about ``points`` independent points per curve."""
+    longest = max((len(_values(r, c)) for r in runs for c in columns), default=0)
+    return max(1, round(longest / points))
+
+
+def _has_data(runs: Sequence[Run], columns: Iterable[str]) -> bool:
+    return any(len(_values(r, c)) for r in runs for c in columns)
+
+
+def eval_curve_specs(runs: Sequence[Run]) -> list[CurveSpec]:
+    """One spec per eval accuracy column any run has (every ``eval/<dataset>/acc_avg@k``)."""
+    columns = sorted({c for r in runs for c in r.metrics.columns if EVAL_ACCURACY.match(c)})
+    specs = []
+    for column in columns:
+        match = EVAL_ACCURACY.match(column)
+        key = re.sub(r"[^A-Za-z0-9._-]+", "_", f"eval_{match['dataset']}_{match['metric']}")
+        specs.append(CurveSpec(key, f"Eval accuracy on {match['dataset']}", f"accuracy ({match['metric']})",
+                               (column,), eval_points=True))
+    return specs
+
+
+def _draw_band(ax, runs: Sequence[Run], column: str, colour: str, spec: CurveSpec, window: int) -> bool:
+    """One method's curve: seed mean (smoothed when ``window > 1``, the raw mean faint behind) ± s.e."""
+    band = seed_band(runs, column, interpolate=not spec.eval_points, window=window)
+    if band.empty:
+        return False
+    seeds = len(runs)
+    label = f"{runs[0].method} ({seeds} seed{'s' if seeds != 1 else ''})"
+    if window > 1:
+        raw = seed_band(runs, column)
+        ax.plot(raw.index.to_numpy(dtype=float), raw["mean"].to_numpy(dtype=float), color=colour,
+                linewidth=0.7, alpha=0.25, zorder=1)
+    steps = band.index.to_numpy(dtype=float)
+    mean, se = band["mean"].to_numpy(dtype=float), band["se"].to_numpy(dtype=float)
+    marker = dict(marker="o", markersize=4) if spec.eval_points else {}
+    ax.plot(steps, mean, color=colour, linewidth=2.0, label=label, zorder=3, **marker)  # lines above every band
+    if np.isfinite(se).any():
+        ax.fill_between(steps, mean - se, mean + se, color=colour, alpha=0.2, linewidth=0, zorder=2)
+    return True
+
+
+def _draw_panel(ax, runs: Sequence[Run], column: str, spec: CurveSpec, colours: dict[str, str], window: int) -> None:
+    methods = sorted({r.method for r in runs}, key=method_sort_key)
+    drawn = [_draw_band(ax, [r for r in runs if r.method == m], column, colours[m], spec, window) for m in methods]
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(spec.ylabel)
+    ax.grid(True, alpha=0.3)
+    if any(drawn):
+        ax.legend(fontsize="small", framealpha=0.8)
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+
+
+def _plot_one(runs: Sequence[Run], spec: CurveSpec, colours: dict[str, str], path: Path) -> Path:
+    """One PNG for ``spec``: rows = training datasets with data, columns = ``spec.columns``."""
+    datasets = sorted({r.dataset for r in runs if _has_data([r], spec.columns)})
+    window = 1 if spec.eval_points else smoothing_window(runs, spec.columns)
+    nrows, ncols = len(datasets), len(spec.columns)
+    fig = Figure(figsize=(6.0 * ncols, 4.0 * nrows + 0.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex="row", sharey="row")
+    for row, dataset in enumerate(datasets):
+        subset = [r for r in runs if r.dataset == dataset]
+        for col, column in enumerate(spec.columns):
+            ax = axes[row][col]
+            _draw_panel(ax, subset, column, spec, colours, window)
+            panel = spec.panel_titles[col] if spec.panel_titles else ""
+            ax.set_title(f"{dataset} · {panel}" if panel else f"trained on {dataset}", fontsize="medium")
+    fig.suptitle(spec.title, fontsize="large", fontweight="bold")
+    note = "mean over seeds ± standard error" + (
+        f"; rolling mean over {window} steps, unsmoothed mean faint" if window > 1 else "")
+    fig.supxlabel(note, fontsize="small", color="dimgrey")  # a figure-level label: constrained layout makes room
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _plot_all(runs: Sequence[Run], out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Every curve PNG that has data, and a line per skipped one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = method_colours(r.method for r in runs)
+    written, skipped = [], []
+    for spec in (*TRAIN_CURVES, *eval_curve_specs(runs)):
+        if not _has_data(runs, spec.columns):
+            skipped.append(f"{spec.key}: no run has {' or '.join(spec.columns)}")
+            continue
+        written.append(_plot_one(runs, spec, colours, out_dir / f"{spec.key}.png"))
+    return written, skipped
+
+
+def plot_curves(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Write one PNG per quantity (entropy, leakage, λ, reward, each eval accuracy) into ``out_dir``.
+
+    A quantity no run has is skipped (logged; ``write_report`` lists them in ``ReportFiles.skipped``).
+    """
+    written, skipped = _plot_all(runs, Path(out_dir))
+    for line in skipped:
+        log.info("skipped plot %s", line)
+    return written
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path | None = None) -> ReportFiles:
+    """Find the runs under ``paths`` and write plots, ``results.md``, ``results.csv`` and ``runs.csv``.
+
+    ``out_dir`` defaults to ``<first path>/report``.
+    """
+    roots = _as_paths(paths)
+    out = Path(out_dir) if out_dir is not None else (roots[0] if roots else Path(".")) / "report"
+    runs = find_runs(roots)
+    out.mkdir(parents=True, exist_ok=True)
+    scalars = per_run(runs)
+    summary = summarize(runs)
+    plots, skipped = _plot_all(runs, out)
+    files = ReportFiles(out, out / "results.md", out / "results.csv", out / "runs.csv", plots, skipped, len(runs))
+    summary.to_csv(files.table_csv, index=False)
+    scalars.to_csv(files.runs_csv, index=False)
+    files.table_md.write_text(results_markdown(summary, _table_notes(scalars)), encoding="utf-8")
+    return files

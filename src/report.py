@@ -1,0 +1,39 @@
+"""Plots and a results table over training runs (any mix of run and multirun directories).
+
+    python src/report.py outputs/multirun/2025-01-01/12-00-00
+    python src/report.py runA runB --out reports/ab
+
+Writes <quantity>.png (entropy, leakage, λ, reward, eval accuracy), results.md, results.csv and
+runs.csv into --out (default: <first dir>/report).
+"""
+
+import argparse
+import sys
+
+from demopsd.report import write_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", help="run or multirun directories (searched at any depth)")
+    parser.add_argument("--out", default=None, help="output directory (default: <first dir>/report)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        files = write_report(args.dirs, args.out)
+    except FileNotFoundError as error:  # NoRunsError, or a path that does not exist: exit 2 with the message
+        parser.error(str(error))
+    print(f"Report on {files.runs} run(s) written to {files.out_dir}")
+    print(f"  table: {files.table_md.name}, {files.table_csv.name}, {files.runs_csv.name}")
+    print(f"  plots: {', '.join(p.name for p in files.plots) if files.plots else 'none'}")
+    for line in files.skipped:
+        print(f"  skipped {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

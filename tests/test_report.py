@@ -1,0 +1,281 @@
+"""Reports over made-up runs: discovery at depth, table numbers recomputed independently, plots, CLI."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from demopsd.report import (
+    NoRunsError,
+    find_runs,
+    format_mean_se,
+    mean_se,
+    Run,
+    plot_curves,
+    seed_band,
+    smoothing_window,
+    summarize,
+    write_report,
+)
+from tests.helpers import REPO_ROOT
+
+DATASET = "sciknoweval-biology"
+INDOMAIN = f"eval/{DATASET}/acc_avg@16"
+GPQA = "eval/gpqa-diamond/acc_avg@16"
+STEPS = 30
+EVAL_STEPS = (9, 19, 29)
+ENTROPY_LEVEL = {"demopsd": 1.4, "sdpo": 1.1, "opsd": 0.9, "grpo": 0.5}  # demopsd keeps entropy highest
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def made_up_metrics(method: str, seed: int, nan_gaps: bool = False) -> pd.DataFrame:
+    """Lightning-like rows: one per step of train metrics, plus separate rows for the eval steps."""
+    rng = np.random.default_rng(100 * seed + len(method))
+    steps = np.arange(STEPS)
+    train = pd.DataFrame({
+        "step": steps,
+        "epoch": 0,
+        "train/reward_mean": 0.2 + 0.015 * steps + rng.normal(0, 0.03, STEPS),
+        "train/entropy": ENTROPY_LEVEL[method] * np.exp(-steps / 60) + rng.normal(0, 0.02, STEPS),
+        "train/response_length": 200 + rng.normal(0, 10, STEPS),
+    })
+    if method != "grpo":
+        train["distill/loss"] = 0.5 + rng.normal(0, 0.05, STEPS)
+        train["distill/lambda_mean"] = 0.3 + 0.01 * steps
+        train["leakage/kl_teacher_student"] = 0.8 - 0.01 * steps + rng.normal(0, 0.02, STEPS)
+        train["leakage/kl_target_student"] = 0.3 - 0.004 * steps + rng.normal(0, 0.01, STEPS)
+    else:
+        train["grpo/loss"] = rng.normal(0, 0.05, STEPS)
+    if nan_gaps:  # missing values, the last entropy among them: final entropy is the last non-NaN one
+        train.loc[[3, 4, 17, STEPS - 1], "train/entropy"] = np.nan
+        if "leakage/kl_teacher_student" in train:
+            train.loc[[5, 6, 7], "leakage/kl_teacher_student"] = np.nan
+    evals = pd.DataFrame({
+        "step": EVAL_STEPS,
+        INDOMAIN: [0.30 + 0.05 * i + rng.uniform(0, 0.1) for i in range(len(EVAL_STEPS))],
+        f"eval/{DATASET}/acc_avg@1": rng.uniform(0, 1, len(EVAL_STEPS)),  # not the one used: @16 is larger
+        GPQA: rng.uniform(0.2, 0.35, len(EVAL_STEPS)),
+    })
+    return pd.concat([train, evals], ignore_index=True)
+
+
+def write_run(run_dir: Path, method: str, seed: int, dataset: str = DATASET, **kwargs) -> Path:
+    run_dir.mkdir(parents=True)
+    cfg = {"method": {"name": method}, "data": {"name": dataset}, "seed": seed, "run_name": f"{method}-s{seed}"}
+    OmegaConf.save(OmegaConf.create(cfg), run_dir / "config_resolved.yaml")
+    made_up_metrics(method, seed, **kwargs).to_csv(run_dir / "metrics.csv", index=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    """2 methods x 2 seeds in a Hydra-like multirun folder (one run with NaN gaps), plus a single-seed opsd run."""
+    root = tmp_path_factory.mktemp("outputs")
+    multirun = root / "multirun" / "2025-01-01" / "12-00-00"
+    write_run(multirun / "0", "demopsd", 0)
+    write_run(multirun / "1", "demopsd", 1, nan_gaps=True)
+    write_run(multirun / "2", "grpo", 0)
+    write_run(multirun / "3", "grpo", 1)
+    write_run(root / "single" / "opsd", "opsd", 0)
+    (multirun / "4").mkdir()  # an unfinished job: metrics but no config -> not a run
+    made_up_metrics("grpo", 2).to_csv(multirun / "4" / "metrics.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs_root, tmp_path_factory):
+    return write_report([runs_root], tmp_path_factory.mktemp("report"))
+
+
+def runs_of(root: Path, method: str) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.csv")
+                  if (p.parent / "config_resolved.yaml").exists()
+                  and OmegaConf.load(p.parent / "config_resolved.yaml").method.name == method)
+
+
+def expected(root: Path, method: str, per_seed) -> tuple[float, float, int]:
+    """Mean and s.e. over seeds, recomputed with plain pandas / numpy from the CSVs."""
+    values = []
+    for run in runs_of(root, method):
+        value = per_seed(pd.read_csv(run / "metrics.csv").sort_values("step"))
+        if not math.isnan(value):
+            values.append(value)
+    n = len(values)
+    se = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else math.nan
+    return (float(np.mean(values)) if n else math.nan), se, n
+
+
+def last_of(column):
+    return lambda df: df[column].dropna().iloc[-1] if column in df and df[column].notna().any() else math.nan
+
+
+def best_of(column):
+    return lambda df: df[column].max() if column in df else math.nan
+
+
+def mean_of(column):
+    return lambda df: df[column].mean() if column in df else math.nan
+
+
+PER_SEED = {
+    "indomain_best": best_of(INDOMAIN),
+    "indomain_final": last_of(INDOMAIN),
+    "gpqa_best": best_of(GPQA),
+    "gpqa_final": last_of(GPQA),
+    "entropy_final": last_of("train/entropy"),
+    "leakage_mean": mean_of("leakage/kl_teacher_student"),
+}
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_find_runs_at_any_depth_reads_method_dataset_seed(runs_root):
+    runs = find_runs(runs_root)
+    expected_runs = [("demopsd", 0), ("demopsd", 1), ("grpo", 0), ("grpo", 1), ("opsd", 0)]
+    assert sorted((r.method, r.seed) for r in runs) == expected_runs
+    assert {r.dataset for r in runs} == {DATASET}
+    assert all((r.path / "config_resolved.yaml").exists() for r in runs)
+    # a run directory itself, and overlapping paths, are found once
+    single = runs_root / "single" / "opsd"
+    assert [r.path for r in find_runs([single, runs_root / "single"])] == [single.resolve()]
+
+
+def test_metrics_rows_of_one_step_are_merged(runs_root):
+    run = next(r for r in find_runs(runs_root) if r.method == "demopsd" and r.seed == 0)
+    assert run.metrics.index.is_unique and list(run.metrics.index) == list(range(STEPS))
+    assert run.metrics.loc[9, INDOMAIN] == pytest.approx(pd.read_csv(run.path / "metrics.csv")[INDOMAIN].dropna().iloc[0])
+    assert not math.isnan(run.metrics.loc[9, "train/entropy"])
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoRunsError, match="no run directories.*empty"):
+        find_runs([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        find_runs(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- table
+
+
+@pytest.mark.parametrize("method", ["demopsd", "grpo"])
+@pytest.mark.parametrize("quantity", list(PER_SEED))
+def test_table_numbers_equal_an_independent_recomputation(runs_root, report, method, quantity):
+    table = pd.read_csv(report.table_csv)
+    row = table[(table.dataset == DATASET) & (table.method == method)].iloc[0]
+    mean, se, n = expected(runs_root, method, PER_SEED[quantity])
+    assert row.seeds == 2 and row[f"{quantity}_n"] == n
+    if n == 0:  # grpo has no leakage
+        assert math.isnan(row[f"{quantity}_mean"])
+        return
+    assert n == 2
+    assert row[f"{quantity}_mean"] == pytest.approx(mean, rel=1e-9)
+    assert row[f"{quantity}_se"] == pytest.approx(se, rel=1e-9)
+    assert f"{mean:.3f} ± {se:.3f}" in report.table_md.read_text()
+
+
+def test_markdown_rows_absent_values_and_order(report):
+    lines = [line for line in report.table_md.read_text().splitlines() if line.startswith(f"| {DATASET}")]
+    assert [line.split(" | ")[1] for line in lines] == ["demopsd", "opsd", "grpo"]  # fixed method order
+    grpo = lines[2].strip("| ").split(" | ")
+    assert grpo[-1] == "—"  # no leakage for grpo
+    assert "`eval/sciknoweval-biology/acc_avg@16`" in report.table_md.read_text()
+
+
+def test_single_seed_shows_the_mean_without_a_standard_error(runs_root, report):
+    table = pd.read_csv(report.table_csv)
+    row = table[table.method == "opsd"].iloc[0]
+    assert row.seeds == 1 and math.isnan(row.entropy_final_se)
+    entropy = last_of("train/entropy")(pd.read_csv(runs_root / "single" / "opsd" / "metrics.csv"))
+    assert row.entropy_final_mean == pytest.approx(entropy)
+    assert f"{entropy:.3f} ± —" in report.table_md.read_text()
+
+
+def test_mean_se_and_formatting():
+    assert mean_se([1.0, 3.0, math.nan]) == pytest.approx((2.0, 1.0, 2))  # std(ddof=1)=sqrt(2), /sqrt(2)
+    mean, se, n = mean_se([0.5])
+    assert (mean, n) == (0.5, 1) and math.isnan(se)
+    assert format_mean_se(0.4123, 0.0131) == "0.412 ± 0.013"
+    assert format_mean_se(0.4123, math.nan) == "0.412 ± —"
+    assert format_mean_se(math.nan, math.nan) == "—"
+    assert format_mean_se(0.00123, 0.0004) == "0.00123 ± 0.00040"  # small values keep 3 significant digits
+
+
+def test_summarize_separates_datasets(runs_root, tmp_path):
+    write_run(tmp_path / "chem", "demopsd", 0, dataset="sciknoweval-chemistry")
+    table = summarize(find_runs([runs_root, tmp_path]))
+    assert list(zip(table.dataset, table.method)) == [
+        (DATASET, "demopsd"), (DATASET, "opsd"), (DATASET, "grpo"), ("sciknoweval-chemistry", "demopsd")]
+    chem = table.iloc[-1]
+    assert chem.seeds == 1 and chem.indomain_best_n == 0  # its eval columns are biology's: not in-domain
+    assert chem.gpqa_best_n == 1
+
+
+# --------------------------------------------------------------------------- plots and CLI
+
+
+def test_seed_band_fills_inner_gaps_and_aggregates_mean_se():
+    def run(name, values):
+        metrics = pd.DataFrame({"x": values}, index=pd.Index(range(len(values)), name="step"))
+        return Run(Path(name), "demopsd", DATASET, 0, name, metrics)
+
+    runs = [run("a", [1.0, np.nan, 3.0, 4.0]), run("b", [3.0, 4.0, 5.0, np.nan])]
+    band = seed_band(runs, "x")
+    assert list(band["mean"]) == pytest.approx([2.0, 3.0, 4.0, 4.0])  # a's gap at step 1 interpolated to 2.0
+    assert band["se"].iloc[0] == pytest.approx(np.std([1.0, 3.0], ddof=1) / np.sqrt(2))
+    assert list(band["n"]) == [2, 2, 2, 1] and math.isnan(band["se"].iloc[3])  # b ended: no band, not filled
+    smooth = seed_band(runs[:1], "x", window=3)
+    assert smooth["mean"].iloc[1] == pytest.approx(2.0) and smooth["mean"].iloc[0] == pytest.approx(1.5)
+    assert smoothing_window(runs, ["x"]) == 1
+
+
+
+
+def assert_png(path: Path, min_bytes: int = 10_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > min_bytes, path
+
+
+def test_plots_are_written_as_png(report):
+    names = {p.name for p in report.plots}
+    assert {"entropy.png", "leakage.png", "lambda.png", "reward.png",
+            "eval_sciknoweval-biology_acc_avg_16.png", "eval_gpqa-diamond_acc_avg_16.png"} <= names
+    for path in report.plots:
+        assert path.parent == report.out_dir
+        assert_png(path)
+    assert report.skipped == []
+
+
+def test_plots_without_their_columns_are_skipped(runs_root, tmp_path):
+    grpo_only = [r for r in find_runs(runs_root) if r.method == "grpo"]
+    written = plot_curves(grpo_only, tmp_path)
+    assert {p.name for p in written} >= {"entropy.png", "reward.png"}
+    assert not {"leakage.png", "lambda.png"} & {p.name for p in written}
+    report = write_report(runs_root / "multirun" / "2025-01-01" / "12-00-00" / "2", tmp_path / "one")
+    assert any(line.startswith("leakage:") for line in report.skipped)
+    assert any(line.startswith("lambda:") for line in report.skipped)
+
+
+def test_cli_writes_the_report_and_says_where(runs_root, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "src/report.py", str(runs_root), "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout
+    for name in ("results.md", "results.csv", "runs.csv", "entropy.png"):
+        assert (out / name).is_file(), name
+    assert_png(out / "entropy.png")
+
+
+def test_cli_without_runs_fails_clearly(tmp_path):
+    done = subprocess.run([sys.executable, "src/report.py", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no run directories" in done.stderr and str(tmp_path) in done.stderr
+    assert not (tmp_path / "report").exists()
