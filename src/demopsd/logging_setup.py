@@ -8,9 +8,9 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
-log = logging.getLogger(__name__)
+from demopsd.settings import WANDB_MODES
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+log = logging.getLogger(__name__)
 
 
 def has_wandb_credentials() -> bool:

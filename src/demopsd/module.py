@@ -7,7 +7,6 @@ optimizer step (Lightning) → EMA teacher update.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import lightning as L
 import torch
@@ -28,27 +27,9 @@ from demopsd.objectives import (
 )
 from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
 from demopsd.rewards import score_mcq
-from demopsd.rollout import Conversation, RolloutBatch, SamplingConfig, encode_prompts, generate_rollouts
+from demopsd.rollout import Conversation, RolloutBatch, encode_prompts, generate_rollouts
+from demopsd.settings import TEACHER_KINDS, OptimConfig, PromptConfig, SamplingConfig
 from demopsd.teacher import ema_update, make_ema_teacher
-
-TEACHER_KINDS = ("ema", "live")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-
-
-@dataclass
-class PromptConfig:
-    """How examples become chat prompts: length limit and extra chat-template arguments."""
-
-    max_prompt_tokens: int | None = None
-    chat_template_kwargs: dict = field(default_factory=dict)
-
 
 def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptConfig) -> Conversation:
     return [

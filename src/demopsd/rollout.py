@@ -13,27 +13,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from demopsd.settings import SamplingConfig
+
 Conversation = list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """What to sample: ``n`` rollouts per prompt, at this temperature / top-p, up to ``max_new_tokens``."""
-
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"rollout.n={self.n} is invalid: at least 1 rollout per prompt is accepted")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature={self.temperature} is invalid: a positive temperature is accepted")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p={self.top_p} is invalid: a value in (0, 1] is accepted")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} is invalid: at least 1 is accepted")
 
 
 @dataclass

@@ -15,15 +15,12 @@ from demopsd.datamodule import PromptDataModule
 from demopsd.eval_runner import periodic_evaluation
 from demopsd.logging_setup import finish_wandb, make_wandb_logger
 from demopsd.models import load_model_and_tokenizer
-from demopsd.module import OptimConfig, PromptConfig, SelfDistillationModule
+from demopsd.module import SelfDistillationModule
 from demopsd.objectives import DistillationConfig, GRPOConfig
 from demopsd.reprompt import RepromptConfig
-from demopsd.rollout import SamplingConfig
+from demopsd.settings import METHOD_KINDS, OptimConfig, PromptConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
-
-METHOD_KINDS = ("distill", "grpo")
-
 
 def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
     """The LightningModule for ``cfg.method`` (its ``kind`` picks the objective)."""

@@ -1,0 +1,61 @@
+"""Run settings that need no torch: read and checked before anything heavy is imported.
+
+Field names are the Hydra keys of their config section (``rollout``, ``optim``); each dataclass checks its
+values on construction and names the key, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHOD_KINDS = ("distill", "grpo")
+TEACHER_KINDS = ("ema", "live")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What to sample: ``n`` rollouts per prompt, at this temperature / top-p, up to ``max_new_tokens``."""
+
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"rollout.n={self.n} is invalid: at least 1 rollout per prompt is accepted")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature} is invalid: a positive temperature is accepted")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p} is invalid: a value in (0, 1] is accepted")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} is invalid: at least 1 is accepted")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear learning-rate warm-up over ``warmup_steps`` optimizer steps."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} is invalid: a positive learning rate is accepted")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} is invalid: a value >= 0 is accepted")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} is invalid: two numbers in [0, 1) are accepted")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} is invalid: an integer >= 0 is accepted")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How examples become chat prompts: length limit and extra chat-template arguments."""
+
+    max_prompt_tokens: int | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)

@@ -1,0 +1,248 @@
+"""Config validation before anything loads: one line per bad value, naming the key, the value and what is accepted."""
+
+import copy
+import dataclasses
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict, read_write
+
+from demopsd import config_check
+from demopsd.config_check import ConfigError, validate_config
+from demopsd.objectives import AGGREGATIONS, BLEND_RULES, DISCREPANCIES, DistillationConfig
+from demopsd.reprompt import SELECTIONS
+from demopsd.settings import METHOD_KINDS, TEACHER_KINDS, WANDB_MODES
+from tests.helpers import CONFIG_DIR, REPO_ROOT
+from tests.test_config import DATASETS, METHODS, compose_train
+
+LINE = re.compile(r"^[\w.]+=.+: .+$")
+
+
+def problems_of(overrides: list[str]) -> list[str]:
+    """The problem lines ``validate_config`` reports for the train config composed with ``overrides``."""
+    with pytest.raises(ConfigError) as caught:
+        validate_config(compose_train(overrides))
+    error = caught.value
+    assert str(error).splitlines() == error.problems
+    assert all(LINE.match(line) for line in error.problems), error.problems
+    return error.problems
+
+
+def line_for(problems: list[str], key: str, value) -> str:
+    """The one problem line about ``key`` (holding ``value``)."""
+    matching = [line for line in problems if line.startswith(f"{key}={value!r}: ")]
+    assert len(matching) == 1, f"no single line for {key}={value!r} in {problems}"
+    return matching[0]
+
+
+# ----------------------------------------------------------------------------------------- good configs
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_and_dataset_default_passes(method, dataset):
+    validate_config(compose_train([f"method={method}", f"data={dataset}"]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["debug=smoke"],
+        ["experiment=sdpo_paper_qwen3_8b", "method=sdpo", "data=sciknoweval/chemistry"],
+        ["logger=csv", "trainer=gpu", "method=grpo"],
+        ["method=opsd", "rollout.n=1"],  # the reference answer needs no siblings
+        ["method.objective.top_k=null", "method.objective.is_clip=null", "trainer.max_steps=-1"],
+        ["method.teacher=live", "method.ema_rate=0"],  # the rate of an EMA teacher that does not exist
+        ["method.objective.alpha=0", "method.objective.lambda_max=1", "method.objective.is_clip=1", "rollout.top_p=1"],
+    ],
+)
+def test_good_settings_pass(overrides):
+    validate_config(compose_train(overrides))
+
+
+# ----------------------------------------------------------------------------------------- one bad value each
+BAD = [
+    # overrides, key, value, what the line must say is accepted (a string, or (module, name) of the accepted tuple)
+    (["method.kind=foo"], "method.kind", "foo", METHOD_KINDS),
+    (["method.objective.top_k=0"], "method.objective.top_k", 0, "a positive integer, or null"),
+    (["method.objective.alpha=1.5"], "method.objective.alpha", 1.5, "a value in [0, 1]"),
+    (["method.objective.alpha=-0.5"], "method.objective.alpha", -0.5, "a value in [0, 1]"),
+    (["method.objective.alpha=high"], "method.objective.alpha", "high", "a number"),
+    (["method.objective.lambda_max=1.2"], "method.objective.lambda_max", 1.2, "a value in [0, 1]"),
+    (["method.objective.is_clip=0.5"], "method.objective.is_clip", 0.5, "null (off) or a value >= 1"),
+    (["method.objective.discrepancy=kl"], "method.objective.discrepancy", "kl", str(DISCREPANCIES)),
+    (["method.objective.blend=step"], "method.objective.blend", "step", str(BLEND_RULES)),
+    (["method.objective.aggregation=sum"], "method.objective.aggregation", "sum", str(AGGREGATIONS)),
+    (["method=grpo", "method.objective.aggregation=sum"], "method.objective.aggregation", "sum", str(AGGREGATIONS)),
+    (["method.reprompt.selection=best"], "method.reprompt.selection", "best", str(SELECTIONS)),
+    (["method.teacher=student"], "method.teacher", "student", TEACHER_KINDS),
+    (["method.ema_rate=0"], "method.ema_rate", 0, "a value in (0, 1]"),
+    (["method.ema_rate=1.5"], "method.ema_rate", 1.5, "a value in (0, 1]"),
+    (["rollout.n=1"], "rollout.n", 1, "an integer >= 2"),  # demopsd: demonstrations are siblings
+    (["method=sdpo", "rollout.n=1"], "rollout.n", 1, "an integer >= 2"),
+    (["method=grpo", "rollout.n=1"], "rollout.n", 1, "an integer >= 2 for GRPO"),
+    (["method=opsd", "rollout.n=0"], "rollout.n", 0, "at least 1"),
+    (["rollout.temperature=0"], "rollout.temperature", 0, "a positive temperature"),
+    (["rollout.top_p=1.5"], "rollout.top_p", 1.5, "a value in (0, 1]"),
+    (["rollout.top_p=0"], "rollout.top_p", 0, "a value in (0, 1]"),
+    (["rollout.max_new_tokens=0"], "rollout.max_new_tokens", 0, "at least 1"),
+    (["optim.lr=0"], "optim.lr", 0, "a positive learning rate"),
+    (["optim.lr=-1e-5"], "optim.lr", -1e-5, "a positive learning rate"),
+    (["data.batch_size=0"], "data.batch_size", 0, "an integer >= 1"),
+    (["trainer.max_steps=0"], "trainer.max_steps", 0, "an integer >= 1, or -1"),
+    (["trainer.max_steps=-2"], "trainer.max_steps", -2, "an integer >= 1, or -1"),
+    (["logger.wandb.mode=on"], "logger.wandb.mode", "on", WANDB_MODES),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "value", "accepted"), BAD, ids=[" ".join(case[0]) for case in BAD])
+def test_a_bad_value_is_one_line_with_key_value_and_accepted(overrides, key, value, accepted):
+    problems = problems_of(overrides)
+    assert len(problems) == 1, problems
+    assert str(accepted) in line_for(problems, key, value)
+
+
+# ----------------------------------------------------------------------------------------- unknown keys
+TYPOS = [
+    # override, the reported key, the suggestion
+    ("+method.objective.topk=5", "method.objective.topk", "method.objective.top_k"),
+    ("+method.teachr=ema", "method.teachr", "method.teacher"),
+    ("+method.reprompt.succes_threshold=0.9", "method.reprompt.succes_threshold", "method.reprompt.success_threshold"),
+    ("+rollout.temprature=0.7", "rollout.temprature", "rollout.temperature"),
+    ("+optim.weightdecay=0.1", "optim.weightdecay", "optim.weight_decay"),
+    ("+data.batchsize=8", "data.batchsize", "data.batch_size"),
+    ("+checkpoint.every_n_steps=10", "checkpoint.every_n_steps", "checkpoint.every_n_train_steps"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "suggestion"), TYPOS, ids=[case[0] for case in TYPOS])
+def test_a_typo_is_reported_with_the_closest_key(override, key, suggestion):
+    problems = problems_of([override])
+    assert len(problems) == 1, problems
+    value = override.split("=", 1)[1]
+    value = float(value) if "." in value else int(value) if value.isdigit() else value
+    assert f"did you mean {suggestion}?" in line_for(problems, key, value)
+
+
+def test_topk_suggests_top_k_and_lists_the_dataclass_fields():
+    line = line_for(problems_of(["+method.objective.topk=5"]), "method.objective.topk", 5)
+    assert "top_k" in line
+    for field in dataclasses.fields(DistillationConfig):
+        assert field.name in line
+
+
+def test_objective_keys_follow_the_method_kind():
+    """A distillation key under GRPO is unknown there (GRPOConfig would refuse it)."""
+    line = line_for(problems_of(["method=grpo", "+method.objective.top_k=5"]), "method.objective.top_k", 5)
+    assert "clip_low" in line and "kl_coef" in line
+
+
+def test_reprompt_seed_is_the_top_level_seed():
+    line = line_for(problems_of(["+method.reprompt.seed=3"]), "method.reprompt.seed", 3)
+    assert "not a key of method.reprompt" in line
+
+
+def test_grpo_has_no_reprompt_section():
+    problems = problems_of(["method=grpo", "+method.reprompt.use_feedback=true"])
+    line = line_for(problems, "method.reprompt", {"use_feedback": True})
+    assert line.endswith("accepted keys: kind, name, objective")
+
+
+def test_rollout_backend_is_a_key_though_not_a_sampling_field():
+    validate_config(compose_train(["rollout.backend=hf"]))
+
+
+# ----------------------------------------------------------------------------------------- all at once
+def test_every_problem_is_reported_at_once():
+    problems = problems_of(
+        [
+            "method.objective.alpha=1.5",
+            "method.objective.lambda_max=2",  # a second failed rule of the same dataclass
+            "method.objective.discrepancy=kl",
+            "+method.objective.topk=5",
+            "method.teacher=ema",
+            "method.ema_rate=0",
+            "rollout.n=1",
+            "rollout.top_p=0",
+            "rollout.temperature=-1",
+            "optim.lr=0",
+            "data.batch_size=0",
+            "trainer.max_steps=0",
+            "logger.wandb.mode=on",
+        ]
+    )
+    keys = [line.split("=", 1)[0] for line in problems]
+    assert sorted(keys) == sorted(
+        ["method.objective.alpha", "method.objective.lambda_max", "method.objective.discrepancy",
+         "method.objective.topk", "method.ema_rate", "rollout.n", "rollout.top_p", "rollout.temperature",
+         "optim.lr", "data.batch_size", "trainer.max_steps", "logger.wandb.mode"]
+    )
+
+
+def test_every_failed_rule_of_one_dataclass_is_found():
+    problems = problems_of(["rollout.temperature=0", "rollout.top_p=2", "rollout.max_new_tokens=0"])
+    keys = [line.split("=", 1)[0] for line in problems]
+    assert keys == ["rollout.temperature", "rollout.top_p", "rollout.max_new_tokens"]
+
+
+# ----------------------------------------------------------------------------------------- before the heavy imports
+def test_validation_imports_no_transformers_or_lightning():
+    """So that a bad value stops a run within seconds (tests.test_config itself imports them)."""
+    code = f"""
+import sys
+from hydra import compose, initialize_config_dir
+from demopsd.config_check import ConfigError, validate_config
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir={str(CONFIG_DIR)!r}, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+validate_config(compose_train(["method=sdpo"]))
+try:
+    validate_config(compose_train(["method=grpo", "rollout.n=1", "optim.lr=0"]))
+except ConfigError as error:
+    assert len(error.problems) == 2, error.problems
+heavy = [m for m in ("transformers", "lightning") if m in sys.modules]
+assert not heavy, heavy
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------------------- inside the Hydra app
+@pytest.fixture
+def hydra_app():
+    """Compose as `python src/train.py` does (Hydra initialised, its runtime config set) and validate in there."""
+    def validate(overrides: list[str]) -> None:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            task_cfg = copy.deepcopy(cfg)  # what Hydra hands the task function
+            with read_write(task_cfg), open_dict(task_cfg):
+                del task_cfg["hydra"]
+            validate_config(task_cfg)
+
+    yield validate
+    HydraConfig.instance().cfg = None
+
+
+def test_inside_the_app_the_reference_uses_the_runs_own_choices(hydra_app):
+    hydra_app(["experiment=sdpo_paper_qwen3_8b", "debug=smoke", "method=opsd", "data=sciknoweval/physics"])
+    with pytest.raises(ConfigError) as caught:
+        hydra_app(["method=grpo", "+checkpoint.every_n_step=5", "+method.teacher=ema"])
+    assert [line.split("=", 1)[0] for line in caught.value.problems] == ["method.teacher", "checkpoint.every_n_step"]
+
+
+# ----------------------------------------------------------------------------------------- the command line
+def test_train_cli_stops_on_a_bad_value_with_one_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "src/train.py", "method.objective.alpha=1.5", f"paths.log_dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "method.objective.alpha=1.5" in result.stderr.strip().splitlines()[-1]
+    assert "a value in [0, 1]" in result.stderr
