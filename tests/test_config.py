@@ -12,7 +12,7 @@ from demopsd.reprompt import RepromptConfig
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
 METHODS = ["demopsd", "sdpo", "opsd", "grpo"]
-DATASETS = [f"sciknoweval/{d}" for d in ("biology", "chemistry", "material", "physics")]
+DATASETS = [f"sciknoweval/{d}" for d in ("biology", "chemistry", "material", "physics")] + [f"synthetic/{k}" for k in ("mixed", "inferable", "uninferable")]
 
 
 def compose_train(overrides: list[str]):
@@ -25,8 +25,9 @@ def compose_train(overrides: list[str]):
 def test_every_method_and_dataset_composes(method, dataset):
     cfg = compose_train([f"method={method}", f"data={dataset}"])
     assert cfg.method.name == method
-    assert cfg.data.domain == dataset.split("/")[1]
-    assert cfg.data.source == "sciknoweval" and cfg.data.batch_size >= 1
+    source, option = dataset.split("/")
+    assert cfg.data.source == source and cfg.data.batch_size >= 1
+    assert cfg.data.get("domain", cfg.data.get("kind")) == option
     if cfg.method.kind == "grpo":
         GRPOConfig(**cfg.method.objective)
     else:

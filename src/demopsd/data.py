@@ -1,10 +1,11 @@
-"""SciKnowEval L3 multiple-choice splits.
+"""Multiple-choice datasets: SciKnowEval L3 splits, and the dispatch to GPQA and the synthetic task.
 
-The splits are JSON Lines files at ``<data_dir>/sciknoweval/<domain>/{train,test}.json`` (the
+The SciKnowEval splits are JSON Lines files at ``<data_dir>/sciknoweval/<domain>/{train,test}.json`` (the
 layout of ``../shared/data``; see its README). They are read from the given directory, never copied
 into the project. Where they are missing and the Hugging Face hub is reachable, they are built from
 ``hicai-zju/SciKnowEval`` exactly as the SDPO reference release built them and written there.
-"""
+:func:`load_split` reads any ``data=`` config: ``source`` picks SciKnowEval, GPQA (:mod:`demopsd.gpqa`)
+or the generated task (:mod:`demopsd.synthetic`)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return Path(data_dir or os.environ.get("DEMOPSD_DATA_DIR") or "data").expanduser()
 
 
-SOURCES = ("sciknoweval", "gpqa")
+SOURCES = ("sciknoweval", "gpqa", "synthetic")
 
 
 def load_split(data: Mapping, split: str, data_dir: str | Path | None = None) -> list[MCQExample]:
@@ -83,6 +84,11 @@ def load_split(data: Mapping, split: str, data_dir: str | Path | None = None) ->
         if split != "test":
             raise ValueError(f"GPQA has only a test split; split={split!r} is not accepted (use it for evaluation)")
         return load_gpqa(data_dir, data["subset"], seed=data["shuffle_seed"], domains=data["domains"])
+    if source == "synthetic":
+        from demopsd.synthetic import generate_synthetic
+
+        size = {"train": data.get("train_size"), "test": data.get("test_size")}.get(split)
+        return generate_synthetic(data["kind"], split, seed=data.get("generator_seed", 0), size=size)
     raise ValueError(f"data.source={source!r} is invalid: one of {SOURCES} is accepted")
 
 

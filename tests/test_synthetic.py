@@ -1,0 +1,315 @@
+"""Tests for the synthetic questions: format, determinism, hold-out, correctness, and no signal in the letters."""
+
+import math
+import re
+from collections import Counter, defaultdict
+from functools import cache
+
+import pytest
+
+from demopsd.data import SYSTEM_PROMPT, load_split, option_letters
+from demopsd.rewards import score_mcq
+from demopsd.synthetic import (
+    ANIMALS,
+    DEFAULT_SIZES,
+    KINDS,
+    THINGS,
+    UNINFERABLE_TEMPLATES,
+    generate_synthetic,
+    kind_of,
+)
+
+N = 2000  # items per split for the statistical checks
+SE = math.sqrt(0.25 * 0.75 / N)  # standard error of an accuracy at chance (0.25) over N items
+CHI2_3DOF_P001 = 16.27  # chi-square with 3 degrees of freedom, p = 0.001
+
+
+@cache
+def synthetic(kind, split, seed=0, size=None, letter_seed=None):
+    return tuple(generate_synthetic(kind, split, seed=seed, size=size, letter_seed=letter_seed))
+
+
+def parse(prompt):
+    """(question, {letter: option text}), parsed independently of the generator."""
+    question, body = prompt.split("\n\n", 1)
+    assert body.endswith("\nPlease reason step by step.")
+    lines = body.removesuffix("\nPlease reason step by step.").split("\n")
+    assert [line[:3] for line in lines] == ["A: ", "B: ", "C: ", "D: "]
+    return question, {line[0]: line[3:] for line in lines}
+
+
+def content(prompt):
+    """The question line and its option set, whatever the letters."""
+    question, options = parse(prompt)
+    return question, frozenset(options.values())
+
+
+# ------------------------------------------------------------------------------------------ format and API
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_format_sizes_and_idx(kind, split):
+    examples = synthetic(kind, split)
+    per_kind = DEFAULT_SIZES[split]
+    assert len(examples) == (2 * per_kind if kind == "mixed" else per_kind)
+    assert len({e.idx for e in examples}) == len(examples)
+    for e in examples:
+        question, options = parse(e.prompt)
+        assert option_letters(e.prompt) == e.letters == "ABCD" and e.answer in e.letters
+        assert e.system == SYSTEM_PROMPT
+        assert len(set(options.values())) == 4 and question.endswith("?") and "\n" not in question
+        assert ("fictional" in question) == (kind_of(e) == "uninferable")
+        if kind != "mixed":
+            assert kind_of(e) == kind
+        completion = f"<reasoning>\n...\n</reasoning>\n<answer>\n{e.answer}\n</answer>"
+        assert score_mcq(completion, e.answer, e.letters).reward == 1.0
+
+
+def test_mixed_interleaves_the_two_kinds():
+    mixed = synthetic("mixed", "train", size=7)
+    assert [e.idx for e in mixed] == list(range(7))
+    assert [kind_of(e) for e in mixed] == ["inferable", "uninferable"] * 3 + ["inferable"]
+    assert list(mixed[0::2]) == list(synthetic("inferable", "train", size=4))
+    assert list(mixed[1::2]) == list(synthetic("uninferable", "train", size=3))
+    full = synthetic("mixed", "train")
+    assert Counter(kind_of(e) for e in full) == {"inferable": 400, "uninferable": 400}
+
+
+def test_a_smaller_size_is_a_prefix():
+    for kind in KINDS:
+        assert synthetic(kind, "test", size=10) == synthetic(kind, "test", size=60)[:10]
+
+
+def test_determinism_per_seed():
+    for kind in KINDS:
+        assert generate_synthetic(kind, "train", seed=0, size=50) == list(synthetic(kind, "train", size=50))
+        other = synthetic(kind, "train", seed=1, size=50)
+        assert [e.prompt for e in other] != [e.prompt for e in synthetic(kind, "train", size=50)]
+        assert len({e.prompt for e in other} & {e.prompt for e in synthetic(kind, "train", size=50)}) <= 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "easy", "split": "train"}, "unknown synthetic kind 'easy'; accepted: mixed, inferable, uninferable"),
+        ({"kind": "mixed", "split": "validation"}, "unknown synthetic split 'validation'; accepted: train, test"),
+        ({"kind": "mixed", "split": "train", "size": 0}, r"synthetic size=0 is invalid: an integer >= 1"),
+        ({"kind": "mixed", "split": "train", "size": -3}, r"size=-3 is invalid"),
+        ({"kind": "mixed", "split": "train", "size": True}, r"size=True is invalid"),
+        ({"kind": "mixed", "split": "train", "size": "10"}, r"size='10' is invalid"),
+    ],
+)
+def test_unknown_kind_split_or_size(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_synthetic(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ hold-out
+@pytest.mark.parametrize("seed", [0, 3])
+def test_train_and_test_share_no_question(seed):
+    for kind in ("inferable", "uninferable"):
+        train, test = synthetic(kind, "train", seed, N), synthetic(kind, "test", seed, N)
+        assert not {e.prompt for e in train} & {e.prompt for e in test}
+        assert not {content(e.prompt) for e in train} & {content(e.prompt) for e in test}
+        for examples in (train, test):  # no repeats within a split either
+            assert len({content(e.prompt) for e in examples}) == N
+        if kind == "uninferable":  # not even the fictional entity's question line comes back
+            assert not {parse(e.prompt)[0] for e in train} & {parse(e.prompt)[0] for e in test}
+            assert len({parse(e.prompt)[0] for e in test}) == N
+
+
+# ------------------------------------------------------------------------------------------ inferable answers
+CATEGORIES = {**ANIMALS, **THINGS}
+
+
+def recompute(question, options):
+    """The letters whose text answers ``question``, computed from the text alone, and the template's name."""
+    numbers = {k: int(v) for k, v in options.items() if re.fullmatch(r"\d+", v)}
+    if question == "Which of these numbers is the largest?":
+        return "largest", [k for k, v in numbers.items() if v == max(numbers.values())]
+    if question == "Which of these numbers is the smallest?":
+        return "smallest", [k for k, v in numbers.items() if v == min(numbers.values())]
+    if question == "Which of these numbers is even?":
+        return "even", [k for k, v in numbers.items() if v % 2 == 0]
+    if m := re.fullmatch(r"Which option is the sum of (\d+) and (\d+)\?", question):
+        return "sum", [k for k, v in numbers.items() if v == int(m[1]) + int(m[2])]
+    if m := re.fullmatch(r"Which option is (\d+) minus (\d+)\?", question):
+        return "difference", [k for k, v in numbers.items() if v == int(m[1]) - int(m[2])]
+    if m := re.fullmatch(r"Which number comes next in the sequence ([\d, ]+)\?", question):
+        terms = [int(t) for t in m[1].split(", ")]
+        steps = {b - a for a, b in zip(terms, terms[1:])}
+        assert len(terms) == 4 and len(steps) == 1
+        (step,) = steps
+        return "next", [k for k, v in numbers.items() if v == terms[-1] + step]
+    lengths = {k: len(v) for k, v in options.items()}
+    if question == "Which word has the most letters?":
+        return "longest", [k for k, n in lengths.items() if n == max(lengths.values())]
+    if question == "Which word has the fewest letters?":
+        return "shortest", [k for k, n in lengths.items() if n == min(lengths.values())]
+    if question == "Which word comes first in alphabetical order?":
+        return "alphabetical", [k for k, v in options.items() if v == min(options.values())]
+    if m := re.fullmatch(r"Which (?:animal|of these) is an? (.+)\?", question):
+        members = CATEGORIES[m[1]]
+        assert all(any(v in words for words in CATEGORIES.values()) for v in options.values())
+        return "category", [k for k, v in options.items() if v in members]
+    raise AssertionError(f"no template matches {question!r}")
+
+
+def test_category_lists_do_not_overlap():
+    words = [w for members in CATEGORIES.values() for w in members]
+    assert len(words) == len(set(words)) and all(re.fullmatch(r"[a-z]+", w) for w in words)
+
+
+def test_inferable_answers_follow_from_the_text():
+    seen = Counter()
+    for split in ("train", "test"):
+        for e in synthetic("inferable", split, 0, 1000):
+            template, right = recompute(*parse(e.prompt))
+            assert right == [e.answer], (template, e.prompt, e.answer)
+            seen[template] += 1
+    assert len(seen) == 10 and min(seen.values()) >= 100, seen
+
+
+# ------------------------------------------------------------------------------------------ letters
+@pytest.mark.parametrize("kind", ["inferable", "uninferable"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_letters_are_balanced(kind, split):
+    counts = Counter(e.answer for e in synthetic(kind, split, 0, N))
+    chi2 = sum((counts[letter] - N / 4) ** 2 / (N / 4) for letter in "ABCD")
+    assert chi2 < CHI2_3DOF_P001, counts
+
+
+def test_another_letter_stream_keeps_the_texts_and_redraws_the_letters():
+    for kind in ("inferable", "uninferable"):
+        first, other = synthetic(kind, "test", 0, N), synthetic(kind, "test", 0, N, letter_seed=1)
+        assert [content(e.prompt) for e in first] == [content(e.prompt) for e in other]
+        if kind == "uninferable":  # the very same prompts, only the letter changes
+            assert [e.prompt for e in first] == [e.prompt for e in other]
+        same = sum(a.answer == b.answer for a, b in zip(first, other)) / N
+        assert abs(same - 0.25) < 4 * SE, same  # independent draws agree by chance only
+
+
+def _numeric(text):
+    digits = re.sub(r"\D", "", text)
+    return int(digits) if digits else -1
+
+
+# Guesses from the text alone: each picks a letter by a feature of the options (or of the question).
+HEURISTICS = {
+    "always A": lambda q, o: "A",
+    "smallest text": lambda q, o: min(o, key=lambda k: (o[k], k)),
+    "largest text": lambda q, o: max(o, key=lambda k: (o[k], k)),
+    "longest text": lambda q, o: max(o, key=lambda k: (len(o[k]), k)),
+    "shortest text": lambda q, o: min(o, key=lambda k: (len(o[k]), k)),
+    "largest number": lambda q, o: max(o, key=lambda k: (_numeric(o[k]), k)),
+    "smallest number": lambda q, o: min(o, key=lambda k: (_numeric(o[k]), k)),
+    "most letters shared with the question": lambda q, o: max(
+        o, key=lambda k: (len(set(o[k].lower()) & set(q.lower())), k)
+    ),
+    "question length mod 4": lambda q, o: "ABCD"[len(q) % 4],
+    "first letter of the name mod 4": lambda q, o: "ABCD"[ord(re.findall(r"[A-Z][a-z]+", q)[-1][0]) % 4],
+}
+
+
+def heuristic_accuracies(examples):
+    parsed = [(parse(e.prompt), e.answer) for e in examples]
+    return {
+        name: sum(guess(q, o) == answer for (q, o), answer in parsed) / len(parsed)
+        for name, guess in HEURISTICS.items()
+    }
+
+
+def test_simple_text_features_do_not_predict_the_uninferable_letter():
+    for split in ("train", "test"):
+        accuracies = heuristic_accuracies(synthetic("uninferable", split, 0, N))
+        assert all(abs(acc - 0.25) < 4 * SE for acc in accuracies.values()), accuracies
+
+
+def test_the_heuristics_do_find_signal_where_there_is_some():
+    """Positive control: on inferable items the matching heuristic is right (the checks above can fail)."""
+    examples = synthetic("inferable", "test", 0, N)
+    largest = [e for e in examples if parse(e.prompt)[0].endswith("the largest?")]
+    assert heuristic_accuracies(largest)["largest number"] == 1.0
+    longest = [e for e in examples if parse(e.prompt)[0].endswith("the most letters?")]
+    assert heuristic_accuracies(longest)["longest text"] == 1.0
+
+
+# -- a bag-of-words Naive Bayes: question words, and option words tagged with their letter
+def features(prompt):
+    question, options = parse(prompt)
+    words = [f"q:{w}" for w in re.findall(r"[a-z0-9]+", question.lower())]
+    for letter, text in options.items():
+        words += [f"{letter}:{w}" for w in re.findall(r"[a-z0-9]+", text.lower())]
+        words += [f"{letter}:len{len(text)}"]
+    return words
+
+
+class NaiveBayes:
+    """Multinomial Naive Bayes over letters with add-one smoothing."""
+
+    def __init__(self, documents, labels):
+        self.counts = {c: Counter() for c in "ABCD"}
+        for words, label in zip(documents, labels):
+            self.counts[label].update(words)
+        self.vocab = set().union(*self.counts.values())
+        self.totals = {c: sum(self.counts[c].values()) + len(self.vocab) for c in "ABCD"}
+        self.prior = {c: math.log((labels.count(c) + 1) / (len(labels) + 4)) for c in "ABCD"}
+
+    def predict(self, words):
+        def score(c):
+            return self.prior[c] + sum(
+                math.log((self.counts[c][w] + 1) / self.totals[c]) for w in words if w in self.vocab
+            )
+
+        return max("ABCD", key=score)
+
+    def accuracy(self, documents, labels):
+        return sum(self.predict(words) == label for words, label in zip(documents, labels)) / len(labels)
+
+
+def fit_and_score(train, test, label=lambda e: e.answer):
+    model = NaiveBayes([features(e.prompt) for e in train], [label(e) for e in train])
+    train_acc = model.accuracy([features(e.prompt) for e in train], [label(e) for e in train])
+    return train_acc, model.accuracy([features(e.prompt) for e in test], [label(e) for e in test])
+
+
+def test_naive_bayes_on_the_texts_scores_at_chance_on_held_out_uninferable_items():
+    train, test = synthetic("uninferable", "train", 0, N), synthetic("uninferable", "test", 0, N)
+    train_acc, test_acc = fit_and_score(train, test)
+    assert train_acc > 0.5  # it can memorise the training items ...
+    assert abs(test_acc - 0.25) < 4 * SE, test_acc  # ... and learns nothing that carries over
+
+
+def test_naive_bayes_finds_a_planted_signal():
+    """Positive control: were the letter a function of the template, the same model would find it."""
+    train, test = synthetic("uninferable", "train", 0, N), synthetic("uninferable", "test", 0, N)
+    markers = ("observatory", "kingdom", "island", "language", "Academy")  # one per template
+    assert len(UNINFERABLE_TEMPLATES) == len(markers)
+
+    def planted(e):
+        question = parse(e.prompt)[0]
+        return "ABCD"[[m in question for m in markers].index(True) % 4]
+
+    _, test_acc = fit_and_score(train, test, planted)
+    assert test_acc > 0.95
+
+
+# ------------------------------------------------------------------------------------------ wiring
+def test_load_split_dispatches_to_the_generator():
+    data = {"source": "synthetic", "kind": "uninferable", "generator_seed": 2, "train_size": 9, "test_size": None}
+    assert load_split(data, "train") == generate_synthetic("uninferable", "train", seed=2, size=9)
+    assert load_split(data, "test") == list(synthetic("uninferable", "test", 2))
+    with pytest.raises(ValueError, match="unknown synthetic split 'dev'"):
+        load_split(data, "dev")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_configs_compose_and_load(kind):
+    from tests.test_config import compose_train
+
+    cfg = compose_train([f"data=synthetic/{kind}"])
+    assert (cfg.data.source, cfg.data.name, cfg.data.kind) == ("synthetic", f"synthetic-{kind}", kind)
+    assert (cfg.data.generator_seed, cfg.data.train_size, cfg.data.test_size) == (0, None, None)
+    assert (cfg.data.train_split, cfg.data.test_split, cfg.data.batch_size) == ("train", "test", 4)
+    assert (cfg.data.max_prompt_tokens, cfg.data.num_workers) == (768, 0)
+    assert load_split(cfg.data, cfg.data.test_split) == list(synthetic(kind, "test"))
+    assert load_split(cfg.data, cfg.data.train_split) == list(synthetic(kind, "train"))
