@@ -169,7 +169,7 @@ def test_empty_text_names_file_and_row(tmp_path, column, value, problem):
     rows = make_rows(5)
     rows[3][column] = value
     path = write_csv(tmp_path, rows)
-    with pytest.raises(ValueError, match=f"{path}: row 3 .*{problem}"):
+    with pytest.raises(ValueError, match=f"^{path}:5: {problem} "):  # row 3 is on line 5 (the header is line 1)
         load_gpqa(tmp_path)
 
 

@@ -5,15 +5,20 @@ layout of ``../shared/data``; see its README). They are read from the given dire
 into the project. Where they are missing and the Hugging Face hub is reachable, they are built from
 ``hicai-zju/SciKnowEval`` exactly as the SDPO reference release built them and written there.
 :func:`load_split` reads any ``data=`` config: ``source`` picks SciKnowEval, GPQA (:mod:`demopsd.gpqa`)
-or the generated task (:mod:`demopsd.synthetic`)."""
+or the generated task (:mod:`demopsd.synthetic`).
+
+Every row read from a file is checked (:func:`load_sciknoweval`, :func:`demopsd.gpqa.load_gpqa`). A bad row is
+an error naming ``<path>:<line>`` under ``data.on_bad_row=error`` (the default); under ``skip`` it is left out,
+a warning lists why, and the loaded split's ``skipped`` attribute counts it (see :class:`LoadedSplit`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +41,13 @@ A
 </answer>
 """
 _OPTION_LINE = re.compile(r"^([A-Z]): ", re.MULTILINE)
+ON_BAD_ROW = ("error", "skip")
+"""Accepted values of ``data.on_bad_row``: stop at the first bad row, or skip (and count) bad rows."""
+REQUIRED_FIELDS = {"prompt": str, "answer": str, "system": str, "idx": int}
+"""The fields every SciKnowEval row must have, with their JSON types."""
+_REASONS_SHOWN = 5  # bad rows listed in the warning of a skip, the rest only counted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,62 @@ class MCQExample:
     idx: int
     letters: str
     """The option letters present in the prompt, e.g. ``"ABCD"`` or ``"AB"``."""
+
+
+class LoadedSplit(list):
+    """The examples of a split (a plain ``list`` of :class:`MCQExample` in every other respect), and ``skipped``:
+    how many bad rows of its file were left out under ``data.on_bad_row=skip`` (0 under ``error``)."""
+
+    def __init__(self, examples: Iterable[MCQExample] = (), skipped: int = 0) -> None:
+        super().__init__(examples)
+        self.skipped = skipped
+
+
+class BadRowError(ValueError):
+    """A bad data row under ``data.on_bad_row=error``: ``<where>: <reason> (set data.on_bad_row=skip ...)``."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason} (set data.on_bad_row=skip to skip such rows)")
+        self.where, self.reason = where, reason
+
+
+class RowChecker:
+    """The bad rows of one source: :meth:`bad` raises :class:`BadRowError` under ``error``, records under ``skip``.
+
+    ``unit`` names the position of a row: ``"line"`` (a 1-based line of the file ``source``: the error says
+    ``<source>:<n>``) or ``"row"`` (a 0-based row of a non-file source: ``<source> row <n>``).
+    """
+
+    def __init__(self, source: str, on_bad_row: str, unit: str = "line") -> None:
+        self.source, self.on_bad_row, self.unit = source, check_on_bad_row(on_bad_row), unit
+        self.problems: list[tuple[int, str]] = []
+
+    def bad(self, position: int, reason: str) -> None:
+        if self.on_bad_row == "error":
+            where = f"{self.source}:{position}" if self.unit == "line" else f"{self.source} row {position}"
+            raise BadRowError(where, reason)
+        self.problems.append((position, reason))
+
+    def finish(self, examples: Iterable[MCQExample], total: int) -> LoadedSplit:
+        """``examples`` as a :class:`LoadedSplit`; warns what was skipped of the ``total`` rows read."""
+        loaded = LoadedSplit(examples, skipped=len(self.problems))
+        if not self.problems:
+            return loaded
+        shown = "; ".join(f"{self.unit} {position}: {reason}" for position, reason in self.problems[:_REASONS_SHOWN])
+        more = len(self.problems) - _REASONS_SHOWN
+        summary = f"{len(self.problems)} of {total} rows of {self.source}: {shown}"
+        summary += f"; ... {more} more" if more > 0 else ""
+        if len(self.problems) == total:
+            raise ValueError(f"every row is bad (data.on_bad_row=skip leaves none): {summary}")
+        log.warning("skipped %s", summary)
+        return loaded
+
+
+def check_on_bad_row(on_bad_row: str) -> str:
+    """``on_bad_row`` if it is one of :data:`ON_BAD_ROW`, else a ValueError naming the value."""
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"data.on_bad_row={on_bad_row!r} is invalid: one of {ON_BAD_ROW} is accepted")
+    return on_bad_row
 
 
 def student_conversation(example: MCQExample) -> list[dict[str, str]]:
@@ -73,27 +141,43 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
 SOURCES = ("sciknoweval", "gpqa", "synthetic")
 
 
-def load_split(data: Mapping, split: str, data_dir: str | Path | None = None) -> list[MCQExample]:
-    """The ``split`` of the dataset a ``data=`` config describes (its ``source`` picks the loader)."""
+def load_split(
+    data: Mapping, split: str, data_dir: str | Path | None = None, *, on_bad_row: str | None = None
+) -> LoadedSplit:
+    """The ``split`` of the dataset a ``data=`` config describes (its ``source`` picks the loader).
+
+    Bad rows are handled as ``on_bad_row`` says, else as ``data.on_bad_row`` says, else they are an error;
+    the result's ``skipped`` counts those left out (always 0 for the generated task).
+    """
+    on_bad_row = check_on_bad_row(on_bad_row or data.get("on_bad_row") or "error")
     source = data["source"]
     if source == "sciknoweval":
-        return load_sciknoweval(data_dir, data["domain"], split)
+        return load_sciknoweval(data_dir, data["domain"], split, on_bad_row=on_bad_row)
     if source == "gpqa":
         from demopsd.gpqa import load_gpqa
 
         if split != "test":
             raise ValueError(f"GPQA has only a test split; split={split!r} is not accepted (use it for evaluation)")
-        return load_gpqa(data_dir, data["subset"], seed=data["shuffle_seed"], domains=data["domains"])
+        return load_gpqa(
+            data_dir, data["subset"], seed=data["shuffle_seed"], domains=data["domains"], on_bad_row=on_bad_row
+        )
     if source == "synthetic":
         from demopsd.synthetic import generate_synthetic
 
         size = {"train": data.get("train_size"), "test": data.get("test_size")}.get(split)
-        return generate_synthetic(data["kind"], split, seed=data.get("generator_seed", 0), size=size)
+        return LoadedSplit(generate_synthetic(data["kind"], split, seed=data.get("generator_seed", 0), size=size))
     raise ValueError(f"data.source={source!r} is invalid: one of {SOURCES} is accepted")
 
 
-def load_sciknoweval(data_dir: str | Path | None, domain: str, split: str) -> list[MCQExample]:
-    """The ``split`` of ``domain``, read from ``data_dir`` (built from the hub if missing)."""
+def load_sciknoweval(
+    data_dir: str | Path | None, domain: str, split: str, *, on_bad_row: str = "error"
+) -> LoadedSplit:
+    """The ``split`` of ``domain``, read from ``data_dir`` (built from the hub if missing).
+
+    Each non-blank line must be a JSON object with the :data:`REQUIRED_FIELDS`, a non-empty prompt whose
+    option lines run A, B, ..., an answer among those letters, and an ``idx`` no earlier line has. A line
+    that is not is a :class:`BadRowError` (``on_bad_row="error"``) or left out and counted (``"skip"``).
+    """
     if domain not in DOMAINS:
         raise ValueError(f"unknown SciKnowEval domain {domain!r}; accepted: {', '.join(DOMAINS)}")
     if split not in SPLITS:
@@ -102,16 +186,68 @@ def load_sciknoweval(data_dir: str | Path | None, domain: str, split: str) -> li
     path = root / "sciknoweval" / domain / f"{split}.json"
     if not path.exists():
         _build_from_hub(root, domain, path)
-    examples = []
+    checker = RowChecker(str(path), on_bad_row)
+    examples: list[MCQExample] = []
+    first_line: dict[int, int] = {}  # idx -> the line that has it
+    total = 0
     with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                letters = option_letters(row["prompt"])
-                if row["answer"] not in letters:
-                    raise ValueError(f"{path}: idx {row['idx']} answer {row['answer']!r} not in {letters!r}")
-                examples.append(MCQExample(row["prompt"], row["answer"], row["system"], int(row["idx"]), letters))
-    return examples
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            total += 1
+            example, reason = _parse_row(line)
+            if example is not None and example.idx in first_line:
+                example, reason = None, f"duplicate idx {example.idx} (first on line {first_line[example.idx]})"
+            if example is None:
+                checker.bad(number, reason)
+                continue
+            first_line[example.idx] = number
+            examples.append(example)
+    return checker.finish(examples, total)
+
+
+def _parse_row(line: str) -> tuple[MCQExample | None, str]:
+    """The example of one SciKnowEval line, or None and what is wrong with the line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(row, dict):
+        return None, f"not a JSON object (a JSON {type(row).__name__})"
+    missing = [name for name in REQUIRED_FIELDS if name not in row]
+    if missing:
+        return None, f"missing field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+    for name, kind in REQUIRED_FIELDS.items():
+        value = row[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = "an integer" if kind is int else "a string"
+            return None, f"field {name!r} is {_json_type(value)} {_short(value)}, expected {expected}"
+    prompt, answer = row["prompt"], row["answer"]
+    if not prompt.strip():
+        return None, "empty prompt"
+    letters = "".join(_OPTION_LINE.findall(prompt))
+    if not letters:
+        return None, "prompt has no option lines ('A: ...')"
+    if letters != string.ascii_uppercase[: len(letters)]:
+        return None, f"prompt has option lines {letters!r}, expected consecutive letters from 'A'"
+    if answer not in tuple(letters):
+        return None, f"answer {_short(answer)} is not one of the option letters {letters!r}"
+    return MCQExample(prompt, answer, row["system"], row["idx"], letters), ""
+
+
+def _json_type(value) -> str:
+    """The JSON name of ``value``'s type (``a string``, ``a number``, ``null`` ...)."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build_from_hub(root: Path, domain: str, missing: Path) -> None:

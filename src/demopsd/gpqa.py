@@ -7,6 +7,10 @@ hub is reachable, the gated dataset ``Idavidrein/gpqa`` (config ``gpqa_<subset>`
 Each row holds the question, the correct answer text and three incorrect ones. The four texts are put
 in an order fixed by ``(seed, question text)`` through SHA-256, so the letters are the same on every
 run, machine and Python version, and the same question gets the same letters in every subset.
+
+A row with an empty or missing question or answer text, or no domain value, is an error naming
+``<path>:<line>`` (the CSV line where the row starts; the header is line 1), or is skipped and counted
+under ``on_bad_row="skip"`` (see :class:`demopsd.data.RowChecker`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from demopsd.data import SYSTEM_PROMPT, MCQExample, resolve_data_dir
+from demopsd.data import SYSTEM_PROMPT, LoadedSplit, MCQExample, RowChecker, resolve_data_dir
 
 SUBSETS = ("diamond", "main", "extended")
 HUB_DATASET = "Idavidrein/gpqa"
@@ -46,7 +50,7 @@ def option_order(seed: int, question: str) -> tuple[int, ...]:
 
 
 def to_example(row: dict, idx: int, seed: int) -> MCQExample:
-    """The prompt of one GPQA row (already checked by ``_check_row``), with its options shuffled."""
+    """The prompt of one GPQA row (already checked by ``_row_problem``), with its options shuffled."""
     texts = [row[CORRECT].strip(), *(row[column].strip() for column in INCORRECT)]
     order = option_order(seed, row[QUESTION].strip())
     options = "\n".join(f"{letter}: {texts[i]}" for letter, i in zip(LETTERS, order))
@@ -60,32 +64,51 @@ def load_gpqa(
     *,
     seed: int = 0,
     domains: str | Sequence[str] | None = None,
-) -> list[MCQExample]:
+    on_bad_row: str = "error",
+) -> LoadedSplit:
     """The GPQA ``subset`` as four-option questions, ``idx`` being the row index in the CSV.
 
     ``domains`` keeps only rows whose ``High-level domain`` is one of them (e.g. ``"Physics"``);
-    a domain absent from the file is a ValueError listing those present.
+    a domain absent from the file is a ValueError listing those present. A bad row is a
+    :class:`~demopsd.data.BadRowError` (``on_bad_row="error"``) or left out and counted (``"skip"``);
+    the others keep their ``idx``.
     """
     path = gpqa_path(data_dir, subset)
     if path.exists():
-        source, rows = str(path), _read_csv(path)
+        checker, rows = RowChecker(str(path), on_bad_row, "line"), _read_csv(path)
     else:
-        source, rows = f"{HUB_DATASET} (config gpqa_{subset})", _read_hub(path, subset)
-    for idx, row in enumerate(rows):
-        _check_row(row, idx, source)
-    keep = _domain_filter(domains, {row[DOMAIN].strip() for row in rows}, source)
-    kept = (idx for idx, row in enumerate(rows) if keep is None or row[DOMAIN].strip() in keep)
-    return [to_example(rows[idx], idx, seed) for idx in kept]
+        source = f"{HUB_DATASET} (config gpqa_{subset})"
+        checker, rows = RowChecker(source, on_bad_row, "row"), list(enumerate(_read_hub(path, subset)))
+    good = []  # (idx, row)
+    for idx, (position, row) in enumerate(rows):
+        problem = _row_problem(row)
+        if problem:
+            checker.bad(position, problem)
+        else:
+            good.append((idx, row))
+    keep = _domain_filter(domains, {row[DOMAIN].strip() for _, row in good}, checker.source)
+    kept = (to_example(row, idx, seed) for idx, row in good if keep is None or row[DOMAIN].strip() in keep)
+    return checker.finish(kept, len(rows))
 
 
-def _read_csv(path: Path) -> list[dict]:
-    """The data rows of the CSV at ``path``; its header must hold every column of ``COLUMNS``."""
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """The data rows of the CSV at ``path``, each with the line it starts on (the header is line 1).
+
+    The header must hold every column of ``COLUMNS``; a quoted field may span lines. A row shorter than the
+    header lacks the values of its last columns (as with :class:`csv.DictReader`); blank lines are no rows.
+    """
     with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [column for column in COLUMNS if column not in (reader.fieldnames or [])]
+        reader = csv.reader(f)
+        header = next(reader, [])
+        missing = [column for column in COLUMNS if column not in header]
         if missing:
-            raise ValueError(f"{path}: missing GPQA columns {missing}; the header has {reader.fieldnames}")
-        return list(reader)
+            raise ValueError(f"{path}:1: missing GPQA columns {missing}; the header has {header}")
+        rows, start = [], reader.line_num + 1
+        for fields in reader:
+            if fields:
+                rows.append((start, dict(zip(header, fields))))
+            start = reader.line_num + 1
+        return rows
 
 
 def _read_hub(path: Path, subset: str) -> list[dict]:
@@ -105,13 +128,14 @@ def _read_hub(path: Path, subset: str) -> list[dict]:
         ) from err
 
 
-def _check_row(row: dict, idx: int, source: str) -> None:
-    """ValueError naming ``source`` and the row if its question or an answer text is missing or empty."""
+def _row_problem(row: dict) -> str:
+    """What is wrong with a GPQA row: an empty or missing question or answer text, or no domain ("" if nothing)."""
     empty = [column for column in (QUESTION, CORRECT, *INCORRECT) if not (row.get(column) or "").strip()]
     if empty:
-        raise ValueError(f"{source}: row {idx} (0-based, header excluded) has empty or missing {', '.join(empty)}")
+        return f"empty or missing {', '.join(empty)}"
     if row.get(DOMAIN) is None:
-        raise ValueError(f"{source}: row {idx} (0-based, header excluded) has no {DOMAIN!r} value")
+        return f"no {DOMAIN!r} value"
+    return ""
 
 
 def _domain_filter(domains: str | Iterable[str] | None, present: set[str], source: str) -> set[str] | None:
