@@ -1,10 +1,19 @@
 """Evaluation summaries, result files and settings (the generation itself is covered by the smoke tests)."""
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from demopsd.evaluation import EvalConfig, EvalResult, summarize, write_results
+from demopsd.data import MCQExample
+from demopsd.eval_runner import changes_from
+from demopsd.evaluation import (
+    EvalConfig, EvalResult, answer_letter_probs, letter_metrics, single_token_id, summarize, write_results,
+)
+from demopsd.rollout import PromptBatch
+from tests.helpers import tiny_llama
 
 
 def record(idx, answer, letters, greedy=None, length=10):
@@ -55,3 +64,57 @@ def test_results_are_written_as_json(tmp_path):
 def test_bad_settings_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**kwargs)
+
+
+def test_letter_metrics_by_hand():
+    samples = [{"answer": "B", "letter_probs": {"A": 0.7, "B": 0.1, "C": 0.1, "D": 0.1}},
+               {"answer": "A", "letter_probs": {"A": 0.5, "B": 0.5}}]
+    metrics = letter_metrics(samples)
+    first_entropy = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
+    assert metrics["letter_entropy"] == pytest.approx((first_entropy + math.log(2)) / 2)
+    assert metrics["letter_confidence"] == pytest.approx(0.6)
+    assert metrics["letter_accuracy"] == pytest.approx(0.5)  # a tie goes to the first letter, here the answer
+    assert metrics["letter_p_answer"] == pytest.approx(0.3)
+    assert metrics["overconfidence"] == pytest.approx(0.1)
+
+
+class LetterTokenizer:
+    """Stands in for a tokenizer: letters A-D are ids 10-13, the probe prefix is ids 5, 6, 7."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [10 + "ABCD".index(text)] if text in "ABCD" and len(text) == 1 else [5, 6, 7]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+
+def test_letter_probe_equals_an_unpadded_forward_pass():
+    model = tiny_llama()
+    prompts = [[3, 9, 4, 20, 21], [8, 30]]
+    width = max(map(len, prompts))
+    batch = PromptBatch(
+        ids=torch.tensor([[0] * (width - len(p)) + p for p in prompts]),
+        mask=torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]),
+    )
+    examples = [MCQExample("q", "A", "s", 0, "ABCD"), MCQExample("q", "B", "s", 1, "AB")]
+    probs = answer_letter_probs(model, LetterTokenizer(), batch, examples, "prefix")
+    for prompt, example, got in zip(prompts, examples, probs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + [5, 6, 7]])).logits[0, -1].double()
+        expected = logits[[10 + "ABCD".index(letter) for letter in example.letters]].softmax(-1)
+        assert list(got) == list(example.letters)
+        torch.testing.assert_close(torch.tensor(list(got.values()), dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_letter_of_several_tokens_is_refused():
+    class Splitting:
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[1, 2])
+
+    with pytest.raises(ValueError, match="'A' is 2 tokens"):
+        single_token_id(Splitting(), "A")
+
+
+def test_changes_from_the_untrained_model():
+    baseline = {"eval/u/letter_entropy": 1.3, "eval/u/acc_avg@2": 0.2, "eval/u/entropy": 2.0}
+    now = {"eval/u/letter_entropy": 1.0, "eval/u/acc_avg@2": 0.5, "eval/u/entropy": 2.5, "eval/v/entropy": 1.0}
+    changes = changes_from(baseline, now)
+    assert changes == pytest.approx({"eval/u/letter_entropy_change": -0.3, "eval/u/entropy_change": 0.5})

@@ -17,6 +17,9 @@ from demopsd.models import load_model_and_tokenizer
 log = logging.getLogger(__name__)
 
 EVAL_ONLY_KEYS = ("in_domain", "ood", "every_n_steps", "at_start", "at_end")
+CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer",
+                  "overconfidence")
+"""Logged also as ``<metric>_change`` from the untrained model (step 0), when it was evaluated."""
 
 
 def eval_config(cfg: DictConfig) -> EvalConfig:
@@ -25,13 +28,18 @@ def eval_config(cfg: DictConfig) -> EvalConfig:
 
 
 def eval_datasets(cfg: DictConfig) -> dict[str, list[MCQExample]]:
-    """Dataset name → examples: the test split of ``data=`` (if ``eval.in_domain``) and every ``eval.ood`` entry."""
-    datasets = {}
-    if cfg.eval.in_domain:
-        datasets[cfg.data.name] = load_split(cfg.data, cfg.data.test_split, cfg.paths.data_dir)
-    for data in cfg.eval.ood.values():
-        datasets[data.name] = load_split(data, data.test_split, cfg.paths.data_dir)
-    return datasets
+    """Dataset name → examples: the held-out data of ``data=`` (if ``eval.in_domain``) and every ``eval.ood`` entry.
+
+    The held-out data is the test split, or, for a ``data=`` config with ``held_out`` sets (the synthetic
+    mix), the test split of each of them, reported separately. Bad rows follow each entry's ``on_bad_row``;
+    ``data.on_bad_row=skip`` (what the error message suggests) skips them in the ``eval.ood`` datasets too.
+    """
+    in_domain = list(cfg.data.get("held_out", {}).values()) or [cfg.data]
+    on_bad_row = "skip" if cfg.data.get("on_bad_row") == "skip" else None  # None: the entry's own setting
+    return {
+        data.name: load_split(data, data.test_split, cfg.paths.data_dir, on_bad_row=on_bad_row)
+        for data in [*(in_domain if cfg.eval.in_domain else []), *cfg.eval.ood.values()]
+    }
 
 
 def run_all(
@@ -64,7 +72,9 @@ class PeriodicEvaluation(L.Callback):
 
     Metrics go to every logger at the optimizer step they describe (0 = the untrained model); the
     per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` on
-    a forked random state, so evaluating or not leaves the training run unchanged.
+    a forked random state, so evaluating or not leaves the training run unchanged. With ``at_start`` the
+    :data:`CHANGE_METRICS` are also logged as changes from the untrained model (its own biases are not
+    what training did); that baseline is kept in checkpoints.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class PeriodicEvaluation(L.Callback):
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
         self.chat_template_kwargs, self.seed = chat_template_kwargs, seed
         self.last_step: int | None = None
+        self.baseline: dict[str, float] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.global_step == 0:
@@ -110,10 +121,26 @@ class PeriodicEvaluation(L.Callback):
                 pl_module.policy, pl_module.tokenizer, self.datasets, self.config, out_dir, seed=self.seed + step,
                 chat_template_kwargs=self.chat_template_kwargs, progress=False, step=step,
             )
+        if step == 0 and self.baseline is None:
+            self.baseline = metrics
+        metrics = {**metrics, **changes_from(self.baseline or {}, metrics)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
         log.info("step %d: %s (samples in %s)", step, format_accuracies(metrics), out_dir)
+
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.baseline = state_dict.get("baseline")
+
+
+def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """``<name>_change`` = ``metrics[name] - baseline[name]`` for the :data:`CHANGE_METRICS` in both."""
+    return {f"{name}_change": value - baseline[name] for name, value in metrics.items()
+            if name in baseline and name.rsplit("/", 1)[-1] in CHANGE_METRICS}
 
 
 def periodic_evaluation(cfg: DictConfig, out_dir: Path) -> PeriodicEvaluation:

@@ -5,11 +5,18 @@ SDPO's avg@16 when k = 16), ``pass@k`` (unbiased estimator), ``greedy_accuracy``
 (share of well-formed sampled answers), ``entropy`` (mean full-vocabulary token entropy of the policy
 on its own sampled answers) and ``response_length``; and, per question, every sampled text with its
 parsed letter, for inspection.
+
+The *answer probe* reads the policy's belief over the option letters directly: after the question it
+appends ``probe_prefix`` (an empty reasoning block and ``<answer>``) and takes the next-token
+distribution restricted to the letters. On questions whose answer cannot be inferred, any confidence
+there (``letter_confidence`` above chance, ``letter_entropy`` below ``log(#options)``) is leakage or
+memorisation; ``overconfidence`` is confidence minus accuracy.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +30,7 @@ from demopsd.eval_metrics import summarize_samples
 from demopsd.forward import lm_head_weight, response_hidden_states
 from demopsd.objectives import chunked_token_log_probs
 from demopsd.rewards import score_mcq
-from demopsd.rollout import RolloutBatch, SamplingConfig, encode_prompts, generate_rollouts
+from demopsd.rollout import PromptBatch, RolloutBatch, SamplingConfig, encode_prompts, generate_rollouts
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,9 @@ class EvalConfig:
     """Questions per ``generate`` call (each with ``k`` samples)."""
     max_examples: int | None = None
     """Evaluate the first this many questions of each dataset; ``None``: all."""
+    probe: bool = True
+    """Also read the policy's distribution over the option letters (see the module docstring)."""
+    probe_prefix: str = "<reasoning>\n</reasoning>\n<answer>\n"
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -95,6 +105,7 @@ def evaluate(
         entropy = response_entropy(model, sampled, config.chunk_size)
         entropy_sum, token_count = entropy_sum + float(entropy.sum()), token_count + entropy.numel()
         greedy = generate_rollouts(model, tokenizer, prompts, config.sampling, greedy=True) if config.greedy else None
+        letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
         lengths = sampled.response_mask.sum(-1).tolist()
         for i, example in enumerate(batch):
             rows = range(i * config.k, (i + 1) * config.k)
@@ -105,6 +116,8 @@ def evaluate(
             }
             if greedy is not None:
                 record["greedy"] = answer_record(greedy.texts[i], example, int(greedy.response_mask[i].sum()))
+            if letter_probs is not None:
+                record["letter_probs"] = letter_probs[i]
             samples.append(record)
     model.train(was_training)
     return EvalResult(dataset, summarize(dataset, samples, config.k, entropy_sum / max(token_count, 1)), samples)
@@ -118,6 +131,50 @@ def response_entropy(model: PreTrainedModel, rollouts: RolloutBatch, chunk_size:
         hidden[valid], lm_head_weight(model), rollouts.response_ids[valid], chunk_size=chunk_size
     )
     return entropy
+
+
+def answer_letter_probs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: PromptBatch, examples: list[MCQExample],
+    prefix: str,
+) -> list[dict[str, float]]:
+    """Per example, the policy's next-token distribution after ``prompt + prefix``, renormalised over its letters.
+
+    ``prompts`` ``[B, P]`` are the left-padded student prompts of ``examples``.
+    """
+    letter_ids = {letter: single_token_id(tokenizer, letter) for e in examples for letter in e.letters}
+    prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    # one extra slot: the hidden state predicting it is the one right after the prefix
+    continuation = torch.cat([prefix_ids, prefix_ids[-1:]]).to(prompts.ids.device).expand(len(examples), -1)
+    prompt = PromptBatch(prompts.ids.to(continuation.device), prompts.mask.to(continuation.device))
+    hidden = response_hidden_states(model, prompt, continuation, torch.ones_like(continuation))[:, -1]
+    log_probs = (hidden @ lm_head_weight(model).T).float().log_softmax(-1)
+    probs = []
+    for row, example in zip(log_probs, examples):
+        letters = row[[letter_ids[letter] for letter in example.letters]].softmax(-1)
+        probs.append(dict(zip(example.letters, letters.tolist())))
+    return probs
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"the option letter {text!r} is {len(ids)} tokens for this tokenizer; the probe needs one")
+    return ids[0]
+
+
+def letter_metrics(samples: list[dict]) -> dict[str, float]:
+    """Mean entropy (nats), confidence (max probability), accuracy (argmax) and probability of the answer
+    of the per-question letter distributions, and overconfidence = confidence - accuracy."""
+    entropy = confidence = accuracy = p_answer = 0.0
+    for record in samples:
+        probs = record["letter_probs"]
+        entropy -= sum(p * math.log(p) for p in probs.values() if p > 0)
+        confidence += max(probs.values())
+        accuracy += max(probs, key=probs.get) == record["answer"]
+        p_answer += probs[record["answer"]]
+    n = len(samples)
+    return {"letter_entropy": entropy / n, "letter_confidence": confidence / n, "letter_accuracy": accuracy / n,
+            "letter_p_answer": p_answer / n, "overconfidence": (confidence - accuracy) / n}
 
 
 def answer_record(text: str, example: MCQExample, length: int) -> dict:
@@ -134,6 +191,8 @@ def summarize(dataset: str, samples: list[dict], k: int, entropy: float) -> dict
     metrics["format_rate"] = sum(s["well_formed"] for s in sampled) / len(sampled)
     metrics["response_length"] = sum(s["length"] for s in sampled) / len(sampled)
     metrics["entropy"] = entropy
+    if all("letter_probs" in record for record in samples):
+        metrics.update(letter_metrics(samples))
     if all("greedy" in record for record in samples):
         metrics["greedy_accuracy"] = sum(record["greedy"]["correct"] for record in samples) / len(samples)
     metrics["num_questions"] = float(len(samples))
