@@ -178,3 +178,22 @@ def test_gradient_is_scaled_by_the_upstream_gradient():
     g1, = torch.autograd.grad(loss, sh, retain_graph=True)
     g3, = torch.autograd.grad(3.0 * loss, sh)
     torch.testing.assert_close(g3, 3.0 * g1)
+
+
+def test_peaked_tokens_with_teacher_equal_to_student_give_finite_gradients():
+    """Masked rows carry the student's own states as teacher; a peaked token there must not poison the
+    gradient with 0 · NaN (what a -inf tail bucket did)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, dtype=torch.float32)
+    hidden[0] *= 60.0  # one token whose top-k hold all the mass in float32
+    hidden.requires_grad_()
+    head = torch.randn(40, 8, dtype=torch.float32, requires_grad=True)
+    tokens = torch.randint(0, 40, (6,))
+    for weight in (0.0, 1.0 / 6):
+        hidden.grad = head.grad = None
+        loss, _ = chunked_distillation_loss(
+            hidden, head, hidden.detach(), head.detach(), tokens, torch.full((6,), weight),
+            DistillationConfig(top_k=5), chunk_size=4,
+        )
+        loss.backward()
+        assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.grad).all()

@@ -11,6 +11,7 @@ from scipy.optimize import minimize
 
 from demopsd.objectives import (
     add_tail_bucket,
+    clamp_log_probs,
     barycenter_log_probs,
     blend_weight,
     discrepancy,
@@ -86,9 +87,21 @@ def test_tail_bucket_stays_finite_when_the_top_k_hold_almost_all_mass():
     out = add_tail_bucket(topk)
     assert torch.isfinite(out).all()
     assert float(out[-1]) == pytest.approx(math.log(tail), rel=1e-2)
-    # float32 with a top-k mass of exactly 1: the bucket is -inf, and clamping keeps it usable
+    # float32 with a top-k mass of exactly 1: the bucket is floored at the smallest normal float
     exact = add_tail_bucket(torch.tensor([0.5, 0.5], dtype=torch.float32).log())
-    assert exact[-1] == float("-inf") and torch.isfinite(exact[:-1]).all()
+    assert float(exact[-1]) == pytest.approx(math.log(torch.finfo(torch.float32).tiny))
+    assert torch.isfinite(exact).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tail_bucket_gradient_is_finite_when_the_top_k_hold_all_mass(dtype):
+    """A token whose top-k mass rounds to 1 must not turn into a NaN gradient (0 · ∞) after the clamp."""
+    logits = torch.full((50,), -200.0, dtype=dtype)
+    logits[:3] = torch.tensor([5.0, 1.0, 0.0], dtype=dtype)
+    logits.requires_grad_()
+    top = logits.log_softmax(-1).topk(10).values
+    clamp_log_probs(add_tail_bucket(top), 1e-8).sum().backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 @settings(max_examples=30, deadline=None)

@@ -10,11 +10,12 @@ import torch
 def add_tail_bucket(topk_log_probs: torch.Tensor) -> torch.Tensor:
     """``[..., K]`` top-k log-probs → ``[..., K+1]``, the last entry ``log(1 - Σ exp)``.
 
-    Computed as ``log(-expm1(logsumexp(topk)))``, finite until the top-k mass rounds to exactly 1
-    (then ``-inf``, which :func:`clamp_log_probs` floors).
+    Computed as ``log(-expm1(logsumexp(topk)))``. When the top-k mass rounds to exactly 1 the tail mass
+    is floored at the smallest normal number of the dtype (about ``-87`` for float32, which
+    :func:`clamp_log_probs` floors further), so that neither the value nor the gradient is infinite.
     """
     mass = torch.logsumexp(topk_log_probs, dim=-1, keepdim=True).clamp(max=0.0)
-    tail = torch.log(-torch.expm1(mass))
+    tail = torch.log((-torch.expm1(mass)).clamp(min=torch.finfo(mass.dtype).tiny))
     return torch.cat([topk_log_probs, tail], dim=-1)
 
 
