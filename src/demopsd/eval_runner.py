@@ -96,6 +96,7 @@ class PeriodicEvaluation(L.Callback):
         self.chat_template_kwargs, self.seed = chat_template_kwargs, seed
         self.last_step: int | None = None
         self.baseline: dict[str, float] | None = None
+        self.last_metrics: dict[str, float] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and trainer.global_step == 0:
@@ -124,6 +125,7 @@ class PeriodicEvaluation(L.Callback):
         if step == 0 and self.baseline is None:
             self.baseline = metrics
         metrics = {**metrics, **changes_from(self.baseline or {}, metrics)}
+        self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()

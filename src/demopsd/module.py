@@ -6,6 +6,7 @@ optimizer step (Lightning) → EMA teacher update.
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.data import MCQExample, student_conversation
 from demopsd.forward import lm_head_weight, response_hidden_states
+from demopsd.guards import step_was_skipped
 from demopsd.objectives import (
     DiscrepancyNormalizer,
     DistillationConfig,
@@ -80,10 +82,13 @@ class SelfDistillationModule(L.LightningModule):
             self.teacher = make_ema_teacher(policy) if teacher == "ema" else None
             self.normalizer = DiscrepancyNormalizer(objective.normalize_momentum)
         self._step_started = 0.0
+        self._loss_nonfinite = False  # this step's loss was NaN/inf: no optimizer, EMA or scheduler step
 
     # ------------------------------------------------------------------ training step
-    def training_step(self, batch: list[MCQExample], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[MCQExample], batch_idx: int) -> torch.Tensor | None:
+        """The loss of one batch; ``None`` (Lightning skips backward and the update) when it is not finite."""
         self._step_started = time.perf_counter()
+        self._loss_nonfinite = False
         prompts = encode_prompts(
             self.tokenizer,
             [student_conversation(e) for e in batch],
@@ -112,6 +117,9 @@ class SelfDistillationModule(L.LightningModule):
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
         if self.distills:
             self.log("λ", metrics["distill/lambda_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
+        if not torch.isfinite(loss.detach()):
+            self._loss_nonfinite = True  # counted and warned about by guards.NumericalGuard
+            return None
         return loss
 
     def _distillation_step(
@@ -151,7 +159,7 @@ class SelfDistillationModule(L.LightningModule):
             discrepancy_scale=self.normalizer.scale if config.normalize_discrepancy else None,
             chunk_size=self.chunk_size,
         )
-        if has_context.any():
+        if has_context.any() and math.isfinite(float(stats["discrepancy_mean"])):  # a NaN would stay in its EMA
             self.normalizer.update(float(stats["discrepancy_mean"]))
         kl_ts, kl_qs = stats["kl_teacher_student"], stats["kl_target_student"]
         metrics = {
@@ -234,8 +242,12 @@ class SelfDistillationModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
         return batch  # plain examples; tokens are moved when they are made
 
+    def _step_skipped(self) -> bool:
+        """Whether this step made no optimizer update (non-finite loss here, or non-finite gradients)."""
+        return self._loss_nonfinite or step_was_skipped(self._trainer)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.distills and self.teacher is not None:
+        if self.distills and self.teacher is not None and not self._step_skipped():
             ema_update(self.teacher, self.policy, self.ema_rate)
         self.log("perf/step_seconds", time.perf_counter() - self._step_started, on_step=True, batch_size=1)
 
@@ -249,6 +261,11 @@ class SelfDistillationModule(L.LightningModule):
         warmup = max(self.optim.warmup_steps, 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """Advance the schedule only after a real update: a skipped step leaves the warm-up where it was."""
+        if not self._step_skipped():
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.distills:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from demopsd.datamodule import PromptDataModule
 from demopsd.eval_runner import periodic_evaluation
+from demopsd.guards import NumericalGuard
 from demopsd.logging_setup import finish_wandb, make_wandb_logger
 from demopsd.models import load_model_and_tokenizer
 from demopsd.module import SelfDistillationModule
@@ -73,7 +74,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the last logged value of every metric."""
+    """Train as ``cfg`` says; returns the last logged value of every training and evaluation metric."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
@@ -96,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=build_loggers(cfg, output_dir),
-        callbacks=[checkpoints, evaluation, RichProgressBar()],
+        callbacks=[checkpoints, evaluation, NumericalGuard(**cfg.get("guards", {})), RichProgressBar()],
         default_root_dir=output_dir,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -104,7 +105,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.checkpoint.save_final_model and trainer.is_global_zero:
         module.policy.save_pretrained(output_dir / "model")
         tokenizer.save_pretrained(output_dir / "model")
-    final = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    final = {**{k: float(v) for k, v in trainer.logged_metrics.items()}, **evaluation.last_metrics}
     finish_wandb(trainer.loggers)
     log.info(
         "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml%s%s",
