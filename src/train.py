@@ -4,6 +4,7 @@
     python src/train.py -m method=demopsd,sdpo,grpo data=sciknoweval/chemistry seed=0,1,2
     python src/train.py debug=smoke            # two tiny steps, to check the setup
     python src/train.py --cfg job              # print the composed config
+    python src/train.py hparams_search=demopsd_optuna   # Optuna search; main() returns `optimized_metric`
 """
 
 import os
@@ -18,7 +19,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from demopsd.config_check import ConfigError, validate_config
 
     try:
@@ -28,7 +29,22 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     from demopsd.training import run  # after Hydra has parsed the command line: `--help` stays instant
 
-    run(cfg)
+    return optimized_value(cfg, run(cfg))
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The last value of the metric ``optimized_metric`` names (what Hydra sweepers optimise); None if unset.
+
+    ``metrics`` is what ``run`` returns: the last logged value of every training and evaluation metric.
+    """
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return None
+    if name not in metrics:
+        raise LookupError(
+            f"optimized_metric={name!r} was not logged by this run; logged metrics: {', '.join(sorted(metrics)) or 'none'}"
+        )
+    return float(metrics[name])
 
 
 if __name__ == "__main__":

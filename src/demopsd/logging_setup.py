@@ -12,6 +12,11 @@ from demopsd.settings import WANDB_MODES
 
 log = logging.getLogger(__name__)
 
+# W&B charts: every metric family over the optimizer step; summaries the sweeps (sweeps/) and tables read.
+STEP_METRIC = "trainer/global_step"  # what Lightning's WandbLogger logs beside every metric
+STEPPED_METRICS = ("train/*", "distill/*", "leakage/*", "perf/*", "eval/*")
+METRIC_SUMMARIES = {"eval/*": "max", "train/entropy": "last", "leakage/*": "mean"}
+
 
 def has_wandb_credentials() -> bool:
     """True when an API key is in the environment or in ~/.netrc (what `wandb login` writes)."""
@@ -55,12 +60,29 @@ def make_wandb_logger(wandb_cfg, *, save_dir: Path, run_name: str, config: dict)
                 mode=attempt,
                 settings=wandb.Settings(init_timeout=60, silent=True),
             )
-            logger.experiment  # starts the run now, so that failures surface here
+            define_metrics(logger.experiment)  # `.experiment` starts the run now, so that failures surface here
             return logger
         except Exception as error:  # noqa: BLE001 - W&B must never take a run down
             log.warning("W&B could not start in %s mode (%s); continuing", attempt, error)
     log.warning("W&B is off for this run; metrics.csv in %s still has every metric", save_dir)
     return None
+
+
+def define_metrics(run) -> None:
+    """Chart every metric family of ``run`` over ``trainer/global_step`` and set the run summaries.
+
+    Summaries: ``eval/*`` the maximum over evaluations (the value the W&B sweeps optimise), ``train/entropy``
+    the last value, ``leakage/*`` the mean over steps. A W&B that refuses only costs a warning.
+    """
+    try:
+        run.define_metric(STEP_METRIC)
+        for pattern in STEPPED_METRICS:
+            run.define_metric(pattern, step_metric=STEP_METRIC, summary=METRIC_SUMMARIES.get(pattern))
+        for name, summary in METRIC_SUMMARIES.items():
+            if name not in STEPPED_METRICS:  # an exact name beside its family's glob (exact names take precedence)
+                run.define_metric(name, step_metric=STEP_METRIC, summary=summary)
+    except Exception as error:  # noqa: BLE001 - charts and summaries are a convenience, never worth a run
+        log.warning("W&B metric definitions failed (%s); metrics are logged with W&B's defaults", error)
 
 
 def finish_wandb(loggers) -> None:
