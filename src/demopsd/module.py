@@ -60,7 +60,7 @@ class SelfDistillationModule(L.LightningModule):
         ema_rate: float = 0.05,
         optim: OptimConfig | None = None,
         prompts: PromptConfig | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 512,
     ) -> None:
         super().__init__()
         self.policy = policy.train()  # from_pretrained returns eval mode; rollouts switch to eval themselves
