@@ -127,8 +127,11 @@ def test_cli_train_with_evaluation_then_eval_of_its_checkpoint(tmp_path, cache_d
     assert len(run_dirs) == 1
     run_dir = run_dirs[0]
     assert run_dir.name.endswith("demopsd_sciknoweval-physics_seed0")
-    for name in ("metrics.csv", "config_resolved.yaml", ".hydra/config.yaml", "checkpoints/last.ckpt"):
+    expected = ("metrics.csv", "config_resolved.yaml", ".hydra/config.yaml", "checkpoints/last.ckpt", "provenance.json")
+    for name in expected:
         assert (run_dir / name).exists(), name
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["packages"]["torch"] == torch.__version__ and provenance["git"]["commit"]
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
     last_line = result.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last_line and "metrics.csv" in last_line

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from demopsd.data import MCQExample, load_split
 from demopsd.evaluation import EvalConfig, EvalResult, evaluate, write_results
 from demopsd.models import load_model_and_tokenizer
+from demopsd.provenance import write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
     config, datasets = eval_config(cfg), eval_datasets(cfg)
     if not datasets:
         raise ValueError("nothing to evaluate: eval.in_domain is false and eval.ood is empty")

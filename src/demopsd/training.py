@@ -18,6 +18,7 @@ from demopsd.logging_setup import finish_wandb, make_wandb_logger
 from demopsd.models import load_model_and_tokenizer
 from demopsd.module import SelfDistillationModule
 from demopsd.objectives import DistillationConfig, GRPOConfig
+from demopsd.provenance import write_provenance
 from demopsd.reprompt import RepromptConfig
 from demopsd.settings import METHOD_KINDS, OptimConfig, PromptConfig, SamplingConfig
 
@@ -78,6 +79,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     policy, tokenizer = load_model_and_tokenizer(
@@ -108,7 +110,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     final = {**{k: float(v) for k, v in trainer.logged_metrics.items()}, **evaluation.last_metrics}
     finish_wandb(trainer.loggers)
     log.info(
-        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml%s%s",
+        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml, "
+        "provenance.json%s%s",
         trainer.global_step,
         output_dir,
         ", model/" if cfg.checkpoint.save_final_model else "",

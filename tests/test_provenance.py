@@ -1,0 +1,34 @@
+"""The record of what produced a run."""
+
+import importlib.metadata
+import json
+import subprocess
+
+from demopsd.provenance import git_revision, package_versions, write_provenance
+from tests.helpers import REPO_ROOT
+
+
+def test_versions_are_the_installed_ones():
+    versions = package_versions(("torch", "no-such-package-xyz"))
+    assert versions == {"torch": importlib.metadata.version("torch"), "no-such-package-xyz": None}
+
+
+def test_git_revision_of_a_repository_and_of_a_plain_directory(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    repo = tmp_path / "repo"
+    (repo / "a.txt").write_text("1")
+    env = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *env, "-C", str(repo), "add", "a.txt"], check=True)
+    subprocess.run(["git", *env, "-C", str(repo), "commit", "-qm", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_revision(repo) == {"commit": head, "dirty": False}
+    (repo / "a.txt").write_text("2")
+    assert git_revision(repo) == {"commit": head, "dirty": True}
+    (tmp_path / "plain").mkdir()
+    assert git_revision(tmp_path / "plain") == {"commit": None, "dirty": None}
+
+
+def test_written_record_is_json(tmp_path):
+    record = write_provenance(tmp_path / "provenance.json", REPO_ROOT)
+    assert json.loads((tmp_path / "provenance.json").read_text()) == record
+    assert record["packages"]["demopsd"] is not None and record["python"].count(".") == 2
