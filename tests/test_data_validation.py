@@ -1,6 +1,5 @@
 """Bad data rows: an error naming ``<file>:<line>`` by default, or skipped and counted under ``on_bad_row=skip``."""
 
-import csv
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 from demopsd.data import SYSTEM_PROMPT, BadRowError, LoadedSplit, MCQExample, load_sciknoweval, load_split
 from demopsd.datamodule import SKIPPED_ROWS_METRIC, PromptDataModule
 from demopsd.gpqa import load_gpqa
+from tests.test_gpqa import HEADER, write_csv
 
 DATA_DIR = Path(os.environ.get("DEMOPSD_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 DOMAINS = ("biology", "chemistry", "material", "physics")
@@ -206,24 +206,10 @@ def test_shared_data_has_no_bad_rows(domain, caplog):
 
 
 # ------------------------------------------------------------------------------------------- GPQA
-HEADER = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3",
-          "Explanation", "High-level domain", "Subdomain"]
-
-
 def gpqa_row(i: int, domain: str = "Physics") -> dict:
     return {"Question": f"What is {i}?", "Correct Answer": f"right {i}", "Incorrect Answer 1": f"wrong {i}.1",
             "Incorrect Answer 2": f"wrong {i}.2", "Incorrect Answer 3": f"wrong {i}.3", "Explanation": "because",
             "High-level domain": domain, "Subdomain": "sub"}
-
-
-def write_gpqa(root: Path, rows: list[dict], header=HEADER) -> Path:
-    path = root / "gpqa" / "gpqa_diamond.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -237,7 +223,7 @@ def write_gpqa(root: Path, rows: list[dict], header=HEADER) -> Path:
 def test_gpqa_bad_row_names_file_and_line(tmp_path, column, value, reason, caplog):
     rows = [gpqa_row(i) for i in range(4)]
     rows[2][column] = value
-    path = write_gpqa(tmp_path, rows)
+    path = write_csv(tmp_path, rows)
     with pytest.raises(BadRowError) as err:
         load_gpqa(tmp_path)
     assert str(err.value) == f"{path}:4: {reason} {HINT}"  # header line 1, rows 0, 1 on lines 2, 3
@@ -251,15 +237,15 @@ def test_gpqa_bad_row_names_file_and_line(tmp_path, column, value, reason, caplo
 def test_gpqa_line_numbers_follow_multiline_quoted_fields(tmp_path):
     rows = [gpqa_row(0) | {"Question": "Line one,\nline two,\nline three?"}, gpqa_row(1) | {"Explanation": "a\nb"},
             gpqa_row(2) | {"Correct Answer": ""}]
-    path = write_gpqa(tmp_path, rows)
+    path = write_csv(tmp_path, rows)
     # header: line 1; row 0: lines 2-4; row 1: lines 5-6; row 2 starts on line 7
     with pytest.raises(BadRowError, match=f"^{path}:7: empty or missing Correct Answer"):
         load_gpqa(tmp_path)
-    assert path.read_text().split("\n")[6].startswith("What is 2?")
+    assert path.read_text().split("\n")[6].startswith(",What is 2?")  # after the empty Pre-Revision Question
 
 
 def test_gpqa_short_row_misses_its_last_columns(tmp_path):
-    path = write_gpqa(tmp_path, [gpqa_row(0), gpqa_row(1)])
+    path = write_csv(tmp_path, [gpqa_row(0), gpqa_row(1)])
     with path.open("a", encoding="utf-8") as f:
         f.write("q,a,b,c,d,expl\n")  # no High-level domain
         f.write("q,a,b\n")  # no Incorrect Answer 2, 3
@@ -271,14 +257,14 @@ def test_gpqa_short_row_misses_its_last_columns(tmp_path):
 
 def test_gpqa_missing_column_is_an_error_in_both_modes(tmp_path):
     header = [c for c in HEADER if c != "Incorrect Answer 3"]
-    path = write_gpqa(tmp_path, [{k: v for k, v in gpqa_row(0).items() if k in header}], header)
+    path = write_csv(tmp_path, [{k: v for k, v in gpqa_row(0).items() if k in header}], header=header)
     for mode in ("error", "skip"):
         with pytest.raises(ValueError, match=rf"^{path}:1: missing GPQA columns \['Incorrect Answer 3'\]"):
             load_gpqa(tmp_path, on_bad_row=mode)
 
 
 def test_gpqa_clean_file_loads_identically_in_both_modes(tmp_path):
-    write_gpqa(tmp_path, [gpqa_row(i, d) for i, d in enumerate(["Physics", "Biology", "Physics"])])
+    write_csv(tmp_path, [gpqa_row(i, d) for i, d in enumerate(["Physics", "Biology", "Physics"])])
     strict, lenient = load_gpqa(tmp_path, seed=3), load_gpqa(tmp_path, seed=3, on_bad_row="skip")
     assert strict == lenient and len(strict) == 3 and strict.skipped == lenient.skipped == 0
     assert load_gpqa(tmp_path, seed=3, domains="Biology", on_bad_row="skip") == [strict[1]]
@@ -286,7 +272,7 @@ def test_gpqa_clean_file_loads_identically_in_both_modes(tmp_path):
 
 def test_gpqa_skip_then_domain_filter(tmp_path):
     rows = [gpqa_row(0, "Physics"), gpqa_row(1, "Biology") | {"Question": ""}, gpqa_row(2, "Biology")]
-    write_gpqa(tmp_path, rows)
+    write_csv(tmp_path, rows)
     examples = load_gpqa(tmp_path, domains="Biology", on_bad_row="skip")
     assert [e.idx for e in examples] == [2] and examples.skipped == 1
 
@@ -308,7 +294,7 @@ def test_gpqa_through_load_split_and_the_composed_config(tmp_path):
     from hydra import compose, initialize_config_dir
 
     rows = [gpqa_row(0), gpqa_row(1) | {"Question": ""}]
-    write_gpqa(tmp_path, rows)
+    write_csv(tmp_path, rows)
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
         cfg = compose("train", overrides=["data=gpqa/diamond"])
     assert cfg.data.on_bad_row == "error"
@@ -376,7 +362,7 @@ def test_eval_datasets_pass_data_on_bad_row_to_the_ood_sets(tmp_path):
     from demopsd.eval_runner import eval_datasets
 
     write_split(tmp_path, [good_row(0), good_row(1, "AB", "C"), good_row(2)], split="test")
-    write_gpqa(tmp_path, [gpqa_row(0), gpqa_row(1) | {"Question": ""}, gpqa_row(2)])
+    write_csv(tmp_path, [gpqa_row(0), gpqa_row(1) | {"Question": ""}, gpqa_row(2)])
     overrides = ["data=sciknoweval/biology", "eval=gpqa", f"paths.data_dir={tmp_path}"]
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
         strict = compose("train", overrides=overrides)

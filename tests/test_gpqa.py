@@ -48,11 +48,12 @@ def make_rows(count: int = 20) -> list[dict]:
     ]
 
 
-def write_csv(root, rows, subset="diamond"):
+def write_csv(root, rows, subset="diamond", header=HEADER):
+    """``rows`` as ``<root>/gpqa/gpqa_<subset>.csv`` with ``header`` (the official columns by default)."""
     path = root / "gpqa" / f"gpqa_{subset}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HEADER)
+        writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
     return path
