@@ -246,3 +246,10 @@ def test_train_cli_stops_on_a_bad_value_with_one_message(tmp_path):
     assert "Traceback" not in result.stderr
     assert "method.objective.alpha=1.5" in result.stderr.strip().splitlines()[-1]
     assert "a value in [0, 1]" in result.stderr
+
+
+def test_without_a_reference_config_the_rollout_backend_is_still_a_known_key(monkeypatch):
+    """A config composed from another search path has no reference in conf/; it must still pass."""
+    monkeypatch.setattr(config_check, "_reference_config", lambda cfg: None)
+    validate_config(compose_train(["method=sdpo"]))
+    assert line_for(problems_of(["+rollout.temprature=0.7"]), "rollout.temprature", 0.7)

@@ -88,7 +88,8 @@ def validate_config(cfg: DictConfig) -> None:
 
     # -- rollouts: the dataclass's rules, then how many siblings the method needs
     rollout = sections["rollout"]
-    extra_rollout_keys = _keys(reference, "rollout") or set()
+    # without a reference (a config from another search path), the keys any conf/rollout option defines
+    extra_rollout_keys = _keys(reference, "rollout") or _option_keys("rollout")
     _check_dataclass(SamplingConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
     n = rollout.get("n")
     if n == 1 and "rollout.n" not in reported:
@@ -242,6 +243,11 @@ def _is_number(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- reference keys
+def _option_keys(group: str) -> set[str]:
+    """The top-level keys that any option of the flat config group ``group`` in conf/ defines."""
+    return {key for path in (CONFIG_DIR / group).glob("*.yaml") for key in OmegaConf.load(path)}
+
+
 def _keys(reference: DictConfig | None, key: str) -> set[str] | None:
     """The keys of section ``key`` in the reference config; None (no check) when it cannot be known."""
     if reference is None:
