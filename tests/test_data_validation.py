@@ -316,6 +316,7 @@ class FakeLogger:
 class FakeTrainer:
     def __init__(self):
         self.loggers = [FakeLogger(), FakeLogger()]
+        self.global_step = 0
 
 
 def biology(**changes) -> dict:
@@ -333,17 +334,33 @@ def test_datamodule_counts_prints_and_logs_skipped_rows_once(tmp_path, capsys):
     assert len(dm.train_examples) == 5 and dm.skipped_rows == 2
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "skipped 2 bad rows of toy-biology/train" in out
+    assert sum(len(batch) for batch in dm.train_dataloader()) == 4
+    dm.train_dataloader()
     for logger in trainer.loggers:
         assert logger.logged == [({SKIPPED_ROWS_METRIC: 2.0}, 0)]
-    assert sum(len(batch) for batch in dm.train_dataloader()) == 4
+
+
+def test_a_resumed_datamodule_does_not_log_skipped_rows_again(tmp_path):
+    write_split(tmp_path, [good_row(i) for i in range(5)] + ["{"])
+    first = PromptDataModule(biology(on_bad_row="skip"), data_dir=tmp_path)
+    first.trainer = FakeTrainer()
+    first.setup("fit")
+    first.train_dataloader()
+    resumed = PromptDataModule(biology(on_bad_row="skip"), data_dir=tmp_path)
+    resumed.trainer = FakeTrainer()
+    resumed.setup("fit")
+    resumed.load_state_dict(first.state_dict())
+    resumed.train_dataloader()
+    assert first.trainer.loggers[0].logged and resumed.trainer.loggers[0].logged == []
 
 
 def test_datamodule_clean_data_logs_zero_and_prints_nothing(tmp_path, capsys):
     write_split(tmp_path, [good_row(i) for i in range(4)])
     dm = PromptDataModule(biology(), data_dir=tmp_path)
-    dm.setup("fit")  # no trainer: nothing to log to
-    dm.trainer = FakeTrainer()
     dm.setup("fit")
+    dm.train_dataloader()  # no trainer: nothing to log to
+    dm.trainer = FakeTrainer()
+    dm.train_dataloader()
     assert dm.skipped_rows == 0 and capsys.readouterr().out == ""
     assert dm.trainer.loggers[0].logged == [({SKIPPED_ROWS_METRIC: 0.0}, 0)]
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from demopsd.datamodule import PromptDataModule
+from demopsd.datamodule import PromptDataModule, StepIndexedBatches
 
 DATA_DIR = os.environ.get("DEMOPSD_DATA_DIR", "../shared/data")
 
@@ -43,3 +43,40 @@ def test_batch_larger_than_the_split_is_refused():
     dm = PromptDataModule(biology(batch_size=451), data_dir=DATA_DIR)
     with pytest.raises(ValueError, match="data.batch_size=451 exceeds the 450 examples of sciknoweval-biology/train"):
         dm.setup("fit")
+
+
+def stream(batches: StepIndexedBatches, steps: int) -> list[list[int]]:
+    """The batches of steps 0 .. steps-1, read the way Lightning does: one iteration per epoch."""
+    out: list[list[int]] = []
+    while len(out) < steps:
+        batches.start = lambda: len(out)
+        out.extend(list(batches))
+    return out[:steps]
+
+
+def test_each_epoch_is_a_permutation_cut_into_batches():
+    batches = StepIndexedBatches(num_examples=10, batch_size=3, seed=0)
+    epochs = stream(batches, 9)
+    assert len(batches) == 3  # the 10th example is dropped each epoch
+    for e in range(3):
+        indices = [i for b in epochs[3 * e : 3 * e + 3] for i in b]
+        assert len(set(indices)) == 9 and set(indices) <= set(range(10))
+    assert epochs[:3] != epochs[3:6]  # a new order every epoch
+
+
+@pytest.mark.parametrize("resume_at", [0, 1, 2, 3, 4, 7])
+def test_a_resumed_stream_continues_without_repeating_or_skipping(resume_at):
+    uninterrupted = stream(StepIndexedBatches(10, 3, seed=5), 9)
+    resumed = StepIndexedBatches(10, 3, seed=5, start=lambda: resume_at)
+    first_epoch_rest = list(resumed)
+    assert first_epoch_rest == uninterrupted[resume_at : (resume_at // 3 + 1) * 3]
+
+
+def test_the_order_depends_on_the_seed():
+    assert stream(StepIndexedBatches(10, 3, seed=0), 6) != stream(StepIndexedBatches(10, 3, seed=1), 6)
+    assert stream(StepIndexedBatches(10, 3, seed=0), 6) == stream(StepIndexedBatches(10, 3, seed=0), 6)
+
+
+def test_batch_size_larger_than_the_data_is_an_error():
+    with pytest.raises(ValueError, match="batch_size=4 needs"):
+        StepIndexedBatches(3, 4, seed=0)

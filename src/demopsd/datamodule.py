@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from demopsd.data import MCQExample, load_split
 
@@ -19,9 +19,10 @@ SKIPPED_ROWS_METRIC = "data/skipped_rows"
 class PromptDataModule(L.LightningDataModule):
     """Batches of ``data.batch_size`` examples (a plain list each) from the ``data.train_split`` of ``data``.
 
-    The order is drawn from a generator seeded with ``seed``, so the same seed gives the same batches.
-    ``skipped_rows`` counts the bad rows of the split left out under ``data.on_bad_row=skip``; ``setup`` logs
-    it once as ``data/skipped_rows`` (step 0) to the trainer's loggers, and prints a notice when it is not 0.
+    The order is drawn from a generator seeded with ``seed``, so the same seed gives the same batches; a run
+    resumed from a checkpoint continues with the batch its step would have had (:class:`StepIndexedBatches`).
+    ``skipped_rows`` counts the bad rows of the split left out under ``data.on_bad_row=skip``; ``train_dataloader``
+    logs it once as ``data/skipped_rows`` (step 0) to the trainer's loggers, and prints a notice when it is not 0.
     """
 
     def __init__(
@@ -49,7 +50,6 @@ class PromptDataModule(L.LightningDataModule):
                     f"Notice: skipped {self.skipped_rows} bad rows of {self.data['name']}/{self.data['train_split']} "
                     f"(data.on_bad_row=skip; the warning above lists why); training on {len(self.train_examples)}"
                 )
-        self._log_skipped_rows()
         if len(self.train_examples) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} exceeds the {len(self.train_examples)} examples of "
@@ -66,13 +66,55 @@ class PromptDataModule(L.LightningDataModule):
         self._skipped_rows_logged = True
         log.info("%s=%d (%s/%s)", SKIPPED_ROWS_METRIC, self.skipped_rows, self.data["name"], self.data["train_split"])
 
+    def state_dict(self) -> dict:
+        return {"skipped_rows_logged": self._skipped_rows_logged}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # a resumed run: logged by the run it continues
+        self._skipped_rows_logged = state_dict.get("skipped_rows_logged", False)
+
+    def _global_step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader:
+        self._log_skipped_rows()  # here, not in `setup`: a resumed run has restored `state_dict` by now
+        batches = StepIndexedBatches(
+            len(self.train_examples), self.batch_size, self.seed, start=self._global_step
+        )
         return DataLoader(
             self.train_examples,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
+            batch_sampler=batches,
             collate_fn=list,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed),  # so that loading draws nothing from the global RNG
             num_workers=self.num_workers,
         )
+
+
+class StepIndexedBatches(Sampler[list[int]]):
+    """Batches of indices into ``num_examples`` examples, one per optimizer step, in seeded epochs.
+
+    The stream is a sequence of epochs, each a permutation of ``range(num_examples)`` drawn from a generator
+    seeded with (``seed``, epoch) and cut into ``len(self)`` batches of ``batch_size`` (the remainder is
+    dropped). Batch ``s`` of the stream belongs to step ``s``. Each iteration yields the rest of the epoch
+    that holds step ``start()``, so a run resumed at step ``s`` gets exactly the batches an uninterrupted run
+    would have had from there, with none repeated or skipped. ``start`` is read when iteration begins (after
+    Lightning has restored the step counter from a checkpoint); it assumes one batch per optimizer step.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, start: Callable[[], int] = lambda: 0) -> None:
+        if batch_size < 1 or num_examples < batch_size:
+            raise ValueError(f"batch_size={batch_size} needs 1 <= batch_size <= num_examples={num_examples}")
+        self.num_examples, self.batch_size, self.seed, self.start = num_examples, batch_size, seed, start
+
+    def __len__(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation ``[num_examples]`` of epoch ``epoch``."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, first = divmod(self.start(), len(self))
+        order = self.epoch_order(epoch)
+        for batch in range(first, len(self)):
+            yield order[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()

@@ -37,9 +37,12 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
-def make_wandb_logger(wandb_cfg, *, save_dir: Path, run_name: str, config: dict) -> WandbLogger | None:
+def make_wandb_logger(
+    wandb_cfg, *, save_dir: Path, run_name: str, config: dict, run_id: str | None = None
+) -> WandbLogger | None:
     """A started W&B logger writing under ``save_dir/wandb``, or None (with a warning) if W&B cannot start.
 
+    ``run_id``: continue that run (same id, charts carry on) rather than start a new one.
     An online start that fails (no network, bad key) falls back to offline; ``wandb sync`` uploads it later.
     """
     mode = resolve_wandb_mode(wandb_cfg.mode)
@@ -58,6 +61,8 @@ def make_wandb_logger(wandb_cfg, *, save_dir: Path, run_name: str, config: dict)
                 tags=list(wandb_cfg.tags),
                 config=config,
                 mode=attempt,
+                id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(init_timeout=60, silent=True),
             )
             define_metrics(logger.experiment)  # `.experiment` starts the run now, so that failures surface here

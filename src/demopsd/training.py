@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
+from demopsd.checkpoint_io import AtomicCheckpointIO
 from demopsd.datamodule import PromptDataModule
 from demopsd.eval_runner import periodic_evaluation
 from demopsd.guards import NumericalGuard
@@ -20,6 +21,13 @@ from demopsd.module import SelfDistillationModule
 from demopsd.objectives import DistillationConfig, GRPOConfig
 from demopsd.provenance import write_provenance
 from demopsd.reprompt import RepromptConfig
+from demopsd.resume import (
+    RunStateCheckpoint,
+    continue_csv_log,
+    kept_metrics_lines,
+    read_run_state,
+    resolve_checkpoint,
+)
 from demopsd.settings import METHOD_KINDS, OptimConfig, PromptConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -59,15 +67,27 @@ def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
     )
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
-    """``metrics.csv`` in the run directory (flushed every step), plus W&B unless disabled."""
-    loggers: list[Logger] = [CSVLogger(save_dir=output_dir, name="", version="", flush_logs_every_n_steps=1)]
+def build_loggers(cfg: DictConfig, output_dir: Path, resumed_state: dict | None = None) -> list[Logger]:
+    """``metrics.csv`` in the run directory (flushed every step), plus W&B unless disabled.
+
+    ``resumed_state``: for a resumed run, the :class:`RunStateCheckpoint` state of its checkpoint (empty for a
+    checkpoint without one); its ``metrics.csv`` rows up to the checkpoint are kept and its W&B run continues.
+    """
+    csv_logger = CSVLogger(save_dir=output_dir, name="", version="", flush_logs_every_n_steps=1)
+    if resumed_state is not None:
+        kept = kept_metrics_lines(
+            output_dir / "metrics.csv", resumed_state.get("metrics_csv_lines"), resumed_state.get("global_step")
+        )
+        continue_csv_log(csv_logger, kept)
+    resumed_state = resumed_state or {}
+    loggers: list[Logger] = [csv_logger]
     if cfg.logger.wandb.enabled:
         wandb_logger = make_wandb_logger(
             cfg.logger.wandb,
             save_dir=output_dir,
             run_name=f"{cfg.run_name}_{output_dir.name}",
             config=OmegaConf.to_container(cfg, resolve=True),
+            run_id=resumed_state.get("wandb_run_id"),
         )
         if wandb_logger is not None:
             loggers.append(wandb_logger)
@@ -76,10 +96,20 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the last logged value of every training and evaluation metric."""
-    output_dir = Path(cfg.paths.output_dir)
+    resume = None
+    if cfg.ckpt_path is not None:
+        resume = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg.run_name)
+    output_dir = resume.run_dir if resume else Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
-    write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
+    run_state = None
+    if resume:
+        run_state = read_run_state(resume.checkpoint)
+        warn_about_changed_config(output_dir / "config_resolved.yaml", cfg)
+        write_provenance(output_dir / f"provenance_resumed_{resume.checkpoint.stem}.json", cfg.paths.root_dir)
+        log.info("Resuming from %s; outputs continue in %s", resume.checkpoint, output_dir)
+    else:
+        OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+        write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     policy, tokenizer = load_model_and_tokenizer(
@@ -94,15 +124,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         save_top_k=-1,
         save_last="link",
+        enable_version_counter=False,  # a resumed run replaces `last.ckpt` instead of adding `last-v1.ckpt`
     )
     evaluation = periodic_evaluation(cfg, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        logger=build_loggers(cfg, output_dir),
-        callbacks=[checkpoints, evaluation, NumericalGuard(**cfg.get("guards", {})), RichProgressBar()],
+        logger=build_loggers(cfg, output_dir, run_state),
+        callbacks=[
+            checkpoints,
+            evaluation,
+            NumericalGuard(**cfg.get("guards", {})),
+            RunStateCheckpoint(output_dir / "metrics.csv"),
+            RichProgressBar(),
+        ],
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=output_dir,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
 
     if cfg.checkpoint.save_final_model and trainer.is_global_zero:
         module.policy.save_pretrained(output_dir / "model")
@@ -118,3 +156,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
     )
     return final
+
+
+def warn_about_changed_config(saved: Path, cfg: DictConfig) -> None:
+    """Warn about every key whose value differs between the run's saved config and ``cfg`` (its resumption)."""
+    if not saved.is_file():
+        return
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    ignored = {"ckpt_path", "paths.output_dir"}
+    changed = sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
+    if changed:
+        log.warning(
+            "The resumed run's config differs from %s in: %s",
+            saved,
+            "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed),
+        )
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}

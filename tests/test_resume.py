@@ -1,0 +1,198 @@
+"""Crash-safe resume: which checkpoint is continued, atomic writes, and SIGKILL fault injection end to end."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from demopsd.checkpoint_io import AtomicCheckpointIO, partial_path
+from demopsd.resume import kept_metrics_lines, resolve_checkpoint
+from tests.helpers import REPO_ROOT
+
+RUN = "demopsd_synthetic-mixed_seed0"
+
+
+def touch_checkpoint(path: Path, age_s: float = 0.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"ckpt")
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_a_run_directory_resolves_to_its_newest_checkpoint_even_without_last(tmp_path):
+    run_dir = tmp_path / "2026-01-01_00-00-00_x"
+    touch_checkpoint(run_dir / "checkpoints" / "step000002.ckpt", age_s=20)
+    newest = touch_checkpoint(run_dir / "checkpoints" / "step000004.ckpt", age_s=10)
+    partial_path(run_dir / "checkpoints" / "step000006.ckpt").write_bytes(b"half")  # a write cut short
+
+    point = resolve_checkpoint(run_dir, tmp_path, "x")
+
+    assert point.checkpoint == newest.resolve() and point.run_dir == run_dir.resolve()
+
+
+def test_last_follows_the_link_and_picks_the_newest_run_of_that_name(tmp_path):
+    old = touch_checkpoint(tmp_path / f"2026-01-01_00-00-00_{RUN}" / "checkpoints" / "step000002.ckpt", age_s=100)
+    new_run = tmp_path / f"2026-01-02_00-00-00_{RUN}"
+    target = touch_checkpoint(new_run / "checkpoints" / "step000002.ckpt", age_s=50)
+    (new_run / "checkpoints" / "last.ckpt").symlink_to("step000002.ckpt")
+    touch_checkpoint(tmp_path / "2026-01-03_00-00-00_other_run" / "checkpoints" / "step000002.ckpt")
+    (tmp_path / f"2026-01-04_00-00-00_{RUN}").mkdir()  # a launch that died before its first checkpoint
+
+    point = resolve_checkpoint("last", tmp_path, RUN)
+
+    assert point.checkpoint == target.resolve() != old.resolve()
+    assert point.run_dir == new_run.resolve()
+
+
+@pytest.mark.parametrize("given, message", [
+    ("last", "ckpt_path=last found no run to continue"),
+    ("missing.ckpt", "ckpt_path=missing.ckpt is not a checkpoint: no such file"),
+    (".", "is not a checkpoint: no checkpoints/\\*.ckpt in it"),
+])
+def test_nothing_to_resume_names_what_was_tried(tmp_path, monkeypatch, given, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=message):
+        resolve_checkpoint(given, tmp_path, RUN)
+
+
+def test_the_metrics_rows_the_checkpoint_covers_are_kept(tmp_path):
+    """Checkpoint at step 2: written after the evaluation row of step 2, before the training row of step 1."""
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("eval,loss,step\n,1.0,0\n0.5,,2\n,0.5,1\n,0.25,2\n1.0,,3\n")
+    kept = ["eval,loss,step\n", ",1.0,0\n", "0.5,,2\n", ",0.5,1\n"]
+    assert kept_metrics_lines(csv, 3, global_step=2) == kept
+    assert len(kept_metrics_lines(csv, None, None)) == 6  # a checkpoint that does not say: keep everything
+    assert kept_metrics_lines(tmp_path / "missing.csv", 3, 2) == []
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.arange(4.0)}, path)
+
+    def interrupted(obj, file, *args, **kwargs):
+        file.write(b"\0" * 64)
+        raise KeyboardInterrupt  # stands in for the process dying mid-write
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+
+    assert io.load_checkpoint(path)["step"] == 1
+    assert partial_path(path).exists()
+
+
+# ---------------------------------------------------------------------------------- SIGKILL, end to end
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_model_cache) -> Path:
+    """A randomly initialised 2-layer Llama with the default model's tokenizer: steps take milliseconds and
+    checkpoints a few MB, so killed and resumed runs are cheap, while every code path is the real one."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from demopsd.models import default_cache_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def train(log_dir: Path, model_dir: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    overrides = [
+        "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}", "trainer.max_steps=4",
+        "checkpoint.every_n_train_steps=2", "checkpoint.save_final_model=false", "rollout.max_new_tokens=8",
+        "logger.wandb.mode=offline", *extra,
+    ]
+    command = [sys.executable, "tests/fault_injection.py", fault, *overrides] if fault else \
+        [sys.executable, "src/train.py", *overrides]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_dir_of(log_dir: Path) -> Path:
+    (run_dir,) = [d for d in (log_dir / "smoke" / "runs").iterdir() if (d / "checkpoints").is_dir()]
+    return run_dir
+
+
+def step_metrics(run_dir: Path) -> pd.DataFrame:
+    """Training metrics by step, timings left out (they differ from run to run)."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["data/skipped_rows"].notna().sum() == 1  # logged once, not again by the resumed run
+    train = metrics.dropna(subset=["train/reward_mean"])
+    assert not train["step"].duplicated().any(), "a step was logged twice"
+    columns = [c for c in train.columns if c.startswith(("train/", "distill/", "leakage/"))]
+    return train.set_index("step")[columns].sort_index()
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "step000004.ckpt", map_location="cpu", weights_only=False)
+
+
+def assert_same_state(resumed: dict, uninterrupted: dict) -> None:
+    assert resumed["global_step"] == uninterrupted["global_step"] == 4
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name  # policy and EMA teacher
+    moments = [(a, b) for s, t in zip(resumed["optimizer_states"][0]["state"].values(),
+                                      uninterrupted["optimizer_states"][0]["state"].values()) for a, b in
+               ((s["exp_avg"], t["exp_avg"]), (s["exp_avg_sq"], t["exp_avg_sq"]))]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+    assert resumed["lr_schedulers"] == uninterrupted["lr_schedulers"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
+    log_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = train(log_dir, tiny_model_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir_of(log_dir)
+
+
+@pytest.mark.slow
+def test_killed_mid_training_resumes_the_same_run_with_the_same_metrics(tmp_path, tiny_model_dir, uninterrupted):
+    killed = train(tmp_path, tiny_model_dir, fault="kill-at-step:3")
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = run_dir_of(tmp_path)
+    assert 2 in step_metrics(run_dir).index  # step 2 was logged after the step-2 checkpoint: it is redone
+
+    resumed = train(tmp_path, tiny_model_dir, "ckpt_path=last")
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dir_of(tmp_path) == run_dir
+    expected = step_metrics(uninterrupted)
+    pd.testing.assert_frame_equal(step_metrics(run_dir), expected, rtol=1e-6)
+    assert list(expected.index) == [0, 1, 2, 3]
+    assert_same_state(final_state(run_dir), final_state(uninterrupted))
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({d.name.rsplit("-", 1)[-1] for d in wandb_runs}) == 1, wandb_runs
+
+
+@pytest.mark.slow
+def test_killed_mid_checkpoint_write_resumes_from_the_last_whole_checkpoint(tmp_path, tiny_model_dir, uninterrupted):
+    killed = train(tmp_path, tiny_model_dir, fault="kill-writing:step000004.ckpt")
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = run_dir_of(tmp_path)
+    checkpoints = run_dir / "checkpoints"
+    assert partial_path(checkpoints / "step000004.ckpt").exists()
+    assert not (checkpoints / "step000004.ckpt").exists()
+
+    resumed = train(tmp_path, tiny_model_dir, f"ckpt_path={run_dir}")
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr + resumed.stdout and "step000002.ckpt" in resumed.stderr + resumed.stdout
+    pd.testing.assert_frame_equal(step_metrics(run_dir), step_metrics(uninterrupted), rtol=1e-6)
+    assert_same_state(final_state(run_dir), final_state(uninterrupted))
