@@ -4,7 +4,8 @@
     python src/report.py runA runB --out reports/ab
 
 Writes <quantity>.png (entropy, leakage, λ, reward, eval accuracy), results.md, results.csv and
-runs.csv into --out (default: <first dir>/report).
+runs.csv into --out (default: <first dir>/report); for runs on the synthetic leakage task also
+leakage.md, leakage.csv and heldout_probe.png.
 """
 
 import argparse
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(f"Report on {files.runs} run(s) written to {files.out_dir}")
     print(f"  table: {files.table_md.name}, {files.table_csv.name}, {files.runs_csv.name}")
+    if files.leakage_md is not None:
+        print(f"  leakage table: {files.leakage_md.name}, {files.leakage_csv.name}")
     print(f"  plots: {', '.join(p.name for p in files.plots) if files.plots else 'none'}")
     for line in files.skipped:
         print(f"  skipped {line}")

@@ -11,10 +11,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from demopsd.report import (
+    LEAKAGE_QUANTITIES,
     NoRunsError,
     find_runs,
     format_mean_se,
+    has_heldout_probe,
+    leakage_scalars,
     mean_se,
+    probe_curve_specs,
     Run,
     plot_curves,
     seed_band,
@@ -31,10 +35,32 @@ STEPS = 30
 EVAL_STEPS = (9, 19, 29)
 ENTROPY_LEVEL = {"demopsd": 1.4, "sdpo": 1.1, "opsd": 0.9, "grpo": 0.5}  # demopsd keeps entropy highest
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SYNTHETIC = "synthetic-mixed"
+UNINFERABLE = "eval/synthetic-uninferable/"
+INFERABLE = "eval/synthetic-inferable/"
+PROBE_METRICS = ("letter_confidence", "overconfidence", "letter_entropy", "letter_accuracy", "letter_p_answer",
+                 "entropy")
+PROBE_RISE = {"demopsd": 0.01, "sdpo": 0.05, "opsd": 0.03, "grpo": 0.0}  # change per evaluation
 
 
-def made_up_metrics(method: str, seed: int, nan_gaps: bool = False) -> pd.DataFrame:
-    """Lightning-like rows: one per step of train metrics, plus separate rows for the eval steps."""
+def heldout_evals(method: str, rng: np.random.Generator) -> pd.DataFrame:
+    """Eval rows of the synthetic task: both held-out sets at step 0 (change 0.0) and at every eval step."""
+    steps = (0, *EVAL_STEPS)
+    columns = {"step": steps}
+    for prefix in (UNINFERABLE, INFERABLE):
+        columns[prefix + "acc_avg@1"] = rng.uniform(0.2, 0.6, len(steps))
+        for metric in PROBE_METRICS:
+            change = PROBE_RISE[method] * np.arange(len(steps)) + np.r_[0.0, rng.normal(0, 0.02, len(steps) - 1)]
+            columns[prefix + metric] = rng.uniform(0.3, 1.0) + change
+            columns[prefix + metric + "_change"] = change
+    return pd.DataFrame(columns)
+
+
+def made_up_metrics(method: str, seed: int, nan_gaps: bool = False, heldout: bool = False) -> pd.DataFrame:
+    """Lightning-like rows: one per step of train metrics, plus separate rows for the eval steps.
+
+    ``heldout``: the eval rows are those of the synthetic task's two held-out sets instead.
+    """
     rng = np.random.default_rng(100 * seed + len(method))
     steps = np.arange(STEPS)
     train = pd.DataFrame({
@@ -49,12 +75,15 @@ def made_up_metrics(method: str, seed: int, nan_gaps: bool = False) -> pd.DataFr
         train["distill/lambda_mean"] = 0.3 + 0.01 * steps
         train["leakage/kl_teacher_student"] = 0.8 - 0.01 * steps + rng.normal(0, 0.02, STEPS)
         train["leakage/kl_target_student"] = 0.3 - 0.004 * steps + rng.normal(0, 0.01, STEPS)
+        train["leakage/attenuation"] = train["leakage/kl_target_student"] / train["leakage/kl_teacher_student"]
     else:
         train["grpo/loss"] = rng.normal(0, 0.05, STEPS)
     if nan_gaps:  # missing values, the last entropy among them: final entropy is the last non-NaN one
         train.loc[[3, 4, 17, STEPS - 1], "train/entropy"] = np.nan
         if "leakage/kl_teacher_student" in train:
             train.loc[[5, 6, 7], "leakage/kl_teacher_student"] = np.nan
+    if heldout:
+        return pd.concat([train, heldout_evals(method, rng)], ignore_index=True)
     evals = pd.DataFrame({
         "step": EVAL_STEPS,
         INDOMAIN: [0.30 + 0.05 * i + rng.uniform(0, 0.1) for i in range(len(EVAL_STEPS))],
@@ -217,6 +246,108 @@ def test_summarize_separates_datasets(runs_root, tmp_path):
     assert chem.gpqa_best_n == 1
 
 
+# --------------------------------------------------------------------------- leakage table (synthetic task)
+
+
+LEAKAGE_PER_SEED = {
+    "uninferable_confidence_change": last_of(UNINFERABLE + "letter_confidence_change"),
+    "uninferable_overconfidence_change": last_of(UNINFERABLE + "overconfidence_change"),
+    "uninferable_letter_entropy_change": last_of(UNINFERABLE + "letter_entropy_change"),
+    "uninferable_accuracy_change": last_of(UNINFERABLE + "letter_accuracy_change"),
+    "inferable_accuracy_change": last_of(INFERABLE + "letter_accuracy_change"),
+    "uninferable_entropy_change": last_of(UNINFERABLE + "entropy_change"),
+    "inferable_entropy_change": last_of(INFERABLE + "entropy_change"),
+    "entropy_final": last_of("train/entropy"),
+    "kl_teacher_student_mean": mean_of("leakage/kl_teacher_student"),
+    "kl_target_student_mean": mean_of("leakage/kl_target_student"),
+    "attenuation_mean": mean_of("leakage/attenuation"),
+}
+TEACHER_ONLY = ("kl_teacher_student_mean", "kl_target_student_mean", "attenuation_mean")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Synthetic-task runs: demopsd x 3 seeds (one whose last uninferable confidence is missing), grpo x 2,
+    sdpo x 1; plus an opsd run on another dataset without the held-out probe."""
+    root = tmp_path_factory.mktemp("synthetic")
+    for method, seeds in (("demopsd", 3), ("grpo", 2), ("sdpo", 1)):
+        for seed in range(seeds):
+            write_run(root / f"{method}-{seed}", method, seed, SYNTHETIC, nan_gaps=seed == 2, heldout=True)
+    frame = pd.read_csv(root / "demopsd-2" / "metrics.csv")
+    frame.loc[frame.step == EVAL_STEPS[-1], UNINFERABLE + "letter_confidence_change"] = np.nan
+    frame.to_csv(root / "demopsd-2" / "metrics.csv", index=False)
+    write_run(root / "opsd-0", "opsd", 0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_report(synthetic_root, tmp_path_factory):
+    return write_report(synthetic_root, tmp_path_factory.mktemp("synthetic_report"))
+
+
+def test_leakage_scalars_are_the_last_and_mean_values_of_each_run(synthetic_root):
+    assert set(LEAKAGE_PER_SEED) == set(LEAKAGE_QUANTITIES)
+    runs = find_runs(synthetic_root)
+    assert [r.method for r in runs if not has_heldout_probe(r)] == ["opsd"]
+    for run in (r for r in runs if has_heldout_probe(r)):
+        frame = pd.read_csv(run.path / "metrics.csv").sort_values("step")
+        values = leakage_scalars(run)
+        assert (values["method"], values["seed"], values["dataset"]) == (run.method, run.seed, SYNTHETIC)
+        for key, per_seed in LEAKAGE_PER_SEED.items():
+            if run.method == "grpo" and key in TEACHER_ONLY:
+                assert math.isnan(values[key]), key
+            else:
+                assert values[key] == pytest.approx(per_seed(frame), rel=1e-12), (run.name, key)
+    lost = leakage_scalars(next(r for r in runs if r.name == "demopsd-s2"))["uninferable_confidence_change"]
+    before_last = pd.read_csv(synthetic_root / "demopsd-2" / "metrics.csv").set_index("step")
+    assert lost == pytest.approx(before_last[UNINFERABLE + "letter_confidence_change"].dropna().loc[EVAL_STEPS[-2]])
+
+
+@pytest.mark.parametrize("method, seeds", [("demopsd", 3), ("grpo", 2)])
+@pytest.mark.parametrize("quantity", list(LEAKAGE_PER_SEED))
+def test_leakage_table_equals_an_independent_recomputation(synthetic_root, synthetic_report, method, seeds, quantity):
+    table = pd.read_csv(synthetic_report.leakage_csv)
+    row = table[table.method == method].iloc[0]
+    mean, se, n = expected(synthetic_root, method, LEAKAGE_PER_SEED[quantity])
+    assert row.dataset == SYNTHETIC and row.seeds == seeds and row[f"{quantity}_n"] == n
+    if method == "grpo" and quantity in TEACHER_ONLY:
+        assert n == 0 and math.isnan(row[f"{quantity}_mean"]) and math.isnan(row[f"{quantity}_se"])
+        return
+    assert n == seeds
+    assert row[f"{quantity}_mean"] == pytest.approx(mean, rel=1e-9)
+    assert row[f"{quantity}_se"] == pytest.approx(se, rel=1e-9)
+    assert format_mean_se(mean, se) in synthetic_report.leakage_md.read_text()
+
+
+def test_leakage_markdown_rows_legend_and_absent_leakage(synthetic_report):
+    text = synthetic_report.leakage_md.read_text()
+    rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in text.splitlines()
+            if line.startswith(f"| {SYNTHETIC}")}
+    assert list(rows) == ["demopsd", "sdpo", "grpo"]  # fixed method order; opsd has no held-out probe
+    header = next(line for line in text.splitlines() if line.startswith("| dataset")).strip("| ").split(" | ")
+    assert header[3:] == [q.header for q in LEAKAGE_QUANTITIES.values()]
+    teacher_cells = [header.index(LEAKAGE_QUANTITIES[k].header) for k in TEACHER_ONLY]
+    assert [rows["grpo"][i] for i in teacher_cells] == ["—"] * 3
+    assert all(" ± " in rows["demopsd"][i] for i in teacher_cells)
+    assert all(cell.endswith(" ± —") for cell in rows["sdpo"][3:])  # one seed: no standard error
+    for quantity in LEAKAGE_QUANTITIES.values():
+        assert f"- **{quantity.header}**: {quantity.legend}" in text
+    assert "a rise without an accuracy rise is leakage" in text
+
+
+def test_heldout_probe_plot_and_leakage_table_only_with_the_probe(runs_root, synthetic_root, synthetic_report, report):
+    [spec] = probe_curve_specs(find_runs(synthetic_root))
+    assert spec.columns == (UNINFERABLE + "letter_confidence_change", UNINFERABLE + "overconfidence_change")
+    probe = synthetic_report.out_dir / "heldout_probe.png"
+    assert probe in synthetic_report.plots and synthetic_report.skipped == []
+    assert_png(probe)
+    assert synthetic_report.leakage_md == synthetic_report.out_dir / "leakage.md"
+    assert probe_curve_specs(find_runs(runs_root)) == []
+    assert "heldout_probe.png" not in {p.name for p in report.plots}
+    assert report.leakage_md is None and report.leakage_csv is None
+    assert not (report.out_dir / "leakage.md").exists() and not (report.out_dir / "leakage.csv").exists()
+
+
 # --------------------------------------------------------------------------- plots and CLI
 
 
@@ -271,6 +402,15 @@ def test_cli_writes_the_report_and_says_where(runs_root, tmp_path):
     for name in ("results.md", "results.csv", "runs.csv", "entropy.png"):
         assert (out / name).is_file(), name
     assert_png(out / "entropy.png")
+    assert "leakage table" not in done.stdout
+
+
+def test_cli_names_the_leakage_table(synthetic_root, tmp_path):
+    done = subprocess.run([sys.executable, "src/report.py", str(synthetic_root), "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "  leakage table: leakage.md, leakage.csv" in done.stdout and "heldout_probe.png" in done.stdout
+    assert (tmp_path / "leakage.md").is_file() and (tmp_path / "leakage.csv").is_file()
 
 
 def test_cli_without_runs_fails_clearly(tmp_path):

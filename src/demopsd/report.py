@@ -10,7 +10,12 @@ under the given paths and writes, into one output folder:
   about 1/30 of the run, the raw mean drawn faintly behind), eval points are not;
 * ``results.md`` / ``results.csv``: one row per (dataset, method), each number the mean ± s.e.
   over seeds of a per-seed scalar (best / final accuracy, final entropy, mean leakage);
-* ``runs.csv``: those per-seed scalars, one row per run.
+* ``runs.csv``: those per-seed scalars, one row per run;
+* for runs evaluated on the held-out synthetic sets (``eval/synthetic-uninferable/...`` and
+  ``eval/synthetic-inferable/...``, the leakage task): ``leakage.md`` / ``leakage.csv``, one row per
+  (dataset, method) of answer-probe changes from the untrained model, entropies and mean leakage,
+  with a legend; and ``heldout_probe.png``, the uninferable confidence and overconfidence changes
+  over steps.
 
 The standard error is ``std(ddof=1) / sqrt(n)`` over seeds; with one seed there is none (the
 table shows ``0.412 ± —``, the plot no band).
@@ -21,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +47,8 @@ OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf
 EVAL_ACCURACY = re.compile(r"^eval/(?P<dataset>.+)/(?P<metric>acc_avg@(?P<k>\d+))$")
 DPI = 120
 MISSING = "—"
+MEAN_SE_NOTE = ("Mean ± standard error over seeds (s.e. = std(ddof=1) / √n); each number is first computed "
+                f"per seed. `± {MISSING}`: a single seed; `{MISSING}`: no run has the metric.")
 
 # Per-seed scalars of the results table: key -> column header.
 QUANTITIES = {
@@ -81,6 +88,8 @@ class ReportFiles:
     plots: list[Path]
     skipped: list[str] = field(default_factory=list)
     runs: int = 0
+    leakage_md: Path | None = None  # None: no run has the held-out synthetic probe
+    leakage_csv: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -272,14 +281,23 @@ def summarize(runs: Sequence[Run]) -> pd.DataFrame:
     Each quantity is computed per seed first (``run_scalars``), then aggregated with ``mean_se``.
     Rows are sorted by dataset, then in the fixed method order.
     """
-    scalars = per_run(runs)
-    columns = ["dataset", "method", "seeds", *(f"{q}_{s}" for q in QUANTITIES for s in ("mean", "se", "n"))]
+    return aggregate(per_run(runs), QUANTITIES)
+
+
+def aggregate(scalars: pd.DataFrame, quantities: Iterable[str]) -> pd.DataFrame:
+    """Per-seed ``scalars`` (one row per run) as one row per (dataset, method), each quantity by ``mean_se``.
+
+    Columns ``dataset``, ``method``, ``seeds`` and ``<q>_mean``, ``<q>_se``, ``<q>_n`` per quantity; rows
+    sorted by dataset, then in the fixed method order.
+    """
+    quantities = list(quantities)
+    columns = ["dataset", "method", "seeds", *(f"{q}_{s}" for q in quantities for s in ("mean", "se", "n"))]
     if scalars.empty:
         return pd.DataFrame(columns=columns)
     rows = []
     for (dataset, method), group in scalars.groupby(["dataset", "method"], sort=False):
         row: dict[str, object] = {"dataset": dataset, "method": method, "seeds": len(group)}
-        for q in QUANTITIES:
+        for q in quantities:
             row[f"{q}_mean"], row[f"{q}_se"], row[f"{q}_n"] = mean_se(group[q])
         rows.append(row)
     table = pd.DataFrame(rows, columns=columns)
@@ -299,24 +317,27 @@ def format_mean_se(mean: float, se: float) -> str:
     return f"{mean:.{decimals}f} ± {spread}"
 
 
-def results_markdown(summary: pd.DataFrame, notes: Sequence[str] = ()) -> str:
-    """The summary as a Markdown table; a cell from fewer seeds than its row says ``(n=k)``."""
-    header = ["dataset", "method", "seeds", *QUANTITIES.values()]
+def markdown_table(summary: pd.DataFrame, headers: Mapping[str, str]) -> list[str]:
+    """The lines of an ``aggregate`` table in Markdown, one column per ``{quantity: header}``.
+
+    Each cell is ``mean ± s.e.``; a cell from fewer seeds than its row says ``(n=k)``.
+    """
+    header = ["dataset", "method", "seeds", *headers.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for _, row in summary.iterrows():
         cells = [str(row["dataset"]), str(row["method"]), str(row["seeds"])]
-        for q in QUANTITIES:
+        for q in headers:
             cell = format_mean_se(row[f"{q}_mean"], row[f"{q}_se"])
             n = int(row[f"{q}_n"])
             cells.append(cell if n in (0, row["seeds"]) else f"{cell} (n={n})")
         lines.append("| " + " | ".join(cells) + " |")
-    intro = [
-        "# Results",
-        "",
-        "Mean ± standard error over seeds (s.e. = std(ddof=1) / √n); each number is first computed per seed. "
-        f"`± {MISSING}`: a single seed; `{MISSING}`: no run has the metric.",
-        "",
-    ]
+    return lines
+
+
+def results_markdown(summary: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """The summary as a Markdown table; a cell from fewer seeds than its row says ``(n=k)``."""
+    intro = ["# Results", "", MEAN_SE_NOTE, ""]
+    lines = markdown_table(summary, QUANTITIES)
     return "\n".join(intro + lines + ([""] + [f"- {n}" for n in notes] if notes else []) + [""])
 
 
@@ -330,6 +351,97 @@ def _table_notes(scalars: pd.DataFrame) -> list[str]:
     notes.append("best = maximum over eval steps, final = last eval step; final entropy = last logged `train/entropy`; "
                  "mean KL = mean over steps of `leakage/kl_teacher_student`")
     return notes
+
+
+# --------------------------------------------------------------------------- leakage table (synthetic task)
+
+
+UNINFERABLE = "eval/synthetic-uninferable/"
+INFERABLE = "eval/synthetic-inferable/"
+
+
+@dataclass(frozen=True)
+class LeakageQuantity:
+    """One per-seed number of the leakage table: its column, how a run's values reduce to it, header, legend."""
+
+    column: str
+    reduce: Callable[[pd.Series], float]  # _last (final logged value) or _mean (mean over steps)
+    header: str
+    legend: str
+
+
+LEAKAGE_QUANTITIES = {
+    "uninferable_confidence_change": LeakageQuantity(
+        UNINFERABLE + "letter_confidence_change", _last, "uninferable confidence Δ",
+        "change from the untrained model in the mean probability of the preferred answer letter on held-out "
+        "questions whose answer cannot be inferred — a rise without an accuracy rise is leakage"),
+    "uninferable_overconfidence_change": LeakageQuantity(
+        UNINFERABLE + "overconfidence_change", _last, "uninferable overconfidence Δ",
+        "change in confidence minus accuracy of the answer letter on those questions — above 0: the model "
+        "became surer without becoming more often right"),
+    "uninferable_letter_entropy_change": LeakageQuantity(
+        UNINFERABLE + "letter_entropy_change", _last, "uninferable letter entropy Δ",
+        "change in the entropy (nats) of the answer-letter distribution on those questions — below 0: the "
+        "model commits to letters it cannot know"),
+    "uninferable_accuracy_change": LeakageQuantity(
+        UNINFERABLE + "letter_accuracy_change", _last, "uninferable accuracy Δ",
+        "change in how often the preferred letter is correct on those questions — their correct letter is "
+        "random, so this should stay near 0"),
+    "inferable_accuracy_change": LeakageQuantity(
+        INFERABLE + "letter_accuracy_change", _last, "inferable accuracy Δ",
+        "the same on held-out questions whose answer follows from the question text — real learning shows here"),
+    "uninferable_entropy_change": LeakageQuantity(
+        UNINFERABLE + "entropy_change", _last, "uninferable response entropy Δ",
+        "change in the mean token entropy of the policy's sampled answers to the uninferable held-out questions"),
+    "inferable_entropy_change": LeakageQuantity(
+        INFERABLE + "entropy_change", _last, "inferable response entropy Δ",
+        "the same on the inferable held-out questions"),
+    "entropy_final": LeakageQuantity(
+        "train/entropy", _last, "final train entropy",
+        "last logged `train/entropy`: the policy's token entropy on its own training rollouts"),
+    "kl_teacher_student_mean": LeakageQuantity(
+        "leakage/kl_teacher_student", _mean, "mean KL(teacher ‖ student)",
+        "mean over steps of KL(teacher ‖ student) per token: how far the privileged context moves the teacher "
+        f"away from the student ({MISSING} for a method without a teacher, such as GRPO)"),
+    "kl_target_student_mean": LeakageQuantity(
+        "leakage/kl_target_student", _mean, "mean KL(target ‖ student)",
+        "mean over steps of KL(target ‖ student) per token: how much of that the distillation target passes on"),
+    "attenuation_mean": LeakageQuantity(
+        "leakage/attenuation", _mean, "mean attenuation",
+        "mean over steps of KL(target ‖ student) / KL(teacher ‖ student): below 1, the target passes on less "
+        "than the teacher's full shift"),
+}
+HELDOUT_PROBE_COLUMNS = tuple(q.column for q in LEAKAGE_QUANTITIES.values() if q.column.startswith("eval/"))
+
+
+def has_heldout_probe(run: Run) -> bool:
+    """Whether the run logged any of the held-out synthetic probe columns (``eval/synthetic-*/..._change``)."""
+    return _has_data([run], HELDOUT_PROBE_COLUMNS)
+
+
+def leakage_scalars(run: Run) -> dict[str, object]:
+    """The per-seed numbers of the leakage table for one run (NaN where the run lacks the column)."""
+    identity = {"run": run.name, "dataset": run.dataset, "method": run.method, "seed": run.seed}
+    return identity | {key: q.reduce(_values(run, q.column)) for key, q in LEAKAGE_QUANTITIES.items()}
+
+
+def summarize_leakage(runs: Sequence[Run]) -> pd.DataFrame:
+    """``aggregate`` of ``leakage_scalars`` over the runs that have the held-out probe (``has_heldout_probe``)."""
+    scalars = pd.DataFrame([leakage_scalars(r) for r in runs if has_heldout_probe(r)])
+    return aggregate(scalars, LEAKAGE_QUANTITIES)
+
+
+def leakage_markdown(summary: pd.DataFrame) -> str:
+    """The leakage summary as a Markdown table, then one legend line per column."""
+    intro = [
+        "# Leakage on the synthetic task",
+        "",
+        f"{MEAN_SE_NOTE} Δ: the value at the last evaluation minus the untrained model's (step 0).",
+        "",
+    ]
+    headers = {key: q.header for key, q in LEAKAGE_QUANTITIES.items()}
+    legend = [f"- **{q.header}**: {q.legend}" for q in LEAKAGE_QUANTITIES.values()]
+    return "\n".join(intro + markdown_table(summary, headers) + ["", *legend, ""])
 
 
 # --------------------------------------------------------------------------- curves
@@ -383,6 +495,20 @@ def eval_curve_specs(runs: Sequence[Run]) -> list[CurveSpec]:
         specs.append(CurveSpec(key, f"Eval accuracy on {match['dataset']}", f"accuracy ({match['metric']})",
                                (column,), eval_points=True))
     return specs
+
+
+def probe_curve_specs(runs: Sequence[Run]) -> list[CurveSpec]:
+    """The held-out probe on uninferable questions (confidence Δ and overconfidence Δ), when any run has it."""
+    spec = CurveSpec(
+        "heldout_probe",
+        "Answer probe on held-out uninferable questions",
+        "change from the untrained model",
+        (LEAKAGE_QUANTITIES["uninferable_confidence_change"].column,
+         LEAKAGE_QUANTITIES["uninferable_overconfidence_change"].column),
+        ("letter confidence Δ", "overconfidence Δ"),
+        eval_points=True,
+    )
+    return [spec] if _has_data(runs, spec.columns) else []
 
 
 def _draw_band(ax, runs: Sequence[Run], column: str, colour: str, spec: CurveSpec, window: int) -> bool:
@@ -446,7 +572,7 @@ def _plot_all(runs: Sequence[Run], out_dir: Path) -> tuple[list[Path], list[str]
     out_dir.mkdir(parents=True, exist_ok=True)
     colours = method_colours(r.method for r in runs)
     written, skipped = [], []
-    for spec in (*TRAIN_CURVES, *eval_curve_specs(runs)):
+    for spec in (*TRAIN_CURVES, *eval_curve_specs(runs), *probe_curve_specs(runs)):
         if not _has_data(runs, spec.columns):
             skipped.append(f"{spec.key}: no run has {' or '.join(spec.columns)}")
             continue
@@ -455,7 +581,7 @@ def _plot_all(runs: Sequence[Run], out_dir: Path) -> tuple[list[Path], list[str]
 
 
 def plot_curves(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write one PNG per quantity (entropy, leakage, λ, reward, each eval accuracy) into ``out_dir``.
+    """Write one PNG per quantity (entropy, leakage, λ, reward, eval accuracies, held-out probe) into ``out_dir``.
 
     A quantity no run has is skipped (logged; ``write_report`` lists them in ``ReportFiles.skipped``).
     """
@@ -471,6 +597,7 @@ def plot_curves(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path | None = None) -> ReportFiles:
     """Find the runs under ``paths`` and write plots, ``results.md``, ``results.csv`` and ``runs.csv``.
 
+    Also ``leakage.md`` and ``leakage.csv`` when a run has the held-out synthetic probe.
     ``out_dir`` defaults to ``<first path>/report``.
     """
     roots = _as_paths(paths)
@@ -480,8 +607,21 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path |
     scalars = per_run(runs)
     summary = summarize(runs)
     plots, skipped = _plot_all(runs, out)
-    files = ReportFiles(out, out / "results.md", out / "results.csv", out / "runs.csv", plots, skipped, len(runs))
+    leakage_md, leakage_csv = _write_leakage(runs, out)
+    files = ReportFiles(out, out / "results.md", out / "results.csv", out / "runs.csv", plots, skipped, len(runs),
+                        leakage_md, leakage_csv)
     summary.to_csv(files.table_csv, index=False)
     scalars.to_csv(files.runs_csv, index=False)
     files.table_md.write_text(results_markdown(summary, _table_notes(scalars)), encoding="utf-8")
     return files
+
+
+def _write_leakage(runs: Sequence[Run], out: Path) -> tuple[Path | None, Path | None]:
+    """``leakage.md`` and ``leakage.csv`` in ``out``, or ``(None, None)`` when no run has the held-out probe."""
+    summary = summarize_leakage(runs)
+    if summary.empty:
+        return None, None
+    md, csv = out / "leakage.md", out / "leakage.csv"
+    summary.to_csv(csv, index=False)
+    md.write_text(leakage_markdown(summary), encoding="utf-8")
+    return md, csv
