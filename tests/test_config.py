@@ -53,9 +53,21 @@ def test_methods_differ_where_the_table_says():
     assert opsd.reprompt.use_reference_answer and not opsd.reprompt.use_demonstrations
 
 
+def test_the_default_job_is_demopsd_on_the_leakage_task_with_the_answer_shown_to_the_teacher():
+    cfg = compose_train([])
+    assert (cfg.method.name, cfg.data.name, cfg.model.name_or_path) == ("demopsd", "synthetic-mixed", "smollm2-135m-instruct")
+    assert set(cfg.data.held_out) == {"inferable", "uninferable"}
+    for method in ("demopsd", "sdpo", "opsd"):
+        assert compose_train([f"method={method}"]).method.reprompt.use_reference_answer
+        assert not compose_train([f"method={method}", "data=sciknoweval/biology"]).method.reprompt.use_reference_answer \
+            or method == "opsd"
+    assert "reprompt" not in compose_train(["method=grpo"]).method
+
+
 def test_reprompt_keys_mirror_the_library_defaults():
     """Every reprompting setting is a plain config key, and the YAML defaults are SDPO's (the library's)."""
-    reprompt = compose_train(["method=sdpo", "method.reprompt.success_threshold=1.0"]).method.reprompt
+    overrides = ["method=sdpo", "data=sciknoweval/biology", "method.reprompt.success_threshold=1.0"]
+    reprompt = compose_train(overrides).method.reprompt
     assert reprompt.success_threshold == 1.0
     assert RepromptConfig(**{**reprompt, "success_threshold": 0.5}) == RepromptConfig()
 

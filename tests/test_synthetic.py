@@ -306,7 +306,7 @@ def test_load_split_dispatches_to_the_generator():
 def test_configs_compose_and_load(kind):
     from tests.test_config import compose_train
 
-    cfg = compose_train([f"data=synthetic/{kind}"])
+    cfg = compose_train([f"data=synthetic/{kind}", "~experiment"])
     assert (cfg.data.source, cfg.data.name, cfg.data.kind) == ("synthetic", f"synthetic-{kind}", kind)
     assert (cfg.data.generator_seed, cfg.data.train_size, cfg.data.test_size) == (0, None, None)
     assert (cfg.data.train_split, cfg.data.test_split, cfg.data.batch_size) == ("train", "test", 4)

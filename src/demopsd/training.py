@@ -20,6 +20,7 @@ from demopsd.models import load_model_and_tokenizer
 from demopsd.module import SelfDistillationModule
 from demopsd.objectives import DistillationConfig, GRPOConfig
 from demopsd.provenance import write_provenance
+from demopsd.report import write_report
 from demopsd.reprompt import RepromptConfig
 from demopsd.resume import (
     RunStateCheckpoint,
@@ -28,6 +29,7 @@ from demopsd.resume import (
     read_run_state,
     resolve_checkpoint,
 )
+from demopsd.run_summary import run_summary
 from demopsd.settings import METHOD_KINDS, OptimConfig, PromptConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -147,9 +149,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tokenizer.save_pretrained(output_dir / "model")
     final = {**{k: float(v) for k, v in trainer.logged_metrics.items()}, **evaluation.last_metrics}
     finish_wandb(trainer.loggers)
+    if trainer.is_global_zero:
+        print_summary(output_dir)
     log.info(
         "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml, "
-        "provenance.json%s%s",
+        "provenance.json, report/%s%s",
         trainer.global_step,
         output_dir,
         ", model/" if cfg.checkpoint.save_final_model else "",
@@ -178,3 +182,17 @@ def _flatten(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
     return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def print_summary(output_dir: Path) -> None:
+    """Plots and tables into ``output_dir/report``, then :func:`run_summary` on the console; a plot that fails
+    costs a warning, never the finished run."""
+    report_dir = output_dir / "report"
+    try:
+        write_report(output_dir, report_dir)
+    except Exception as error:  # noqa: BLE001 - the run itself is done and saved
+        log.warning("The report of %s failed (%s); `python src/report.py %s` retries it", output_dir, error, output_dir)
+        report_dir = None
+    summary = run_summary(output_dir / "metrics.csv", report_dir)
+    if summary:
+        print(summary)

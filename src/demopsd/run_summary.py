@@ -1,0 +1,49 @@
+"""The few lines a finished run prints about what it measured, read back from its ``metrics.csv``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+PROBE = (("letter_confidence", "letter confidence"), ("overconfidence", "overconfidence"),
+         ("letter_entropy", "letter entropy"), ("letter_accuracy", "letter accuracy"), ("entropy", "response entropy"))
+LEAKAGE = (("leakage/kl_teacher_student", "KL(teacher‖student)"), ("leakage/kl_target_student", "KL(target‖student)"),
+           ("leakage/attenuation", "attenuation"))
+
+
+def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str:
+    """What the run measured: for each evaluated dataset the answer-probe metrics at the first and the last
+    evaluation (and the difference), the training entropy at the first and last step, and the mean leakage
+    per token over training; then where the plots are. Empty when ``metrics_csv`` has none of these."""
+    metrics = pd.read_csv(metrics_csv)
+    lines = []
+    datasets = sorted({c.split("/")[1] for c in metrics.columns if c.startswith("eval/") and c.count("/") == 2})
+    for dataset in datasets:
+        parts = []
+        for key, label in PROBE:
+            values = _values(metrics, f"eval/{dataset}/{key}")
+            if len(values) > 1:
+                first, last = values.iloc[0], values.iloc[-1]
+                parts.append(f"{label} {first:.3f} → {last:.3f} ({last - first:+.3f})")
+        if parts:
+            steps = _values(metrics, f"eval/{dataset}/{PROBE[0][0]}", index="step")
+            lines.append(f"  {dataset} (step {steps.iloc[0]:g} → {steps.iloc[-1]:g}): " + ", ".join(parts))
+    entropy = _values(metrics, "train/entropy")
+    if len(entropy):
+        lines.append(f"  training entropy: {entropy.iloc[0]:.3f} at the first step → {entropy.iloc[-1]:.3f} at the last")
+    leakage = [f"{label} {_values(metrics, key).mean():.4f}" for key, label in LEAKAGE if len(_values(metrics, key))]
+    if leakage:
+        lines.append("  mean per token over training: " + ", ".join(leakage))
+    if not lines:
+        return ""
+    header = "What this run measured (held-out questions: first → last evaluation):"
+    footer = [f"Plots and tables: {plots}"] if plots else []
+    return "\n".join([header, *lines, *footer])
+
+
+def _values(metrics: pd.DataFrame, column: str, index: str | None = None) -> pd.Series:
+    if column not in metrics.columns:
+        return pd.Series(dtype="float64")
+    rows = metrics.dropna(subset=[column])
+    return rows[index] if index else rows[column]
