@@ -1,5 +1,8 @@
 """Paths and small builders shared by the tests."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -17,3 +20,16 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None) -> subprocess.CompletedProcess:
+    """``src/train.py`` on the tiny model, optionally with a ``tests/instrumented_train.py`` hook."""
+    overrides = [
+        "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}", "trainer.max_steps=4",
+        "checkpoint.every_n_train_steps=2", "checkpoint.save_final_model=false", "rollout.max_new_tokens=8",
+        "logger.wandb.mode=offline", *extra,
+    ]
+    script = "tests/instrumented_train.py" if hook else "src/train.py"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DEMOPSD_TEST_HOOK": hook or ""}
+    return subprocess.run([sys.executable, script, *overrides], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)

@@ -80,3 +80,16 @@ def test_the_order_depends_on_the_seed():
 def test_batch_size_larger_than_the_data_is_an_error():
     with pytest.raises(ValueError, match="batch_size=4 needs"):
         StepIndexedBatches(3, 4, seed=0)
+
+
+def test_processes_share_each_step_batch_without_overlap():
+    single = stream(StepIndexedBatches(12, 4, seed=3), 6)
+    ranks = [stream(StepIndexedBatches(12, 4, seed=3, rank=r, world_size=2), 6) for r in (0, 1)]
+    for step, batch in enumerate(single):
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(batch)
+        assert not set(ranks[0][step]) & set(ranks[1][step]) and len(ranks[0][step]) == 2
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_an_error():
+    with pytest.raises(ValueError, match="data.batch_size=3 does not split over 2 processes"):
+        StepIndexedBatches(12, 3, seed=0, world_size=2)

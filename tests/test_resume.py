@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch
 
 from demopsd.checkpoint_io import AtomicCheckpointIO, partial_path
 from demopsd.resume import kept_metrics_lines, resolve_checkpoint
-from tests.helpers import REPO_ROOT
+from tests.helpers import train_tiny
 
 RUN = "demopsd_synthetic-mixed_seed0"
 
@@ -91,39 +89,6 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_whole(tmp_path, mon
 
 
 # ---------------------------------------------------------------------------------- SIGKILL, end to end
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_model_cache) -> Path:
-    """A randomly initialised 2-layer Llama with the default model's tokenizer: steps take milliseconds and
-    checkpoints a few MB, so killed and resumed runs are cheap, while every code path is the real one."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from demopsd.models import default_cache_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    directory = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def train(log_dir: Path, model_dir: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    overrides = [
-        "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}", "trainer.max_steps=4",
-        "checkpoint.every_n_train_steps=2", "checkpoint.save_final_model=false", "rollout.max_new_tokens=8",
-        "logger.wandb.mode=offline", *extra,
-    ]
-    command = [sys.executable, "tests/fault_injection.py", fault, *overrides] if fault else \
-        [sys.executable, "src/train.py", *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
-
-
 def run_dir_of(log_dir: Path) -> Path:
     (run_dir,) = [d for d in (log_dir / "smoke" / "runs").iterdir() if (d / "checkpoints").is_dir()]
     return run_dir
@@ -157,19 +122,19 @@ def assert_same_state(resumed: dict, uninterrupted: dict) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
     log_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = train(log_dir, tiny_model_dir)
+    result = train_tiny(log_dir, tiny_model_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir_of(log_dir)
 
 
 @pytest.mark.slow
 def test_killed_mid_training_resumes_the_same_run_with_the_same_metrics(tmp_path, tiny_model_dir, uninterrupted):
-    killed = train(tmp_path, tiny_model_dir, fault="kill-at-step:3")
+    killed = train_tiny(tmp_path, tiny_model_dir, hook="kill-at-step:3")
     assert killed.returncode == -signal.SIGKILL
     run_dir = run_dir_of(tmp_path)
     assert 2 in step_metrics(run_dir).index  # step 2 was logged after the step-2 checkpoint: it is redone
 
-    resumed = train(tmp_path, tiny_model_dir, "ckpt_path=last")
+    resumed = train_tiny(tmp_path, tiny_model_dir, "ckpt_path=last")
 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dir_of(tmp_path) == run_dir
@@ -183,14 +148,14 @@ def test_killed_mid_training_resumes_the_same_run_with_the_same_metrics(tmp_path
 
 @pytest.mark.slow
 def test_killed_mid_checkpoint_write_resumes_from_the_last_whole_checkpoint(tmp_path, tiny_model_dir, uninterrupted):
-    killed = train(tmp_path, tiny_model_dir, fault="kill-writing:step000004.ckpt")
+    killed = train_tiny(tmp_path, tiny_model_dir, hook="kill-writing:step000004.ckpt")
     assert killed.returncode == -signal.SIGKILL
     run_dir = run_dir_of(tmp_path)
     checkpoints = run_dir / "checkpoints"
     assert partial_path(checkpoints / "step000004.ckpt").exists()
     assert not (checkpoints / "step000004.ckpt").exists()
 
-    resumed = train(tmp_path, tiny_model_dir, f"ckpt_path={run_dir}")
+    resumed = train_tiny(tmp_path, tiny_model_dir, f"ckpt_path={run_dir}")
 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr + resumed.stdout and "step000002.ckpt" in resumed.stderr + resumed.stdout

@@ -77,8 +77,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._log_skipped_rows()  # here, not in `setup`: a resumed run has restored `state_dict` by now
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         batches = StepIndexedBatches(
-            len(self.train_examples), self.batch_size, self.seed, start=self._global_step
+            len(self.train_examples), self.batch_size, self.seed, start=self._global_step, rank=rank,
+            world_size=world_size,
         )
         return DataLoader(
             self.train_examples,
@@ -98,12 +100,31 @@ class StepIndexedBatches(Sampler[list[int]]):
     that holds step ``start()``, so a run resumed at step ``s`` gets exactly the batches an uninterrupted run
     would have had from there, with none repeated or skipped. ``start`` is read when iteration begins (after
     Lightning has restored the step counter from a checkpoint); it assumes one batch per optimizer step.
+
+    With ``world_size`` processes (DDP) ``batch_size`` is the number of prompts per optimizer step over all
+    of them: process ``rank`` gets every ``world_size``-th prompt of each batch from ``rank`` on, so the
+    processes share the step's prompts without overlap and a run sees the same prompts however many
+    processes it has.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, start: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        seed: int,
+        start: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size < 1 or num_examples < batch_size:
             raise ValueError(f"batch_size={batch_size} needs 1 <= batch_size <= num_examples={num_examples}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={batch_size} does not split over {world_size} processes: a multiple of "
+                f"{world_size} is accepted (it is the number of prompts per optimizer step over all processes)"
+            )
         self.num_examples, self.batch_size, self.seed, self.start = num_examples, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.num_examples // self.batch_size
@@ -117,4 +138,5 @@ class StepIndexedBatches(Sampler[list[int]]):
         epoch, first = divmod(self.start(), len(self))
         order = self.epoch_order(epoch)
         for batch in range(first, len(self)):
-            yield order[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
+            step_batch = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield step_batch[self.rank :: self.world_size].tolist()

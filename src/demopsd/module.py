@@ -113,13 +113,18 @@ class SelfDistillationModule(L.LightningModule):
         else:
             loss, step_metrics = self._grpo_step(rollouts, rewards)
         metrics.update(step_metrics)
-        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, batch_size=len(examples))
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        self.log_dict(  # under DDP each metric is the mean over the ranks
+            {k: v.float() for k, v in metrics.items()}, on_step=True, batch_size=len(examples), sync_dist=distributed
+        )
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
         if self.distills:
             self.log("λ", metrics["distill/lambda_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
         if not torch.isfinite(loss.detach()):
             self._loss_nonfinite = True  # counted and warned about by guards.NumericalGuard
-            return None
+            # Under DDP every rank must take part in the gradient all-reduce: the non-finite gradients
+            # then reach every rank, and the guard skips the step everywhere.
+            return loss if distributed else None
         return loss
 
     def _distillation_step(
