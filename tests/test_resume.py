@@ -108,15 +108,30 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "step000004.ckpt", map_location="cpu", weights_only=False)
 
 
+# Compared within a float32 tolerance: the resumed process repeats the same computation, but CPU kernels do
+# not promise the same last bits in another process. A state that is off by one EMA update fails it.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-7}
+
+
 def assert_same_state(resumed: dict, uninterrupted: dict) -> None:
     assert resumed["global_step"] == uninterrupted["global_step"] == 4
     for name, tensor in uninterrupted["state_dict"].items():
-        assert torch.equal(resumed["state_dict"][name], tensor), name  # policy and EMA teacher
+        assert torch.allclose(resumed["state_dict"][name], tensor, **TOLERANCE), name  # policy and EMA teacher
     moments = [(a, b) for s, t in zip(resumed["optimizer_states"][0]["state"].values(),
                                       uninterrupted["optimizer_states"][0]["state"].values()) for a, b in
                ((s["exp_avg"], t["exp_avg"]), (s["exp_avg_sq"], t["exp_avg_sq"]))]
-    assert moments and all(torch.equal(a, b) for a, b in moments)
+    assert moments and all(torch.allclose(a, b, rtol=1e-3, atol=1e-12) for a, b in moments)
     assert resumed["lr_schedulers"] == uninterrupted["lr_schedulers"]
+
+
+@pytest.mark.slow
+def test_the_resume_comparisons_are_not_trivial(uninterrupted):
+    """Steps 2-3 move the weights far beyond the tolerance, and the step metrics are well above rounding."""
+    step2 = torch.load(uninterrupted / "checkpoints" / "step000002.ckpt", map_location="cpu", weights_only=False)
+    step4 = final_state(uninterrupted)
+    policy = [k for k in step4["state_dict"] if k.startswith("policy.")]
+    assert any(not torch.allclose(step4["state_dict"][k], step2["state_dict"][k], **TOLERANCE) for k in policy)
+    assert (step_metrics(uninterrupted)["leakage/kl_teacher_student"] > 1e-3).all()
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +154,7 @@ def test_killed_mid_training_resumes_the_same_run_with_the_same_metrics(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dir_of(tmp_path) == run_dir
     expected = step_metrics(uninterrupted)
-    pd.testing.assert_frame_equal(step_metrics(run_dir), expected, rtol=1e-6)
+    pd.testing.assert_frame_equal(step_metrics(run_dir), expected, **TOLERANCE)
     assert list(expected.index) == [0, 1, 2, 3]
     assert_same_state(final_state(run_dir), final_state(uninterrupted))
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -159,5 +174,5 @@ def test_killed_mid_checkpoint_write_resumes_from_the_last_whole_checkpoint(tmp_
 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr + resumed.stdout and "step000002.ckpt" in resumed.stderr + resumed.stdout
-    pd.testing.assert_frame_equal(step_metrics(run_dir), step_metrics(uninterrupted), rtol=1e-6)
+    pd.testing.assert_frame_equal(step_metrics(run_dir), step_metrics(uninterrupted), **TOLERANCE)
     assert_same_state(final_state(run_dir), final_state(uninterrupted))

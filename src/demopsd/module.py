@@ -251,9 +251,14 @@ class SelfDistillationModule(L.LightningModule):
         """Whether this step made no optimizer update (non-finite loss here, or non-finite gradients)."""
         return self._loss_nonfinite or step_was_skipped(self._trainer)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA teacher's update: here rather than in ``on_train_batch_end``,
+        which Lightning calls after the callbacks', so a checkpoint of this step already holds the update."""
+        super().optimizer_step(*args, **kwargs)
         if self.distills and self.teacher is not None and not self._step_skipped():
             ema_update(self.teacher, self.policy, self.ema_rate)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.log("perf/step_seconds", time.perf_counter() - self._step_started, on_step=True, batch_size=1)
 
     def configure_optimizers(self):
