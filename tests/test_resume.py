@@ -176,3 +176,17 @@ def test_killed_mid_checkpoint_write_resumes_from_the_last_whole_checkpoint(tmp_
     assert "Resuming from" in resumed.stderr + resumed.stdout and "step000002.ckpt" in resumed.stderr + resumed.stdout
     pd.testing.assert_frame_equal(step_metrics(run_dir), step_metrics(uninterrupted), **TOLERANCE)
     assert_same_state(final_state(run_dir), final_state(uninterrupted))
+
+
+def test_a_changed_config_on_resume_is_reported_key_by_key(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from demopsd.training import warn_about_changed_config
+
+    saved = tmp_path / "config_resolved.yaml"
+    OmegaConf.save(OmegaConf.create({"seed": 0, "optim": {"lr": 1e-5}, "ckpt_path": None}), saved)
+    now = OmegaConf.create({"seed": 0, "optim": {"lr": 2e-5}, "ckpt_path": "last"})
+    with caplog.at_level("WARNING"):
+        warn_about_changed_config(saved, now)
+    assert "optim.lr: 1e-05 -> 2e-05" in caplog.text
+    assert "ckpt_path" not in caplog.text and "seed" not in caplog.text
