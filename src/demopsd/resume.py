@@ -137,8 +137,8 @@ class RunStateCheckpoint(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng_to_restore = state_dict.get("rng")
         if self._rng_to_restore is not None:
-            numpy_state = self._rng_to_restore["numpy"]
-            self._rng_to_restore["numpy"] = (numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32), *numpy_state[2:])
+            kind, key, *rest = self._rng_to_restore["numpy"]
+            self._rng_to_restore["numpy"] = (kind, np.asarray(key, dtype=np.uint32), *rest)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
