@@ -190,3 +190,27 @@ def test_a_changed_config_on_resume_is_reported_key_by_key(tmp_path, caplog):
         warn_about_changed_config(saved, now)
     assert "optim.lr: 1e-05 -> 2e-05" in caplog.text
     assert "ckpt_path" not in caplog.text and "seed" not in caplog.text
+
+
+def test_saved_random_states_replay_the_same_draws():
+    import random
+
+    import numpy as np
+
+    from demopsd.resume import RunStateCheckpoint, plain_rng_states
+
+    saved = torch.load(_round_trip(plain_rng_states()), weights_only=True)  # loads without pickled numpy arrays
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    callback = RunStateCheckpoint()
+    callback.load_state_dict({"rng": saved})
+    callback.on_train_start(None, None)
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+
+
+def _round_trip(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
