@@ -316,7 +316,7 @@ class FakeLogger:
 class FakeTrainer:
     def __init__(self):
         self.loggers = [FakeLogger(), FakeLogger()]
-        self.global_step = 0
+        self.global_step, self.global_rank, self.world_size = 0, 0, 1
 
 
 def biology(**changes) -> dict:

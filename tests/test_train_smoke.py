@@ -121,7 +121,7 @@ def test_cli_train_with_evaluation_then_eval_of_its_checkpoint(tmp_path, cache_d
     """`src/train.py` writes its run directory and evaluates at the end; `src/eval.py` on the saved
     checkpoint with the same seed reproduces that evaluation answer for answer."""
     common = ["debug=smoke", "data=sciknoweval/physics", f"paths.cache_dir={cache_dir}", "eval.max_examples=3"]
-    result = run_cli("src/train.py", *common, "method=demopsd", f"paths.log_dir={tmp_path / 'train'}",
+    result = run_cli("src/train.py", *common, "~experiment", "method=demopsd", f"paths.log_dir={tmp_path / 'train'}",
                      "checkpoint.save_final_model=false", "trainer.max_steps=1", "eval.at_end=true")
     run_dirs = list((tmp_path / "train" / "smoke" / "runs").iterdir())
     assert len(run_dirs) == 1
