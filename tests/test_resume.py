@@ -11,6 +11,7 @@ import torch
 
 from demopsd.checkpoint_io import AtomicCheckpointIO, partial_path
 from demopsd.resume import kept_metrics_lines, resolve_checkpoint
+from demopsd.training import checkpointing
 from tests.helpers import train_tiny
 
 RUN = "demopsd_synthetic-mixed_seed0"
@@ -214,3 +215,11 @@ def _round_trip(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_checkpoint_every_zero_steps_means_none_and_negative_is_refused(tmp_path):
+    (periodic,) = checkpointing(3, tmp_path)
+    assert periodic.dirpath == str(tmp_path) and periodic._every_n_train_steps == 3 and periodic.save_last == "link"
+    assert checkpointing(0, tmp_path) == []
+    with pytest.raises(ValueError, match=r"every_n_train_steps=-1 is invalid: 0 \(no checkpoints\)"):
+        checkpointing(-1, tmp_path)

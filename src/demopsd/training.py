@@ -119,27 +119,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     module = build_module(cfg, policy, tokenizer)
     datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
-    checkpoints = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-        save_top_k=-1,
-        save_last="link",
-        enable_version_counter=False,  # a resumed run replaces `last.ckpt` instead of adding `last-v1.ckpt`
-    )
     evaluation = periodic_evaluation(cfg, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=build_loggers(cfg, output_dir, run_state),
         callbacks=[
-            checkpoints,
+            *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / "checkpoints"),
             evaluation,
             NumericalGuard(**cfg.get("guards", {})),
             RunStateCheckpoint(output_dir / "metrics.csv"),
             RichProgressBar(),
         ],
         plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=cfg.checkpoint.every_n_train_steps > 0,
         default_root_dir=output_dir,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
@@ -152,14 +144,37 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         print_summary(output_dir)
     log.info(
-        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, checkpoints/, config_resolved.yaml, "
+        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, %sconfig_resolved.yaml, "
         "provenance.json, report/%s%s",
         trainer.global_step,
         output_dir,
+        "checkpoints/, " if cfg.checkpoint.every_n_train_steps else "",
         ", model/" if cfg.checkpoint.save_final_model else "",
         ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
     )
     return final
+
+
+def checkpointing(every_n_train_steps: int, dirpath: Path) -> list[ModelCheckpoint]:
+    """A checkpoint every ``every_n_train_steps`` optimizer steps and at the end, with ``last.ckpt`` linking the
+    newest; none at all for 0 (the run then cannot be resumed)."""
+    if every_n_train_steps < 0:
+        raise ValueError(
+            f"checkpoint.every_n_train_steps={every_n_train_steps} is invalid: 0 (no checkpoints) or a positive number"
+        )
+    if every_n_train_steps == 0:
+        return []
+    return [
+        ModelCheckpoint(
+            dirpath=dirpath,
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=-1,
+            save_last="link",
+            enable_version_counter=False,  # a resumed run replaces `last.ckpt` instead of adding `last-v1.ckpt`
+        )
+    ]
 
 
 def warn_about_changed_config(saved: Path, cfg: DictConfig) -> None:
