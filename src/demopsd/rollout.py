@@ -31,7 +31,9 @@ class RolloutBatch:
     """``n`` responses per prompt, grouped consecutively (rows ``i*n .. i*n+n-1`` share prompt ``i``).
 
     ``prompt`` is ``[B*n, P]``; ``response_ids`` / ``response_mask`` are ``[B*n, R]``, the mask covering
-    the generated tokens up to and including the first end-of-sequence token.
+    the generated tokens up to and including the first end-of-sequence token. ``log_probs`` ``[B*n, R]`` holds
+    the sampler's log-probability of each response token when it is not the trainer's live model (vLLM);
+    ``None`` means the rollouts came from the policy being trained, so its own values are ``log π_old``.
     """
 
     prompt: PromptBatch
@@ -39,10 +41,22 @@ class RolloutBatch:
     response_mask: torch.Tensor
     texts: list[str]
     seconds: float
+    log_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.response_mask.sum())
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with its tensors on ``device``."""
+        return RolloutBatch(
+            prompt=PromptBatch(ids=self.prompt.ids.to(device), mask=self.prompt.mask.to(device)),
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            texts=self.texts,
+            seconds=self.seconds,
+            log_probs=None if self.log_probs is None else self.log_probs.to(device),
+        )
 
 
 def encode_prompts(

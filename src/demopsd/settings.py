@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 METHOD_KINDS = ("distill", "grpo")
 TEACHER_KINDS = ("ema", "live")
+ROLLOUT_BACKENDS = ("hf", "vllm")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 

@@ -30,7 +30,7 @@ from demopsd.resume import (
     resolve_checkpoint,
 )
 from demopsd.run_summary import run_summary
-from demopsd.settings import METHOD_KINDS, OptimConfig, PromptConfig, SamplingConfig
+from demopsd.settings import METHOD_KINDS, ROLLOUT_BACKENDS, OptimConfig, PromptConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
             chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
         ),
     )
+    common["rollout_engine"] = build_rollout_engine(cfg, policy, tokenizer)
     if method.kind == "grpo":
         return SelfDistillationModule(policy, tokenizer, GRPOConfig(**method.objective), **common)
     if sampling.n < 2 and not method.reprompt.use_reference_answer:
@@ -153,6 +154,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
     )
     return final
+
+
+def build_rollout_engine(cfg: DictConfig, policy, tokenizer):
+    """``None`` for ``rollout.backend=hf`` (``generate`` on the live policy), else a vLLM engine over ``policy``."""
+    backend = cfg.rollout.backend
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(f"rollout.backend={backend!r} is invalid: one of {ROLLOUT_BACKENDS} is accepted")
+    if backend == "hf":
+        return None
+    from demopsd.vllm_rollout import EngineConfig, VLLMRollouts
+
+    engine = EngineConfig(**{key: cfg.rollout[key] for key in EngineConfig.__dataclass_fields__})
+    max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    return VLLMRollouts(policy, tokenizer, engine, max_model_len=max_model_len, seed=cfg.seed)
 
 
 def checkpointing(every_n_train_steps: int, dirpath: Path) -> list[ModelCheckpoint]:

