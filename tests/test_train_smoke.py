@@ -1,4 +1,7 @@
-"""End to end: `debug=smoke` runs of every method on the real default model and real SciKnowEval data."""
+"""End to end: `debug=smoke` runs of every method on real SciKnowEval data.
+
+The runs of each method use the 2-layer random Llama with the default model's tokenizer (the same code path in
+seconds); the train-then-evaluate run of the command line uses the real default model."""
 
 import json
 import math
@@ -29,8 +32,8 @@ DISTILL_COLUMNS = [
     "distill/loss", "distill/lambda_mean", "distill/discrepancy_mean", "distill/mask_fraction",
     "leakage/kl_teacher_student", "leakage/kl_target_student",
 ]
-# The 135M model rarely answers a SciKnowEval question in 24 tokens, so the smoke runs take their
-# learning signal from the reference-answer context (distillation) or from an alternating reward (GRPO).
+# A random model never answers a SciKnowEval question, so the smoke runs take their learning signal from
+# the reference-answer context (distillation) or from an alternating reward (GRPO).
 SIGNAL = {
     "demopsd": ["method.reprompt.use_reference_answer=true"],
     "sdpo": ["method.reprompt.use_reference_answer=true"],
@@ -55,10 +58,9 @@ def cache_dir(default_model_cache) -> Path:
     return default_model_cache[0]
 
 
-def smoke_config(method: str, output_dir: Path, cache_dir: Path, *extra: str):
+def smoke_config(method: str, output_dir: Path, model_dir: Path, *extra: str):
     overrides = ["debug=smoke", f"method={method}", "data=sciknoweval/biology", f"paths.output_dir={output_dir}",
-                 f"paths.cache_dir={cache_dir}",
-                 "logger.wandb.mode=disabled", *SIGNAL[method], *extra]
+                 f"model.name_or_path={model_dir}", "logger.wandb.mode=disabled", *SIGNAL[method], *extra]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -69,10 +71,10 @@ def initial_weights(cfg) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["demopsd", "sdpo", "opsd", "grpo"])
-def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, cache_dir, request):
+def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, tiny_model_dir, request):
     if method == "grpo":
         request.getfixturevalue("alternating_reward")
-    cfg = smoke_config(method, tmp_path, cache_dir)
+    cfg = smoke_config(method, tmp_path, tiny_model_dir)
     before = initial_weights(cfg)
 
     final = run(cfg)
@@ -96,9 +98,9 @@ def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, cac
     assert set(expected) <= set(final)
 
 
-def test_without_a_successful_sibling_nothing_is_distilled(tmp_path, cache_dir):
+def test_without_a_successful_sibling_nothing_is_distilled(tmp_path, tiny_model_dir):
     """SDPO's contexts come from successful siblings only: a batch with none has an all-zero mask and no update."""
-    cfg = smoke_config("sdpo", tmp_path, cache_dir, "trainer.max_steps=1", "method.reprompt.use_reference_answer=false",
+    cfg = smoke_config("sdpo", tmp_path, tiny_model_dir, "trainer.max_steps=1", "method.reprompt.use_reference_answer=false",
                        "method.reprompt.success_threshold=2.0")
     before = initial_weights(cfg)
     run(cfg)
@@ -153,19 +155,19 @@ def test_cli_train_with_evaluation_then_eval_of_its_checkpoint(tmp_path, cache_d
     assert (eval_dir / "samples.jsonl").read_text() == (run_dir / "eval" / "step000001" / "samples.jsonl").read_text()
 
 
-def tiny_run_metrics(tmp_path: Path, cache_dir: Path, seed: int) -> pd.DataFrame:
+def tiny_run_metrics(tmp_path: Path, model_dir: Path, seed: int) -> pd.DataFrame:
     """One optimizer step of DemoPSD with 8-token responses; the metrics without the timings."""
     out = tmp_path / f"seed{seed}_{len(list(tmp_path.iterdir()))}"
-    cfg = smoke_config("demopsd", out, cache_dir, "trainer.max_steps=1", "data.batch_size=1", "rollout.max_new_tokens=8",
+    cfg = smoke_config("demopsd", out, model_dir, "trainer.max_steps=1", "data.batch_size=1", "rollout.max_new_tokens=8",
                        "checkpoint.save_final_model=false", f"seed={seed}")
     run(cfg)
     metrics = pd.read_csv(out / "metrics.csv")
     return metrics[[c for c in metrics.columns if not c.startswith("perf/")]]
 
 
-def test_same_seed_same_metrics_different_seed_different(tmp_path, cache_dir):
+def test_same_seed_same_metrics_different_seed_different(tmp_path, tiny_model_dir):
     """`seed=` fixes data order, rollout sampling and everything after: on one machine the metrics repeat."""
-    first, again = tiny_run_metrics(tmp_path, cache_dir, 0), tiny_run_metrics(tmp_path, cache_dir, 0)
+    first, again = tiny_run_metrics(tmp_path, tiny_model_dir, 0), tiny_run_metrics(tmp_path, tiny_model_dir, 0)
     pd.testing.assert_frame_equal(first, again)
-    other = tiny_run_metrics(tmp_path, cache_dir, 1)
+    other = tiny_run_metrics(tmp_path, tiny_model_dir, 1)
     assert not first["train/entropy"].dropna().equals(other["train/entropy"].dropna())

