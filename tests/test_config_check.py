@@ -154,6 +154,16 @@ def test_rollout_backend_is_a_key_though_not_a_sampling_field():
     validate_config(compose_train(["rollout.backend=hf"]))
 
 
+def test_vllm_engine_settings_are_checked_before_anything_loads():
+    validate_config(compose_train(["rollout=vllm", "rollout.kv_cache_memory_bytes=2000000000"]))
+    problems = problems_of(["rollout=vllm", "rollout.gpu_memory_utilization=1.5", "rollout.kv_cache_memory_bytes=2e9",
+                            "rollout.tensor_parallel_size=0"])
+    assert line_for(problems, "rollout.gpu_memory_utilization", 1.5).endswith(": a fraction in (0, 1]")
+    assert line_for(problems, "rollout.kv_cache_memory_bytes", 2e9).endswith(": an integer or null")  # YAML reads a float
+    assert line_for(problems, "rollout.tensor_parallel_size", 0).endswith(": at least 1")
+    assert len(problems) == 3
+
+
 # ----------------------------------------------------------------------------------------- all at once
 def test_every_problem_is_reported_at_once():
     problems = problems_of(

@@ -11,9 +11,9 @@ from demopsd.forward import lm_head_weight, response_hidden_states
 from demopsd.models import DEFAULT_MODEL, load_model_and_tokenizer
 from demopsd.objectives import chunked_token_log_probs
 from demopsd.rollout import RolloutBatch, encode_prompts, generate_rollouts
-from demopsd.settings import SamplingConfig
+from demopsd.settings import EngineConfig, SamplingConfig
 from demopsd.synthetic import generate_synthetic
-from demopsd.vllm_rollout import EngineConfig, VLLMRollouts, import_vllm
+from demopsd.vllm_rollout import VLLMRollouts, import_vllm
 from tests.helpers import train_tiny
 
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24)

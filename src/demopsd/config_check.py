@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from demopsd.objectives.config import DistillationConfig, GRPOConfig
 from demopsd.reprompt import RepromptConfig
-from demopsd.settings import METHOD_KINDS, TEACHER_KINDS, WANDB_MODES, OptimConfig, SamplingConfig
+from demopsd.settings import METHOD_KINDS, TEACHER_KINDS, WANDB_MODES, EngineConfig, OptimConfig, SamplingConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR.parents[1] / "conf"
@@ -91,6 +91,8 @@ def validate_config(cfg: DictConfig) -> None:
     # without a reference (a config from another search path), the keys any conf/rollout option defines
     extra_rollout_keys = _keys(reference, "rollout") or _option_keys("rollout")
     _check_dataclass(SamplingConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
+    if rollout.get("backend") == "vllm":
+        _check_dataclass(EngineConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
     n = rollout.get("n")
     if n == 1 and "rollout.n" not in reported:
         reprompt = sections["method.reprompt"]

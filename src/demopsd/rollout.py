@@ -59,6 +59,14 @@ class RolloutBatch:
         )
 
 
+def repeat_prompts(prompts: PromptBatch, copies: int, device: torch.device | str | None = None) -> PromptBatch:
+    """Each prompt row ``copies`` times in a row (``[B*copies, P]``), as the rollouts of a batch are grouped."""
+    return PromptBatch(
+        ids=prompts.ids.repeat_interleave(copies, dim=0).to(device),
+        mask=prompts.mask.repeat_interleave(copies, dim=0).to(device),
+    )
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     conversations: list[Conversation],
@@ -113,10 +121,7 @@ def generate_rollouts(
     """
     device = model.device
     copies = 1 if greedy else sampling.n
-    prompt = PromptBatch(
-        ids=prompts.ids.repeat_interleave(copies, dim=0).to(device),
-        mask=prompts.mask.repeat_interleave(copies, dim=0).to(device),
-    )
+    prompt = repeat_prompts(prompts, copies, device)
     decoding = (
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if greedy

