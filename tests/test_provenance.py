@@ -4,7 +4,12 @@ import importlib.metadata
 import json
 import subprocess
 
+import pytest
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+
 from demopsd.provenance import git_revision, package_versions, write_provenance
+from demopsd.training import record_run_start
 from tests.helpers import REPO_ROOT
 
 
@@ -32,3 +37,17 @@ def test_written_record_is_json(tmp_path):
     record = write_provenance(tmp_path / "provenance.json", REPO_ROOT)
     assert json.loads((tmp_path / "provenance.json").read_text()) == record
     assert record["packages"]["demopsd"] is not None and record["python"].count(".") == 2
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_the_first_process_records_the_run(tmp_path, monkeypatch, rank):
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    cfg = OmegaConf.create({"seed": 3, "paths": {"root_dir": str(REPO_ROOT)}})
+    record_run_start(cfg, tmp_path, resumed_from=None)
+    record_run_start(cfg, tmp_path, resumed_from=tmp_path / "checkpoints" / "step=4.ckpt")
+    written = {path.name for path in tmp_path.iterdir()}
+    if rank == 0:
+        assert written == {"config_resolved.yaml", "provenance.json", "provenance_resumed_step=4.json"}
+        assert OmegaConf.load(tmp_path / "config_resolved.yaml") == cfg
+    else:
+        assert written == set()

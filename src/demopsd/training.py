@@ -9,6 +9,7 @@ import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from demopsd.checkpoint_io import AtomicCheckpointIO
@@ -104,15 +105,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         resume = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg.run_name)
     output_dir = resume.run_dir if resume else Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_state = None
-    if resume:
-        run_state = read_run_state(resume.checkpoint)
-        warn_about_changed_config(output_dir / "config_resolved.yaml", cfg)
-        write_provenance(output_dir / f"provenance_resumed_{resume.checkpoint.stem}.json", cfg.paths.root_dir)
-        log.info("Resuming from %s; outputs continue in %s", resume.checkpoint, output_dir)
-    else:
-        OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
-        write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
+    run_state = read_run_state(resume.checkpoint) if resume else None
+    record_run_start(cfg, output_dir, resume.checkpoint if resume else None)
     L.seed_everything(cfg.seed, workers=True)
 
     policy, tokenizer = load_model_and_tokenizer(
@@ -154,6 +148,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
     )
     return final
+
+
+@rank_zero_only
+def record_run_start(cfg: DictConfig, output_dir: Path, resumed_from: Path | None) -> None:
+    """``config_resolved.yaml`` and ``provenance.json`` for a new run; for a resumed one, a warning about every
+    changed key and ``provenance_resumed_<checkpoint>.json``. Only the first process writes."""
+    if resumed_from is None:
+        OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+        write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
+        return
+    warn_about_changed_config(output_dir / "config_resolved.yaml", cfg)
+    write_provenance(output_dir / f"provenance_resumed_{resumed_from.stem}.json", cfg.paths.root_dir)
+    log.info("Resuming from %s; outputs continue in %s", resumed_from, output_dir)
 
 
 def build_rollout_engine(cfg: DictConfig, policy, tokenizer):
