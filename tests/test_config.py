@@ -92,6 +92,20 @@ def test_gpu_experiment_selects_a_gpu_model_and_bf16():
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
 
 
+@pytest.mark.parametrize(
+    "experiment, methods, max_steps",
+    [("leakage_benchmark", "opsd,sdpo,demopsd,grpo", 8), ("leakage_benchmark_32steps", "sdpo,demopsd", 32)],
+)
+def test_leakage_benchmarks_sweep_the_default_job(experiment, methods, max_steps):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    default_job = compose_train([])
+    assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": methods}
+    assert cfg.trainer.max_steps == max_steps and cfg.checkpoint.every_n_train_steps == 0
+    for section in ("data", "rollout", "optim", "eval", "model"):
+        assert cfg[section] == default_job[section], section
+
+
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "src/train.py", "method=grpo", "data=sciknoweval/physics", "--cfg", "job"],
