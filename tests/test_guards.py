@@ -246,7 +246,7 @@ def stubbed_rollouts(monkeypatch):
         ids = torch.tensor([[3 + ord(ch) % 60 for ch in c[-1]["content"][-8:]] for c in conversations])
         return PromptBatch(ids=ids, mask=torch.ones_like(ids))
 
-    def generate_rollouts(policy, tokenizer, prompts, sampling):
+    def sample_rollouts(policy, tokenizer, prompts, sampling, rollout_engine=None):
         n = sampling.n
         rows = prompts.ids.shape[0] * n
         generator = torch.Generator().manual_seed(int(prompts.ids.sum()))
@@ -255,7 +255,7 @@ def stubbed_rollouts(monkeypatch):
         return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01)
 
     monkeypatch.setattr(demopsd.module, "encode_prompts", encode_prompts)
-    monkeypatch.setattr(demopsd.module, "generate_rollouts", generate_rollouts)
+    monkeypatch.setattr(demopsd.module, "sample_rollouts", sample_rollouts)
 
 
 def test_self_distillation_module_skips_policy_teacher_and_schedule(tmp_path, monkeypatch, stubbed_rollouts, caplog):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from demopsd.data import student_conversation
+from demopsd.evaluation import EvalConfig, evaluate
 from demopsd.forward import lm_head_weight, response_hidden_states
 from demopsd.models import DEFAULT_MODEL, load_model_and_tokenizer
 from demopsd.objectives import chunked_token_log_probs
@@ -129,6 +130,23 @@ def test_after_a_weight_push_the_engine_follows_the_new_weights(engine, policy_a
     assert after.texts != before.texts
     assert_same_responses(after, generate_rollouts(changed, tokenizer, prompts, SAMPLING, greedy=True))
     assert_same_responses(engine.generate(prompts, SAMPLING, greedy=True), before)
+
+
+@pytest.mark.slow
+def test_evaluation_samples_through_the_engine(engine, policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    examples = generate_synthetic("mixed", "test", seed=1, size=4)
+    config = EvalConfig(k=2, max_new_tokens=24)
+    torch.manual_seed(0)
+    ours = evaluate(policy, tokenizer, examples, "synthetic", config, rollout_engine=engine, progress=False)
+    reference = evaluate(policy, tokenizer, examples, "synthetic", config, progress=False)
+
+    torch.manual_seed(0)
+    prompts = encode_prompts(tokenizer, [student_conversation(e) for e in examples])
+    engine_samples = engine.generate(prompts, config.sampling)
+    assert [a["text"] for s in ours.samples for a in s["samples"]] == engine_samples.texts
+    assert [s["greedy"] for s in ours.samples] == [s["greedy"] for s in reference.samples]
+    assert [s["letter_probs"] for s in ours.samples] == [s["letter_probs"] for s in reference.samples]
 
 
 @pytest.fixture(scope="module")

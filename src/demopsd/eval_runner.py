@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -14,6 +15,9 @@ from demopsd.data import MCQExample, load_split
 from demopsd.evaluation import EvalConfig, EvalResult, evaluate, write_results
 from demopsd.models import load_model_and_tokenizer
 from demopsd.provenance import write_provenance
+
+if TYPE_CHECKING:
+    from demopsd.vllm_rollout import VLLMRollouts
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ def run_all(
     seed: int,
     chat_template_kwargs: dict | None = None,
     progress: bool = True,
+    rollout_engine: VLLMRollouts | None = None,
     **context,
 ) -> dict[str, float]:
     """Evaluate on every dataset, write ``summary.json`` / ``samples.jsonl`` to ``out_dir``, return the metrics.
@@ -61,7 +66,10 @@ def run_all(
     """
     torch.manual_seed(seed)
     results: list[EvalResult] = [
-        evaluate(policy, tokenizer, examples, name, config, chat_template_kwargs=chat_template_kwargs, progress=progress)
+        evaluate(
+            policy, tokenizer, examples, name, config,
+            chat_template_kwargs=chat_template_kwargs, progress=progress, rollout_engine=rollout_engine,
+        )
         for name, examples in datasets.items()
     ]
     write_results(results, out_dir, config, **context)
@@ -122,6 +130,7 @@ class PeriodicEvaluation(L.Callback):
             metrics = run_all(
                 pl_module.policy, pl_module.tokenizer, self.datasets, self.config, out_dir, seed=self.seed + step,
                 chat_template_kwargs=self.chat_template_kwargs, progress=False, step=step,
+                rollout_engine=pl_module.synced_rollout_engine(),
             )
         if step == 0 and self.baseline is None:
             self.baseline = metrics

@@ -20,6 +20,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +31,10 @@ from demopsd.eval_metrics import summarize_samples
 from demopsd.forward import lm_head_weight, response_hidden_states
 from demopsd.objectives import chunked_token_log_probs
 from demopsd.rewards import score_mcq
-from demopsd.rollout import PromptBatch, RolloutBatch, SamplingConfig, encode_prompts, generate_rollouts
+from demopsd.rollout import PromptBatch, RolloutBatch, SamplingConfig, encode_prompts, sample_rollouts
+
+if TYPE_CHECKING:
+    from demopsd.vllm_rollout import VLLMRollouts
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,12 @@ def evaluate(
     *,
     chat_template_kwargs: dict | None = None,
     progress: bool = True,
+    rollout_engine: VLLMRollouts | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``examples`` (named ``dataset`` in the metric names)."""
+    """Evaluate ``model`` on ``examples`` (named ``dataset`` in the metric names).
+
+    ``rollout_engine``: a vLLM engine holding ``model``'s weights samples the answers; ``None``: ``generate``.
+    """
     if config.max_examples is not None:
         examples = examples[: config.max_examples]
     if not examples:
@@ -101,10 +109,10 @@ def evaluate(
         batch = examples[start : start + config.batch_size]
         conversations = [student_conversation(e) for e in batch]
         prompts = encode_prompts(tokenizer, conversations, chat_template_kwargs=chat_template_kwargs)
-        sampled = generate_rollouts(model, tokenizer, prompts, config.sampling)
+        sampled = sample_rollouts(model, tokenizer, prompts, config.sampling, rollout_engine)
         entropy = response_entropy(model, sampled, config.chunk_size)
         entropy_sum, token_count = entropy_sum + float(entropy.sum()), token_count + entropy.numel()
-        greedy = generate_rollouts(model, tokenizer, prompts, config.sampling, greedy=True) if config.greedy else None
+        greedy = sample_rollouts(model, tokenizer, prompts, config.sampling, rollout_engine, greedy=True) if config.greedy else None
         letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
         lengths = sampled.response_mask.sum(-1).tolist()
         for i, example in enumerate(batch):

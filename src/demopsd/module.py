@@ -30,7 +30,7 @@ from demopsd.objectives import (
 )
 from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
 from demopsd.rewards import score_mcq
-from demopsd.rollout import Conversation, PromptBatch, RolloutBatch, encode_prompts, generate_rollouts
+from demopsd.rollout import Conversation, PromptBatch, RolloutBatch, encode_prompts, sample_rollouts
 from demopsd.settings import TEACHER_KINDS, OptimConfig, PromptConfig, SamplingConfig
 from demopsd.teacher import ema_update, make_ema_teacher
 
@@ -143,12 +143,14 @@ class SelfDistillationModule(L.LightningModule):
         return loss
 
     def _rollouts(self, prompts: PromptBatch) -> RolloutBatch:
-        if self.rollout_engine is None:
-            return generate_rollouts(self.policy, self.tokenizer, prompts, self.sampling)
-        if self._engine_is_stale:
+        return sample_rollouts(self.policy, self.tokenizer, prompts, self.sampling, self.synced_rollout_engine())
+
+    def synced_rollout_engine(self) -> VLLMRollouts | None:
+        """The vLLM engine with the policy's current weights (pushed if they changed since), or ``None``."""
+        if self.rollout_engine is not None and self._engine_is_stale:
             self.rollout_engine.load_weights(self.policy)
             self._engine_is_stale = False
-        return self.rollout_engine.generate(prompts, self.sampling).to(self.device)
+        return self.rollout_engine
 
     def _distillation_step(
         self, rollouts: RolloutBatch, examples: list[MCQExample], rewards: torch.Tensor

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.settings import SamplingConfig
+
+if TYPE_CHECKING:
+    from demopsd.vllm_rollout import VLLMRollouts
 
 Conversation = list[dict[str, str]]
 
@@ -146,3 +150,18 @@ def generate_rollouts(
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds)
+
+
+def sample_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: PromptBatch,
+    sampling: SamplingConfig,
+    rollout_engine: VLLMRollouts | None = None,
+    *,
+    greedy: bool = False,
+) -> RolloutBatch:
+    """:func:`generate_rollouts` on ``model``, or the same request to a vLLM engine holding its weights."""
+    if rollout_engine is None:
+        return generate_rollouts(model, tokenizer, prompts, sampling, greedy=greedy)
+    return rollout_engine.generate(prompts, sampling, greedy=greedy).to(model.device)
