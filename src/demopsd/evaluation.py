@@ -112,7 +112,11 @@ def evaluate(
         sampled = sample_rollouts(model, tokenizer, prompts, config.sampling, rollout_engine)
         entropy = response_entropy(model, sampled, config.chunk_size)
         entropy_sum, token_count = entropy_sum + float(entropy.sum()), token_count + entropy.numel()
-        greedy = sample_rollouts(model, tokenizer, prompts, config.sampling, rollout_engine, greedy=True) if config.greedy else None
+        greedy = (
+            sample_rollouts(model, tokenizer, prompts, config.sampling, rollout_engine, greedy=True)
+            if config.greedy
+            else None
+        )
         letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
         lengths = sampled.response_mask.sum(-1).tolist()
         for i, example in enumerate(batch):
