@@ -5,13 +5,13 @@
 
 Writes <quantity>.png (entropy, leakage, λ, reward, eval accuracy), results.md, results.csv and
 runs.csv into --out (default: <first dir>/report); for runs on the synthetic leakage task also
-leakage.md, leakage.csv and heldout_probe.png.
+leakage.md, leakage.csv, leakage_runs.csv and heldout_probe.png.
 """
 
 import argparse
 import sys
 
-from demopsd.report import write_report
+from demopsd.report import LEAKAGE_RUNS_FILE, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Report on {files.runs} run(s) written to {files.out_dir}")
     print(f"  table: {files.table_md.name}, {files.table_csv.name}, {files.runs_csv.name}")
     if files.leakage_md is not None:
-        print(f"  leakage table: {files.leakage_md.name}, {files.leakage_csv.name}")
+        print(f"  leakage table: {files.leakage_md.name}, {files.leakage_csv.name}, {LEAKAGE_RUNS_FILE}")
     print(f"  plots: {', '.join(p.name for p in files.plots) if files.plots else 'none'}")
     for line in files.skipped:
         print(f"  skipped {line}")

@@ -317,6 +317,8 @@ def test_leakage_table_equals_an_independent_recomputation(synthetic_root, synth
     assert row[f"{quantity}_mean"] == pytest.approx(mean, rel=1e-9)
     assert row[f"{quantity}_se"] == pytest.approx(se, rel=1e-9)
     assert format_mean_se(mean, se) in synthetic_report.leakage_md.read_text()
+    per_seed = pd.read_csv(synthetic_report.out_dir / "leakage_runs.csv")
+    assert per_seed[per_seed.method == method][quantity].mean() == pytest.approx(mean, rel=1e-9)
 
 
 def test_leakage_markdown_rows_legend_and_absent_leakage(synthetic_report):

@@ -14,8 +14,8 @@ under the given paths and writes, into one output folder:
 * for runs evaluated on the held-out synthetic sets (``eval/synthetic-uninferable/...`` and
   ``eval/synthetic-inferable/...``, the leakage task): ``leakage.md`` / ``leakage.csv``, one row per
   (dataset, method) of answer-probe changes from the untrained model, entropies and mean leakage,
-  with a legend; and ``heldout_probe.png``, the uninferable confidence and overconfidence changes
-  over steps.
+  with a legend; ``leakage_runs.csv``, their per-seed values, one row per run; and
+  ``heldout_probe.png``, the uninferable confidence and overconfidence changes over steps.
 
 The standard error is ``std(ddof=1) / sqrt(n)`` over seeds; with one seed there is none (the
 table shows ``0.412 ± —``, the plot no band).
@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
+LEAKAGE_RUNS_FILE = "leakage_runs.csv"
 CONFIG_FILE = "config_resolved.yaml"
 METHOD_ORDER = ("demopsd", "sdpo", "opsd", "grpo")
 METHOD_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")  # demopsd, sdpo, opsd, grpo
@@ -425,10 +426,14 @@ def leakage_scalars(run: Run) -> dict[str, object]:
     return identity | {key: q.reduce(_values(run, q.column)) for key, q in LEAKAGE_QUANTITIES.items()}
 
 
+def leakage_per_run(runs: Sequence[Run]) -> pd.DataFrame:
+    """``leakage_scalars`` of every run that has the held-out probe (``has_heldout_probe``), one row per run."""
+    return pd.DataFrame([leakage_scalars(r) for r in runs if has_heldout_probe(r)])
+
+
 def summarize_leakage(runs: Sequence[Run]) -> pd.DataFrame:
-    """``aggregate`` of ``leakage_scalars`` over the runs that have the held-out probe (``has_heldout_probe``)."""
-    scalars = pd.DataFrame([leakage_scalars(r) for r in runs if has_heldout_probe(r)])
-    return aggregate(scalars, LEAKAGE_QUANTITIES)
+    """``aggregate`` of ``leakage_per_run`` over seeds."""
+    return aggregate(leakage_per_run(runs), LEAKAGE_QUANTITIES)
 
 
 def leakage_markdown(summary: pd.DataFrame) -> str:
@@ -617,11 +622,14 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path |
 
 
 def _write_leakage(runs: Sequence[Run], out: Path) -> tuple[Path | None, Path | None]:
-    """``leakage.md`` and ``leakage.csv`` in ``out``, or ``(None, None)`` when no run has the held-out probe."""
-    summary = summarize_leakage(runs)
-    if summary.empty:
+    """``leakage.md``, ``leakage.csv`` and the per-seed ``leakage_runs.csv`` in ``out``; returns the first two,
+    or ``(None, None)`` when no run has the held-out probe."""
+    scalars = leakage_per_run(runs)
+    if scalars.empty:
         return None, None
+    summary = aggregate(scalars, LEAKAGE_QUANTITIES)
     md, csv = out / "leakage.md", out / "leakage.csv"
     summary.to_csv(csv, index=False)
+    scalars.to_csv(out / LEAKAGE_RUNS_FILE, index=False)
     md.write_text(leakage_markdown(summary), encoding="utf-8")
     return md, csv
