@@ -30,7 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from demopsd.objectives.config import DistillationConfig, GRPOConfig
 from demopsd.reprompt import RepromptConfig
-from demopsd.settings import METHOD_KINDS, TEACHER_KINDS, WANDB_MODES, EngineConfig, OptimConfig, SamplingConfig
+from demopsd.settings import (
+    METHOD_KINDS,
+    TEACHER_KINDS,
+    WANDB_MODES,
+    EngineConfig,
+    OptimConfig,
+    SamplingConfig,
+    ShardingConfig,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR.parents[1] / "conf"
@@ -58,7 +66,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     sections = {}
     for key in ("method", "method.objective", "method.reprompt", "rollout", "optim", "data", "checkpoint",
-                "trainer", "logger"):
+                "trainer", "logger", "fsdp"):
         sections[key] = _section(cfg, key, report)
     reference = _reference_config(cfg)
 
@@ -104,6 +112,7 @@ def validate_config(cfg: DictConfig) -> None:
                                    "method.reprompt.use_reference_answer=true)")
 
     _check_dataclass(OptimConfig, "optim", sections["optim"], report)
+    _check_dataclass(ShardingConfig, "fsdp", sections["fsdp"], report)
 
     # -- data and checkpoints: keys from conf/ for that data source
     data = sections["data"]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+import torch.distributed.checkpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -15,6 +16,8 @@ from demopsd.data import MCQExample, load_split
 from demopsd.evaluation import EvalConfig, EvalResult, evaluate, write_results
 from demopsd.models import load_model_and_tokenizer
 from demopsd.provenance import write_provenance
+from demopsd.resume import is_checkpoint
+from demopsd.sharding import gathered
 
 if TYPE_CHECKING:
     from demopsd.vllm_rollout import VLLMRollouts
@@ -120,17 +123,24 @@ class PeriodicEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The first process evaluates; under ``trainer=fsdp`` every process first helps gather the weights."""
         step = trainer.global_step
         self.last_step = step
-        if not trainer.is_global_zero or not self.datasets:
+        if not self.datasets:
             return
+        engine = pl_module.synced_rollout_engine()
+        with gathered(pl_module.policy):
+            if trainer.is_global_zero:
+                self._evaluate(trainer, pl_module, engine)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, engine: VLLMRollouts | None) -> None:
+        step = trainer.global_step
         out_dir = self.out_dir / f"step{step:06d}"
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the training stream does not depend on evaluation
             metrics = run_all(
                 pl_module.policy, pl_module.tokenizer, self.datasets, self.config, out_dir, seed=self.seed + step,
-                chat_template_kwargs=self.chat_template_kwargs, progress=False, step=step,
-                rollout_engine=pl_module.synced_rollout_engine(),
+                chat_template_kwargs=self.chat_template_kwargs, progress=False, step=step, rollout_engine=engine,
             )
         if step == 0 and self.baseline is None:
             self.baseline = metrics
@@ -180,30 +190,39 @@ def load_policy(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
     ``ckpt_path``: null (the base model ``model.name_or_path``), a Hugging Face model directory (a
     training run's ``model/``), a training run directory (its ``model/``, else ``checkpoints/last.ckpt``),
-    or a Lightning ``.ckpt`` file (the base model with the checkpoint's policy weights).
+    or a Lightning checkpoint: a ``.ckpt`` file or, from ``trainer=fsdp``, a sharded ``.ckpt`` directory
+    (the base model with the checkpoint's policy weights).
     """
     load = dict(cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype)
     if cfg.ckpt_path is None:
         return *load_model_and_tokenizer(cfg.model.name_or_path, **load), cfg.model.name_or_path
     path = Path(cfg.ckpt_path).expanduser()
-    if path.is_dir() and not (path / "config.json").exists():
+    if path.is_dir() and not (path / "config.json").exists() and not is_checkpoint(path):
         if (path / "model" / "config.json").exists():
             path = path / "model"
         elif (path / "checkpoints" / "last.ckpt").exists():
             path = path / "checkpoints" / "last.ckpt"
         else:
             raise FileNotFoundError(f"ckpt_path={str(path)!r} holds neither model/ nor checkpoints/last.ckpt")
-    if path.is_dir():
+    if path.is_dir() and not is_checkpoint(path):
         return *load_model_and_tokenizer(str(path), **load), str(path)
-    if not path.is_file():
+    if not is_checkpoint(path):
         raise FileNotFoundError(
             f"ckpt_path={str(path)!r} does not exist: give a run directory, a model directory or a .ckpt file"
         )
     model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, **load)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    policy_state = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    model.load_state_dict(policy_state)
+    load_policy_weights(model, path)
     return model, tokenizer, str(path)
+
+
+def load_policy_weights(model: PreTrainedModel, checkpoint: Path) -> None:
+    """Put the policy weights of a training checkpoint (a file, or a sharded directory) into ``model``."""
+    if checkpoint.is_dir():  # one process reads every shard
+        state = {"state_dict": {f"policy.{name}": tensor for name, tensor in model.state_dict().items()}}
+        torch.distributed.checkpoint.load(state, checkpoint_id=checkpoint)
+        return
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")})
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:

@@ -30,6 +30,7 @@ import math
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +190,24 @@ class NumericalGuard(Callback):
 
 
 def nonfinite_gradients(module: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
-    """Names of the parameters in ``params`` whose gradient holds a NaN or an infinity (one host sync)."""
+    """Names of the parameters in ``params`` whose gradient holds a NaN or an infinity (one host sync).
+
+    Sharded gradients (``trainer=fsdp``) are checked shard by shard and the verdicts combined across the
+    processes, so that every process skips the same steps."""
     with_grad = [p for p in params if p.grad is not None and p.grad.numel() > 0]
     if not with_grad:
         return []
     # The max-abs norm is NaN/inf exactly when the gradient has a NaN/inf, without a full-size temporary.
-    device = with_grad[0].grad.device
-    norms = [torch.linalg.vector_norm(p.grad.detach(), float("inf")).float().to(device) for p in with_grad]
-    finite = torch.isfinite(torch.stack(norms)).tolist()
+    grads = [p.grad.detach() for p in with_grad]
+    shards = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    device = shards[0].device
+    norms = [torch.linalg.vector_norm(g, float("inf")).float().to(device) if g.numel() else torch.zeros((), device=device)
+             for g in shards]  # a process's shard of a small tensor can be empty
+    nonfinite = (~torch.isfinite(torch.stack(norms))).float()
+    sharded = next((g for g in grads if isinstance(g, DTensor)), None)
+    if sharded is not None:
+        torch.distributed.all_reduce(nonfinite, torch.distributed.ReduceOp.MAX, group=sharded.device_mesh.get_group())
+    finite = (nonfinite == 0).tolist()
     names = {id(p): name for name, p in module.named_parameters()}
     return [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p, ok in zip(with_grad, finite) if not ok]
 

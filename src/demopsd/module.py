@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -31,7 +32,8 @@ from demopsd.objectives import (
 from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
 from demopsd.rewards import score_mcq
 from demopsd.rollout import Conversation, PromptBatch, RolloutBatch, encode_prompts, sample_rollouts
-from demopsd.settings import TEACHER_KINDS, OptimConfig, PromptConfig, SamplingConfig
+from demopsd.settings import TEACHER_KINDS, OptimConfig, PromptConfig, SamplingConfig, ShardingConfig
+from demopsd.sharding import fsdp_units, gathered, reshard, shard_model
 from demopsd.teacher import ema_update, make_ema_teacher
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class SelfDistillationModule(L.LightningModule):
     ``ema_rate`` after every optimizer step) or ``"live"`` (the policy's current weights, no gradient).
     ``rollout_engine``: a vLLM engine that samples the rollouts (the policy's weights are pushed into it
     before the first rollout after each update); ``None`` samples with ``generate`` on the policy itself.
+    ``sharding``: how :meth:`configure_model` shards the policy and the teacher under ``trainer=fsdp``.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class SelfDistillationModule(L.LightningModule):
         prompts: PromptConfig | None = None,
         chunk_size: int = 512,
         rollout_engine: VLLMRollouts | None = None,
+        sharding: ShardingConfig | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy.train()  # from_pretrained returns eval mode; rollouts switch to eval themselves
@@ -84,6 +88,7 @@ class SelfDistillationModule(L.LightningModule):
         self.prompts = prompts or PromptConfig()
         self.chunk_size = chunk_size
         self.rollout_engine = rollout_engine
+        self.sharding = sharding or ShardingConfig()
         self._engine_is_stale = True  # the engine's weights are the checkpoint's, not (say) a resumed run's
         self.distills = isinstance(objective, DistillationConfig)
         if self.distills:
@@ -143,10 +148,13 @@ class SelfDistillationModule(L.LightningModule):
         return loss
 
     def _rollouts(self, prompts: PromptBatch) -> RolloutBatch:
-        return sample_rollouts(self.policy, self.tokenizer, prompts, self.sampling, self.synced_rollout_engine())
+        engine = self.synced_rollout_engine()
+        with nullcontext() if engine else gathered(self.policy):
+            return sample_rollouts(self.policy, self.tokenizer, prompts, self.sampling, engine)
 
     def synced_rollout_engine(self) -> VLLMRollouts | None:
-        """The vLLM engine with the policy's current weights (pushed if they changed since), or ``None``."""
+        """The vLLM engine with the policy's current weights (pushed if they changed since), or ``None``.
+        Under ``trainer=fsdp`` every process calls it together: a push gathers the sharded weights."""
         if self.rollout_engine is not None and self._engine_is_stale:
             self.rollout_engine.load_weights(self.policy)
             self._engine_is_stale = False
@@ -190,6 +198,8 @@ class SelfDistillationModule(L.LightningModule):
             discrepancy_scale=self.normalizer.scale if config.normalize_discrepancy else None,
             chunk_size=self.chunk_size,
         )
+        if self.teacher is not None:
+            reshard(self.teacher)  # its gathered root is not needed again before the EMA update
         if has_context.any() and math.isfinite(float(stats["discrepancy_mean"])):  # a NaN would stay in its EMA
             self.normalizer.update(float(stats["discrepancy_mean"]))
         kl_ts, kl_qs = stats["kl_teacher_student"], stats["kl_target_student"]
@@ -270,6 +280,16 @@ class SelfDistillationModule(L.LightningModule):
         return loss, metrics
 
     # ------------------------------------------------------------------ around the step
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning then provides a device mesh), shard the policy and the EMA teacher
+        alike, so the EMA update pairs each shard with its own; a no-op under any other strategy."""
+        if self.device_mesh is None or fsdp_units(self.policy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.policy, mesh, self.sharding)
+        if self.distills and self.teacher is not None:
+            shard_model(self.teacher, mesh, self.sharding)
+
     def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
         return batch  # plain examples; tokens are moved when they are made
 

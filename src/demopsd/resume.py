@@ -26,13 +26,15 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "run_state"
 LAST = "last"
+SHARDED_TRAINER_STATE = _METADATA_FILENAME  # "meta.pt", beside the shards of a sharded checkpoint
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,13 @@ def resolve_checkpoint(ckpt_path: str | Path, runs_dir: str | Path, run_name: st
         checkpoint = newest_checkpoint(runs[-1])  # the timestamp prefix sorts the newest run last
     else:
         path = Path(ckpt_path)
-        checkpoint = newest_checkpoint(path) if path.is_dir() else path
-        if checkpoint is None or not checkpoint.is_file():
+        checkpoint = path if is_checkpoint(path) or not path.is_dir() else newest_checkpoint(path)
+        if checkpoint is None or not is_checkpoint(checkpoint):
             raise FileNotFoundError(
                 f"ckpt_path={ckpt_path} is not a checkpoint: "
                 f"{'no checkpoints/*.ckpt in it' if path.is_dir() else 'no such file'} "
-                "(a .ckpt file, a run directory with checkpoints/*.ckpt, or `last` is accepted)"
+                "(a .ckpt file or sharded .ckpt directory, a run directory with checkpoints/*.ckpt, or `last` "
+                "is accepted)"
             )
     checkpoint = checkpoint.resolve()
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -72,14 +75,26 @@ def resolve_checkpoint(ckpt_path: str | Path, runs_dir: str | Path, run_name: st
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The most recently written complete checkpoint in ``run_dir/checkpoints``, or None."""
-    files = [p.resolve() for p in (run_dir / "checkpoints").glob("*.ckpt") if p.resolve().is_file()]
-    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    found = [p.resolve() for p in (run_dir / "checkpoints").glob("*.ckpt") if is_checkpoint(p.resolve())]
+    return max(found, key=lambda p: trainer_state_file(p).stat().st_mtime_ns, default=None)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a complete sharded checkpoint (``trainer=fsdp``): a directory of weight shards
+    whose trainer-state file, written after every shard, exists."""
+    return trainer_state_file(path).is_file()
+
+
+def trainer_state_file(checkpoint: Path) -> Path:
+    """The file holding the loop counters, callback states ...: the checkpoint itself, or, in a sharded one,
+    the file Lightning writes beside the shards."""
+    return checkpoint / SHARDED_TRAINER_STATE if checkpoint.is_dir() else checkpoint
 
 
 def read_run_state(checkpoint: Path) -> dict:
     """The :class:`RunStateCheckpoint` entry of ``checkpoint`` (empty if it has none), without reading the
     weights into memory (the file is memory-mapped)."""
-    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    state = torch.load(trainer_state_file(checkpoint), map_location="cpu", mmap=True, weights_only=False)
     return state.get("callbacks", {}).get(RunStateCheckpoint.__qualname__, {})
 
 
@@ -99,9 +114,11 @@ def kept_metrics_lines(metrics_csv: Path, lines: int | None, global_step: int | 
     return all_lines[:lines] + later
 
 
+@rank_zero_only
 def continue_csv_log(logger: CSVLogger, kept_lines: list[str]) -> None:
     """Make ``logger`` append to ``kept_lines``: Lightning's CSV writer deletes an existing ``metrics.csv``
-    when it starts, so the kept rows are written back and their header becomes the writer's."""
+    when it starts, so the kept rows are written back and their header becomes the writer's. Only the first
+    process writes ``metrics.csv``; the others' loggers are placeholders."""
     writer = logger.experiment
     if kept_lines:
         Path(writer.metrics_file_path).write_text("".join(kept_lines))

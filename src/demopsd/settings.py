@@ -88,3 +88,25 @@ class EngineConfig:
             raise ValueError(
                 f"rollout.tensor_parallel_size={self.tensor_parallel_size} is invalid: at least 1 is accepted"
             )
+
+
+SHARD_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Fully sharded data parallel (``trainer=fsdp``, the ``fsdp`` config section): weights are all-gathered
+    in ``param_dtype`` for forward and backward, gradients are reduce-scattered in ``reduce_dtype``, and the
+    sharded master weights and optimizer state keep ``model.dtype``. ``activation_checkpointing`` recomputes
+    each decoder layer in backward instead of keeping its activations."""
+
+    param_dtype: str = "bfloat16"
+    reduce_dtype: str = "float32"
+    activation_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self, key) not in SHARD_DTYPES:
+                raise ValueError(
+                    f"fsdp.{key}={getattr(self, key)!r} is invalid: one of {', '.join(SHARD_DTYPES)} is accepted"
+                )

