@@ -3,7 +3,8 @@
 ``kill-at-step:S``      SIGKILL when the optimizer step counter reaches S, before that step's batch is trained;
 ``kill-writing:NAME``   SIGKILL half-way through writing the checkpoint file called NAME;
 ``record:DIR``          each process writes ``DIR/rank<r>.jsonl`` (its prompts and metrics of every step, before
-                        they are reduced across processes) and, at the end, ``DIR/rank<r>.pt`` (its weights).
+                        they are reduced across processes) and, at the end, ``DIR/rank<r>.pt`` (its weights,
+                        gathered whole when sharded).
 
 Usage: ``DEMOPSD_TEST_HOOK=... python tests/instrumented_train.py <hydra overrides>``. The hook is read from
 the environment and this file stays ``sys.argv[0]``, so the processes Lightning starts for DDP run it too.
@@ -53,6 +54,7 @@ def kill_writing(name: str) -> None:
 
 def record(directory: str) -> None:
     from demopsd.module import SelfDistillationModule
+    from demopsd.sharding import full_state
 
     out = Path(directory)
     train, log_dict = SelfDistillationModule.training_step, SelfDistillationModule.log_dict
@@ -69,8 +71,8 @@ def record(directory: str) -> None:
         write(self, {"metrics": {k: float(v) for k, v in dictionary.items()}})
         return log_dict(self, dictionary, *args, **kwargs)
 
-    def on_train_end(self):
-        torch.save({k: v.detach().clone() for k, v in self.state_dict().items()}, out / f"rank{self.global_rank}.pt")
+    def on_train_end(self):  # every process gathers; a sharded (trainer=fsdp) weight is saved whole
+        torch.save({k: v.clone() for k, v in full_state(self)}, out / f"rank{self.global_rank}.pt")
 
     SelfDistillationModule.training_step, SelfDistillationModule.log_dict = training_step, logged
     SelfDistillationModule.on_train_end = on_train_end

@@ -142,6 +142,7 @@ def generate_rollouts(
         max_new_tokens=sampling.max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=False,  # a sharded model's weights are gathered first (demopsd.sharding): no process waits
     )
     seconds = time.perf_counter() - start
     model.train(was_training)
