@@ -164,6 +164,19 @@ def test_vllm_engine_settings_are_checked_before_anything_loads():
     assert len(problems) == 3
 
 
+@pytest.mark.parametrize("trainer", [["trainer=ddp"], ["trainer=fsdp"], ["+trainer.num_nodes=2"]])
+def test_vllm_rollouts_are_refused_for_several_training_processes(trainer):
+    (problem,) = problems_of(["rollout=vllm", *trainer])
+    assert problem.startswith("rollout.backend='vllm': rollout=hf when training runs in several processes")
+    assert problem.endswith("rollout=vllm needs trainer.devices=1")
+
+
+def test_fsdp_settings_are_checked_under_every_trainer():
+    validate_config(compose_train(["trainer=fsdp", "fsdp.param_dtype=float32"]))
+    (problem,) = problems_of(["fsdp.param_dtype=fp8"])
+    assert problem == "fsdp.param_dtype='fp8': one of float32, bfloat16, float16"
+
+
 # ----------------------------------------------------------------------------------------- all at once
 def test_every_problem_is_reported_at_once():
     problems = problems_of(

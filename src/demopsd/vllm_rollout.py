@@ -80,8 +80,8 @@ class VLLMRollouts:
 
     @torch.no_grad()
     def load_weights(self, policy: PreTrainedModel) -> None:
-        """Copy ``policy``'s current weights into the engine and forget the KV states of the old ones.
-        A sharded policy's weights are gathered one tensor at a time (every process pushes to its own engine)."""
+        """Copy ``policy``'s current weights into the engine, one tensor at a time, and forget the KV states of
+        the old ones."""
         weights = full_state(policy)
         # In place and through vLLM's weight processing (fused QKV, repacked CPU kernels), like a load from disk.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
