@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from demopsd.forward import lm_head_weight, response_hidden_states
 from demopsd.guards import nonfinite_gradients
+from demopsd.objectives import chunked_token_log_probs
 from demopsd.resume import is_checkpoint, newest_checkpoint, read_run_state, resolve_checkpoint
 from demopsd.rollout import PromptBatch
 from demopsd.settings import ShardingConfig
@@ -98,6 +99,19 @@ def test_hidden_states_and_head_of_a_sharded_model_match_the_plain_one(mesh):
     torch.testing.assert_close(
         model.model.layers[1].mlp.up_proj.weight.grad.full_tensor(), plain.model.layers[1].mlp.up_proj.weight.grad
     )
+
+
+def test_grpo_log_probs_recomputed_in_backward_reach_the_sharded_head(mesh):
+    """chunked_token_log_probs recomputes each chunk's logits in backward: the root must still be gathered then."""
+    plain, model = tiny_llama(), sharded_tiny(mesh)
+    prompt = PromptBatch(torch.tensor([[11, 12, 13]]), torch.tensor([[1, 1, 1]]))
+    response, mask = torch.tensor([[31, 32, 33, 34]]), torch.tensor([[1, 1, 1, 1]])
+    for m in (plain, model):
+        hidden = response_hidden_states(m, prompt, response, mask)[0]
+        log_probs, _ = chunked_token_log_probs(hidden, lm_head_weight(m), response[0], chunk_size=3)
+        (log_probs * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+    torch.testing.assert_close(model.lm_head.weight.grad.full_tensor(), plain.lm_head.weight.grad)
+    torch.testing.assert_close(model.model.norm.weight.grad.full_tensor(), plain.model.norm.weight.grad)
 
 
 def test_full_state_and_save_pretrained_give_plain_whole_weights(mesh, tmp_path):

@@ -153,8 +153,7 @@ class SelfDistillationModule(L.LightningModule):
             return sample_rollouts(self.policy, self.tokenizer, prompts, self.sampling, engine)
 
     def synced_rollout_engine(self) -> VLLMRollouts | None:
-        """The vLLM engine with the policy's current weights (pushed if they changed since), or ``None``.
-        Under ``trainer=fsdp`` every process calls it together: a push gathers the sharded weights."""
+        """The vLLM engine with the policy's current weights (pushed if they changed since), or ``None``."""
         if self.rollout_engine is not None and self._engine_is_stale:
             self.rollout_engine.load_weights(self.policy)
             self._engine_is_stale = False
