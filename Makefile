@@ -36,6 +36,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/objective_memory.py
+	$(BIN)/python bench/sharded_training.py
 
 clean-venv:
 	rm -rf $(VENV)
