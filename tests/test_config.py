@@ -86,10 +86,12 @@ def test_smoke_debug_is_tiny():
     assert cfg.trainer.max_steps <= 2 and cfg.data.batch_size <= 2 and cfg.rollout.max_new_tokens <= 32
 
 
-def test_gpu_experiment_selects_a_gpu_model_and_bf16():
+def test_gpu_experiment_shards_a_gpu_model_over_a_node_in_bf16():
     cfg = compose_train(["experiment=sdpo_paper_qwen3_8b", "method=demopsd"])
-    assert cfg.model.name_or_path == "Qwen/Qwen3-8B"
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    assert cfg.model.name_or_path == "Qwen/Qwen3-8B" and cfg.model.dtype == "float32"
+    assert cfg.trainer.strategy._target_ == "demopsd.sharding.FullyShardedStrategy"
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 8 and cfg.data.batch_size % 8 == 0
+    assert cfg.fsdp.param_dtype == "bfloat16" and cfg.fsdp.activation_checkpointing
 
 
 @pytest.mark.parametrize(
