@@ -114,12 +114,15 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model_dir):
 
     output = result.stdout + result.stderr
     assert "Resuming from" in output and "step000002.ckpt" in output
-    resumed, uninterrupted = records(cut / "records"), records(whole / "records")
-    assert sorted(by_step(resumed, "prompts")) == [2]  # only the step after the checkpoint ran again
-    # rank 0's third step depends on the restored weights, optimizer state and random state only
-    assert by_step(resumed, "prompts")[2] == by_step(uninterrupted, "prompts")[2]
-    for name in ("train/response_length", "train/entropy", "leakage/kl_teacher_student", "distill/loss"):
-        assert by_step(resumed, "metrics")[2][name] == pytest.approx(by_step(uninterrupted, "metrics")[2][name],
-                                                                     rel=1e-5), name
+    for rank in (0, 1):  # each process continues from its own weights shard, optimizer state and random state
+        resumed, uninterrupted = records(cut / "records", rank), records(whole / "records", rank)
+        assert sorted(by_step(resumed, "prompts")) == [2]  # only the step after the checkpoint ran again
+        assert by_step(resumed, "prompts")[2] == by_step(uninterrupted, "prompts")[2]
+        for name in ("train/response_length", "train/entropy", "leakage/kl_teacher_student", "distill/loss"):
+            assert by_step(resumed, "metrics")[2][name] == pytest.approx(
+                by_step(uninterrupted, "metrics")[2][name], rel=1e-5), (rank, name)
+    resumed, uninterrupted = torch.load(cut / "records" / "rank0.pt"), torch.load(whole / "records" / "rank0.pt")
+    for name, weight in resumed.items():
+        torch.testing.assert_close(weight, uninterrupted[name], rtol=1e-6, atol=1e-7)
     logged = pd.read_csv(resumed_dir / "metrics.csv").dropna(subset=["train/entropy"])
     assert logged["step"].tolist() == [0, 1, 2]

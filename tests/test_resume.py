@@ -4,6 +4,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -203,9 +204,32 @@ def test_saved_random_states_replay_the_same_draws():
     saved = torch.load(_round_trip(plain_rng_states()), weights_only=True)  # loads without pickled numpy arrays
     draws = (random.random(), np.random.rand(), torch.rand(3))
     callback = RunStateCheckpoint()
-    callback.load_state_dict({"rng": saved})
-    callback.on_train_start(None, None)
+    callback.load_state_dict({"rng": saved})  # a checkpoint from before the per-process states
+    callback.on_train_start(SimpleNamespace(world_size=1, global_rank=0), None)
     assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+
+
+def test_each_process_gets_its_own_random_state_back(caplog):
+    from demopsd.resume import RunStateCheckpoint, plain_rng_states
+
+    states, draws = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(plain_rng_states())
+        draws.append(torch.rand(2))
+    saved = {"rng": states[0], "rng_per_process": states}
+    for rank in (0, 1):
+        callback = RunStateCheckpoint()
+        callback.load_state_dict(saved)
+        callback.on_train_start(SimpleNamespace(world_size=2, global_rank=rank), None)
+        assert torch.equal(torch.rand(2), draws[rank])
+
+    callback = RunStateCheckpoint()
+    callback.load_state_dict(saved)
+    with caplog.at_level("WARNING"):
+        callback.on_train_start(SimpleNamespace(world_size=3, global_rank=2), None)
+    assert torch.equal(torch.rand(2), draws[0])
+    assert "random states of 2 process(es) and this run has 3" in caplog.text
 
 
 def _round_trip(obj):
@@ -223,3 +247,19 @@ def test_checkpoint_every_zero_steps_means_none_and_negative_is_refused(tmp_path
     assert checkpointing(0, tmp_path) == []
     with pytest.raises(ValueError, match=r"every_n_train_steps=-1 is invalid: 0 \(no checkpoints\)"):
         checkpointing(-1, tmp_path)
+
+
+def test_processes_after_the_first_draw_their_own_reproducible_streams():
+    from demopsd.training import ProcessSeeds
+
+    def draws_after_setup(rank: int) -> torch.Tensor:
+        torch.manual_seed(7)  # what seed_everything(seed=7) did in every process
+        ProcessSeeds(7).setup(SimpleNamespace(global_rank=rank), None, "fit")
+        return torch.rand(3)
+
+    torch.manual_seed(7)
+    single_process = torch.rand(3)
+    assert torch.equal(draws_after_setup(0), single_process)
+    second, third = draws_after_setup(1), draws_after_setup(2)
+    assert not torch.equal(second, single_process) and not torch.equal(second, third)
+    assert torch.equal(draws_after_setup(1), second)

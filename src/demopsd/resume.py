@@ -128,13 +128,14 @@ def continue_csv_log(logger: CSVLogger, kept_lines: list[str]) -> None:
 class RunStateCheckpoint(L.Callback):
     """Saves random states, the W&B run id and the ``metrics.csv`` length with every checkpoint.
 
-    The random states are put back when training starts again, after everything that set-up draws, so the
-    steps after a resume sample the same rollouts as an uninterrupted run.
+    The random states of every process are saved (gathered into the first process's checkpoint) and each
+    process gets its own back when training starts again, after everything that set-up draws, so the steps
+    after a resume sample the same rollouts as an uninterrupted run.
     """
 
     def __init__(self, metrics_csv: Path | None = None) -> None:
         self.metrics_csv = metrics_csv
-        self._rng_to_restore: dict | None = None
+        self._rng_to_restore: list[dict] | None = None  # one state per process of the checkpointed run
 
     def state_dict(self) -> dict:
         trainer = self._trainer
@@ -146,24 +147,46 @@ class RunStateCheckpoint(L.Callback):
                 lines = sum(1 for _ in file)
         return {
             "rng": plain_rng_states(),
+            "rng_per_process": states_of_every_process(plain_rng_states()),  # collective: every process is here
             "wandb_run_id": wandb_run_id(trainer),
             "metrics_csv_lines": lines,
             "global_step": trainer.global_step,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._rng_to_restore = state_dict.get("rng")
-        if self._rng_to_restore is not None:
-            kind, key, *rest = self._rng_to_restore["numpy"]
-            self._rng_to_restore["numpy"] = (kind, np.asarray(key, dtype=np.uint32), *rest)
+        states = state_dict.get("rng_per_process") or ([state_dict["rng"]] if state_dict.get("rng") else None)
+        self._rng_to_restore = None if states is None else [numpy_key_as_array(state) for state in states]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._rng_to_restore is not None:
-            _set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        if self._rng_to_restore is None:
+            return
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if len(states) != trainer.world_size:
+            log.warning(
+                "The checkpoint holds the random states of %d process(es) and this run has %d: every process "
+                "continues from the first one's, so the rollouts differ from those of an uninterrupted run",
+                len(states), trainer.world_size,
+            )
+            states = states[:1] * trainer.world_size
+        _set_rng_states(states[trainer.global_rank])
+
+
+def states_of_every_process(state: dict) -> list[dict]:
+    """``state`` of each process of the run, in rank order (just ``[state]`` in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def numpy_key_as_array(state: dict) -> dict:
+    """The inverse of :func:`plain_rng_states`'s conversion of numpy's key."""
+    kind, key, *rest = state["numpy"]
+    return {**state, "numpy": (kind, np.asarray(key, dtype=np.uint32), *rest)}
 
 
 def plain_rng_states() -> dict:

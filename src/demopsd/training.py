@@ -7,6 +7,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -132,6 +134,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / "checkpoints"),
             evaluation,
             NumericalGuard(**cfg.get("guards", {})),
+            ProcessSeeds(cfg.seed),
             RunStateCheckpoint(output_dir / "metrics.csv"),
             RichProgressBar(),
         ],
@@ -184,6 +187,24 @@ def build_rollout_engine(cfg: DictConfig, policy, tokenizer):
     engine = EngineConfig(**{key: cfg.rollout[key] for key in EngineConfig.__dataclass_fields__})
     max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     return VLLMRollouts(policy, tokenizer, engine, max_model_len=max_model_len, seed=cfg.seed)
+
+
+class ProcessSeeds(L.Callback):
+    """Gives every process after the first its own random stream, derived from ``seed`` and its rank, so that
+    the processes do not sample their rollouts with the same random numbers. The first process keeps the
+    stream ``seed`` started, so a run's first process samples as a single-process run does."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank > 0:
+            seed_everything(process_seed(self.seed, trainer.global_rank), workers=True, verbose=False)
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """A 32-bit seed for process ``rank`` of a run seeded with ``seed``, unrelated to other runs' seeds."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def checkpointing(every_n_train_steps: int, dirpath: Path) -> list[ModelCheckpoint]:
