@@ -165,10 +165,10 @@ def test_vllm_engine_settings_are_checked_before_anything_loads():
 
 
 @pytest.mark.parametrize("trainer", [["trainer=ddp"], ["trainer=fsdp"], ["+trainer.num_nodes=2"]])
-def test_vllm_rollouts_are_refused_for_several_training_processes(trainer):
-    (problem,) = problems_of(["rollout=vllm", *trainer])
-    assert problem.startswith("rollout.backend='vllm': rollout=hf when training runs in several processes")
-    assert problem.endswith("rollout=vllm needs trainer.devices=1")
+def test_vllm_tensor_parallelism_is_refused_for_several_training_processes(trainer):
+    validate_config(compose_train(["rollout=vllm", *trainer]))
+    (problem,) = problems_of(["rollout=vllm", "rollout.tensor_parallel_size=2", *trainer])
+    assert problem.startswith("rollout.tensor_parallel_size=2: 1 when training runs in several processes")
 
 
 def test_fsdp_settings_are_checked_under_every_trainer():

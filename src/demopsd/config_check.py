@@ -102,11 +102,11 @@ def validate_config(cfg: DictConfig) -> None:
     if rollout.get("backend") == "vllm":
         _check_dataclass(EngineConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
         trainer = sections["trainer"]
-        if trainer.get("devices", 1) not in (1, "1") or trainer.get("num_nodes", 1) != 1:
-            report("rollout.backend", "vllm", f"rollout=hf when training runs in several processes "
-                   f"(trainer.devices={trainer.get('devices')!r}, trainer.num_nodes={trainer.get('num_nodes', 1)!r}): "
-                   "vLLM's engine inside the training process takes torch.distributed for itself, and the "
-                   "processes would no longer average their gradients; rollout=vllm needs trainer.devices=1")
+        several = trainer.get("devices", 1) not in (1, "1") or trainer.get("num_nodes", 1) != 1
+        if several and rollout.get("tensor_parallel_size", 1) != 1:
+            report("rollout.tensor_parallel_size", rollout.get("tensor_parallel_size"),
+                   f"1 when training runs in several processes (trainer.devices={trainer.get('devices')!r}): each "
+                   "process samples its own prompts with an engine on its own device")
     n = rollout.get("n")
     if n == 1 and "rollout.n" not in reported:
         reprompt = sections["method.reprompt"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -58,8 +59,9 @@ class SelfDistillationModule(L.LightningModule):
     ``objective`` is a :class:`DistillationConfig` (then ``reprompt`` and ``teacher`` are used) or a
     :class:`GRPOConfig`. ``teacher`` is ``"ema"`` (a frozen moving-average copy, updated with
     ``ema_rate`` after every optimizer step) or ``"live"`` (the policy's current weights, no gradient).
-    ``rollout_engine``: a vLLM engine that samples the rollouts (the policy's weights are pushed into it
-    before the first rollout after each update); ``None`` samples with ``generate`` on the policy itself.
+    ``make_rollout_engine``: builds, given the process's ``local_rank``, the vLLM engine that samples the rollouts
+    (the policy's weights are pushed into it before the first rollout after each update); it is called in
+    :meth:`setup`, once the training processes are connected. ``None`` samples with ``generate`` on the policy.
     ``sharding``: how :meth:`configure_model` shards the policy and the teacher under ``trainer=fsdp``.
     """
 
@@ -76,7 +78,7 @@ class SelfDistillationModule(L.LightningModule):
         optim: OptimConfig | None = None,
         prompts: PromptConfig | None = None,
         chunk_size: int = 512,
-        rollout_engine: VLLMRollouts | None = None,
+        make_rollout_engine: Callable[..., VLLMRollouts] | None = None,
         sharding: ShardingConfig | None = None,
     ) -> None:
         super().__init__()
@@ -87,7 +89,8 @@ class SelfDistillationModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.prompts = prompts or PromptConfig()
         self.chunk_size = chunk_size
-        self.rollout_engine = rollout_engine
+        self.make_rollout_engine = make_rollout_engine
+        self.rollout_engine: VLLMRollouts | None = None
         self.sharding = sharding or ShardingConfig()
         self._engine_is_stale = True  # the engine's weights are the checkpoint's, not (say) a resumed run's
         self.distills = isinstance(objective, DistillationConfig)
@@ -279,6 +282,10 @@ class SelfDistillationModule(L.LightningModule):
         return loss, metrics
 
     # ------------------------------------------------------------------ around the step
+    def setup(self, stage: str) -> None:
+        if self.make_rollout_engine is not None and self.rollout_engine is None:
+            self.rollout_engine = self.make_rollout_engine(local_rank=self.trainer.local_rank)
+
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning then provides a device mesh), shard the policy and the EMA teacher
         alike, so the EMA update pairs each shard with its own; a no-op under any other strategy."""

