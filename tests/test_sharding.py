@@ -33,8 +33,8 @@ def mesh(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def sharded_tiny(mesh, config=FP32, seed=0):
-    model = tiny_llama(seed=seed)
+def sharded_tiny(mesh, config=FP32):
+    model = tiny_llama()
     shard_model(model, mesh, config)
     return model
 
