@@ -146,7 +146,6 @@ class RunStateCheckpoint(L.Callback):
             with self.metrics_csv.open() as file:
                 lines = sum(1 for _ in file)
         return {
-            "rng": plain_rng_states(),
             "rng_per_process": states_of_every_process(plain_rng_states()),  # collective: every process is here
             "wandb_run_id": wandb_run_id(trainer),
             "metrics_csv_lines": lines,
@@ -154,6 +153,7 @@ class RunStateCheckpoint(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # "rng": the first process's state alone, in checkpoints written before the per-process states
         states = state_dict.get("rng_per_process") or ([state_dict["rng"]] if state_dict.get("rng") else None)
         self._rng_to_restore = None if states is None else [numpy_key_as_array(state) for state in states]
 

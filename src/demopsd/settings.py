@@ -12,6 +12,7 @@ METHOD_KINDS = ("distill", "grpo")
 TEACHER_KINDS = ("ema", "live")
 ROLLOUT_BACKENDS = ("hf", "vllm")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # of model.dtype and the fsdp dtypes
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,6 @@ class EngineConfig:
             )
 
 
-SHARD_DTYPES = ("float32", "bfloat16", "float16")
-
-
 @dataclass(frozen=True)
 class ShardingConfig:
     """Fully sharded data parallel (``trainer=fsdp``, the ``fsdp`` config section): weights are all-gathered
@@ -106,7 +104,7 @@ class ShardingConfig:
 
     def __post_init__(self) -> None:
         for key in ("param_dtype", "reduce_dtype"):
-            if getattr(self, key) not in SHARD_DTYPES:
+            if getattr(self, key) not in DTYPE_NAMES:
                 raise ValueError(
-                    f"fsdp.{key}={getattr(self, key)!r} is invalid: one of {', '.join(SHARD_DTYPES)} is accepted"
+                    f"fsdp.{key}={getattr(self, key)!r} is invalid: one of {', '.join(DTYPE_NAMES)} is accepted"
                 )
