@@ -136,7 +136,7 @@ def test_topk_suggests_top_k_and_lists_the_dataclass_fields():
 def test_objective_keys_follow_the_method_kind():
     """A distillation key under GRPO is unknown there (GRPOConfig would refuse it)."""
     line = line_for(problems_of(["method=grpo", "+method.objective.top_k=5"]), "method.objective.top_k", 5)
-    assert "clip_low" in line and "kl_coef" in line
+    assert "clip_low" in line and "clip_ratio_c" in line
 
 
 def test_reprompt_seed_is_the_top_level_seed():
@@ -145,9 +145,24 @@ def test_reprompt_seed_is_the_top_level_seed():
 
 
 def test_grpo_has_no_reprompt_section():
-    problems = problems_of(["method=grpo", "+method.reprompt.use_feedback=true"])
-    line = line_for(problems, "method.reprompt", {"use_feedback": True})
+    problems = problems_of(["method=grpo", "+method.reprompt.use_demonstrations=true"])
+    line = line_for(problems, "method.reprompt", {"use_demonstrations": True})
     assert line.endswith("accepted keys: kind, name, objective")
+
+
+@pytest.mark.parametrize("key, value", [("method.reprompt.use_feedback", True), ("method.objective.eps", 1e-8),
+                                        ("method.objective.kl_coef", 0.1)])
+def test_removed_settings_are_refused(key, value):
+    """Settings that had no effect (no feedback source; a KL to nothing) or changed the loss away from the
+    reference (a floor under log-probs) are refused, not silently ignored."""
+    overrides = ["method=grpo"] if "kl_coef" in key else []
+    line = line_for(problems_of([*overrides, f"+{key}={value}"]), key, value)
+    assert "not a key of" in line
+
+
+def test_reward_rule_is_checked_before_anything_loads():
+    line = line_for(problems_of(["data.reward=lenient"]), "data.reward", "lenient")
+    assert "answer_tag" in line and "strict" in line
 
 
 def test_rollout_backend_is_a_key_though_not_a_sampling_field():

@@ -33,25 +33,20 @@ def test_loners_and_groups_without_success_are_masked():
     assert build_contexts(["a", "b", "c"], [0, 0, 0], 3, PLAIN) == [None, None, None]
 
 
-def test_fallbacks_in_order_demonstration_then_feedback_then_answer():
-    config = dataclasses.replace(PLAIN, use_feedback=True, use_reference_answer=True)
-    completions = ["s0", "f1", "f2", "f3", "f4", "f5"]
-    rewards = [1, 0, 0, 0, 0, 0]
-    feedback = ["fb0", "fb1", None, "fb3", "  ", None]
-    contexts = build_contexts(completions, rewards, 2, config, answers=["A", "B", "C"], feedback=feedback)
-    assert contexts == [
-        "The following is feedback from your unsuccessful earlier attempt:\n\nfb0",  # own success not used
-        "s0",  # a demonstration wins over feedback
-        "The correct answer is B.",  # no feedback: the reference answer
-        "The following is feedback from your unsuccessful earlier attempt:\n\nfb3",
-        "The correct answer is C.",  # blank feedback counts as none
-        "The correct answer is C.",
-    ]
+def test_the_reference_answer_is_the_fallback_after_a_demonstration():
+    config = dataclasses.replace(PLAIN, use_reference_answer=True)
+    contexts = build_contexts(["s0", "f1", "f2", "f3"], [1, 0, 0, 0], 2, config, answers=["A", "B"])
+    assert contexts == ["The correct answer is A.", "s0", "The correct answer is B.", "The correct answer is B."]
 
 
 def test_fallbacks_are_off_by_default():
-    contexts = build_contexts(["f0", "f1"], [0, 0], 2, PLAIN, answers=["A"], feedback=["fb", "fb"])
-    assert contexts == [None, None]
+    assert build_contexts(["f0", "f1"], [0, 0], 2, PLAIN, answers=["A"]) == [None, None]
+
+
+def test_turning_demonstrations_off_removes_them():
+    off = dataclasses.replace(PLAIN, use_demonstrations=False)
+    assert build_contexts(["s0", "f1"], [1, 0], 2, PLAIN) == [None, "s0"]
+    assert build_contexts(["s0", "f1"], [1, 0], 2, off) == [None, None]
 
 
 def test_reference_answer_only_when_demonstrations_are_off():
@@ -70,11 +65,20 @@ def test_thinking_is_removed_from_demonstrations():
     assert build_contexts([completion, "f"], [1, 0], 2, custom)[1] == "<think>secret\nplan</think>\n<answer>A</answer>"
 
 
-def test_teacher_prompt_renders_the_default_template():
-    contexts = build_contexts(["<answer>B</answer>", "x"], [1, 0], 2, RepromptConfig())
-    assert teacher_prompt("Q?\nA: 1\nB: 2", contexts[1], RepromptConfig()) == (
-        "Q?\nA: 1\nB: 2\n\nCorrect solution:\n\n<answer>B</answer>\n\nCorrectly solve the original question."
+# The reference's actor.yaml templates, as its YAML parser reads them (solution and feedback sections each
+# begin with a newline); a demonstration is the decoded response as it is, trailing whitespace included.
+REFERENCE_REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+REFERENCE_SOLUTION = "\nCorrect solution:\n\n{successful_previous_attempt}"
+
+
+def test_teacher_prompt_is_the_references_reprompt_to_the_character():
+    demonstration = "<reasoning>r</reasoning>\n<answer>\nB\n</answer>\n"
+    contexts = build_contexts([demonstration, "x"], [1, 0], 2, RepromptConfig())
+    prompt = "Q?\n\nA: 1\nB: 2\nPlease reason step by step."
+    reference = REFERENCE_REPROMPT.format(
+        prompt=prompt, solution=REFERENCE_SOLUTION.format(successful_previous_attempt=demonstration), feedback=""
     )
+    assert teacher_prompt(prompt, contexts[1], RepromptConfig()) == reference
     custom = RepromptConfig(template="[{context}] {prompt}")
     assert teacher_prompt("Q {x}", "c", custom) == "[c] Q {x}"
 
@@ -87,6 +91,8 @@ def test_random_selection_is_seeded_and_stays_in_group():
     assert first == build_contexts(completions, rewards, 4, config, step=7)
     steps = {tuple(build_contexts(completions, rewards, 4, config, step=s)) for s in range(10)}
     assert len(steps) > 1  # different steps draw different siblings
+    reseeded = [build_contexts(completions, rewards, 4, dataclasses.replace(config, seed=s), step=7) for s in range(8)]
+    assert any(contexts != first for contexts in reseeded)  # the seed changes the draw too
     for i, context in enumerate(first):
         j = int(context[1:])
         assert j != i and j // 4 == i // 4 and rewards[j] == 1
@@ -116,7 +122,6 @@ def test_contexts_come_from_successful_siblings(rewards, group_size, selection):
         (dict(completions=["a", "b", "c"], rewards=[0, 0, 0], group_size=2), "group_size=2"),
         (dict(completions=["a"], rewards=[0], group_size=0), "group_size=0 must be an integer >= 1"),
         (dict(completions=["a", "b"], rewards=[0], group_size=1), "1 rewards for 2 completions"),
-        (dict(completions=["a"], rewards=[0], group_size=1, feedback=[]), "0 feedback entries"),
     ],
 )
 def test_bad_inputs(kwargs, message):

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from demopsd.objectives.config import DistillationConfig, GRPOConfig
 from demopsd.reprompt import RepromptConfig
+from demopsd.rewards import REWARD_RULES
 from demopsd.settings import (
     METHOD_KINDS,
     TEACHER_KINDS,
@@ -130,6 +131,8 @@ def validate_config(cfg: DictConfig) -> None:
     batch_size = data.get("batch_size")
     if not (_is_int(batch_size) and batch_size >= 1):
         report("data.batch_size", batch_size, "an integer >= 1 (prompts per optimizer step)")
+    if "reward" in data and data["reward"] not in REWARD_RULES:
+        report("data.reward", data["reward"], f"one of {REWARD_RULES} (src/demopsd/rewards.py)")
     _unknown_keys("checkpoint", sections["checkpoint"], _keys(reference, "checkpoint"), report)
 
     # -- trainer and logger

@@ -13,6 +13,7 @@ a warning lists why, and the loaded split's ``skipped`` attribute counts it (see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -62,6 +63,8 @@ class MCQExample:
     idx: int
     letters: str
     """The option letters present in the prompt, e.g. ``"ABCD"`` or ``"AB"``."""
+    reward_rule: str = "answer_tag"
+    """How a completion is scored (``data.reward``; see :mod:`demopsd.rewards`)."""
 
 
 class LoadedSplit(list):
@@ -141,14 +144,31 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
 SOURCES = ("sciknoweval", "gpqa", "synthetic")
 
 
+REFERENCE_REWARDS = {"sciknoweval": "answer_tag", "synthetic": "answer_tag", "gpqa": "last_letter"}
+"""The SDPO reference's reward rule of each source, used where ``data.reward`` is not set."""
+
+
 def load_split(
     data: Mapping, split: str, data_dir: str | Path | None = None, *, on_bad_row: str | None = None
 ) -> LoadedSplit:
-    """The ``split`` of the dataset a ``data=`` config describes (its ``source`` picks the loader).
+    """The ``split`` of the dataset a ``data=`` config describes (its ``source`` picks the loader), each example
+    scored under ``data.reward`` (default: the reference's rule of that source, :data:`REFERENCE_REWARDS`).
 
     Bad rows are handled as ``on_bad_row`` says, else as ``data.on_bad_row`` says, else they are an error;
     the result's ``skipped`` counts those left out (always 0 for the generated task).
     """
+    from demopsd.rewards import REWARD_RULES
+
+    rule = data.get("reward") or REFERENCE_REWARDS.get(data["source"], "answer_tag")
+    if rule not in REWARD_RULES:
+        raise ValueError(f"data.reward={rule!r} is invalid: one of {REWARD_RULES} is accepted")
+    loaded = _load_examples(data, split, data_dir, on_bad_row=on_bad_row)
+    return LoadedSplit((dataclasses.replace(e, reward_rule=rule) for e in loaded), loaded.skipped)
+
+
+def _load_examples(
+    data: Mapping, split: str, data_dir: str | Path | None = None, *, on_bad_row: str | None = None
+) -> LoadedSplit:
     on_bad_row = check_on_bad_row(on_bad_row or data.get("on_bad_row") or "error")
     source = data["source"]
     if source == "sciknoweval":

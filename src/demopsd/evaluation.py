@@ -190,7 +190,7 @@ def letter_metrics(samples: list[dict]) -> dict[str, float]:
 
 
 def answer_record(text: str, example: MCQExample, length: int) -> dict:
-    score = score_mcq(text, example.answer, example.letters)
+    score = score_mcq(text, example.answer, example.letters, example.reward_rule)
     return {"text": text, "predicted": score.predicted, "correct": score.correct,
             "well_formed": score.well_formed, "length": length}
 

@@ -47,6 +47,13 @@ def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptCo
     ]
 
 
+def attenuation(kl_target_student: torch.Tensor, kl_teacher_student: torch.Tensor) -> torch.Tensor:
+    """``KL(q‖p_S) / KL(p_T‖p_S)`` (both on the objective's support): the share of the teacher's shift the target
+    passes on; 1 where the teacher does not move (both are 0), NaN when nothing was distilled."""
+    ratio = kl_target_student / kl_teacher_student
+    return torch.where(kl_teacher_student == 0, torch.ones_like(ratio), ratio)
+
+
 def sampler_log_probs(rollouts: RolloutBatch, valid: torch.Tensor) -> torch.Tensor | None:
     """``log π_old`` ``[N]`` of the ``valid`` response tokens when another engine sampled them, else ``None``
     (the trainer's own detached values: sampled from the live policy, the importance ratio is 1)."""
@@ -120,7 +127,7 @@ class SelfDistillationModule(L.LightningModule):
         )
         rollouts = self._rollouts(prompts)
         examples = [e for e in batch for _ in range(self.sampling.n)]
-        scores = [score_mcq(text, e.answer, e.letters) for text, e in zip(rollouts.texts, examples)]
+        scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
 
         metrics = {
@@ -188,9 +195,9 @@ class SelfDistillationModule(L.LightningModule):
         token_weights = aggregation_weights(distill_mask, config.aggregation)[valid]
         teacher_model = self.teacher if self.teacher is not None else self.policy
         loss, stats = chunked_distillation_loss(
-            student_hidden[valid],
+            self._tempered(student_hidden[valid]),
             lm_head_weight(self.policy),
-            teacher_hidden[valid],
+            self._tempered(teacher_hidden[valid]),
             lm_head_weight(teacher_model).detach(),
             response_ids[valid],
             token_weights,
@@ -217,7 +224,8 @@ class SelfDistillationModule(L.LightningModule):
             "distill/is_clip_fraction": stats["is_clip_fraction"],
             "leakage/kl_teacher_student": kl_ts,
             "leakage/kl_target_student": kl_qs,
-            "leakage/attenuation": kl_qs / kl_ts.clamp_min(1e-12),
+            "leakage/attenuation": attenuation(kl_qs, kl_ts),
+            "leakage/kl_teacher_student_full": stats["kl_teacher_student_full"],
             "train/entropy": stats["entropy"],
             "perf/teacher_seconds": torch.tensor(teacher_seconds),
             "perf/student_seconds": torch.tensor(time.perf_counter() - started),
@@ -259,27 +267,35 @@ class SelfDistillationModule(L.LightningModule):
         valid = response_mask.bool()
         hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
         log_probs, entropy = chunked_token_log_probs(
-            hidden[valid], lm_head_weight(self.policy), response_ids[valid], chunk_size=self.chunk_size
+            self._tempered(hidden[valid]), lm_head_weight(self.policy), response_ids[valid], chunk_size=self.chunk_size
         )
         advantages = grpo_advantages(rewards, self.sampling.n, scale_by_std=config.scale_by_std)
         token_advantages = advantages[:, None].expand_as(response_mask)[valid]
         token_weights = aggregation_weights(response_mask, config.aggregation)[valid]
         loss, stats = grpo_loss(
             log_probs,
-            sampler_log_probs(rollouts, valid),
             token_advantages,
             token_weights,
+            sampler_log_probs=sampler_log_probs(rollouts, valid),
             clip_low=config.clip_low,
             clip_high=config.clip_high,
+            clip_ratio_c=config.clip_ratio_c,
+            rollout_is_threshold=config.rollout_is_threshold,
         )
         metrics = {
             "grpo/loss": stats["loss"],
             "grpo/clip_fraction": stats["clip_fraction"],
+            "grpo/sampler_weight_mean": stats["sampler_weight_mean"],
             "grpo/advantage_abs_mean": advantages.abs().mean(),
             "train/entropy": entropy.mean(),
             "perf/student_seconds": torch.tensor(time.perf_counter() - started),
         }
         return loss, metrics
+
+    def _tempered(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states scaled so that the logits they give are divided by the rollout temperature: the
+        trainer scores the distribution the rollouts were sampled from, as the reference does."""
+        return hidden if self.sampling.temperature == 1.0 else hidden / self.sampling.temperature
 
     # ------------------------------------------------------------------ around the step
     def setup(self, stage: str) -> None:

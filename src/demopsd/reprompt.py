@@ -4,17 +4,18 @@ Rollouts arrive in consecutive groups of ``group_size`` per prompt. Rollout ``i`
 context ``c`` a *successful* sibling ``j != i`` of its own group (reward at least
 ``success_threshold``), with thinking blocks removed and wrapped in ``demonstration_template``.
 A rollout never sees its own solution: a success whose group has no other success gets no
-demonstration. Optional fallbacks, tried in this order when there is no demonstration: the
-environment's feedback on that rollout, then the reference answer of its prompt. A rollout left
-without context gets ``None`` and is masked out of the distillation loss by the caller.
+demonstration. Optional fallback when there is no demonstration: the reference answer of its prompt.
+A rollout left without context gets ``None`` and is masked out of the distillation loss by the caller.
+(The reference's other fallback, environment feedback, is empty for multiple-choice rewards, so there is none.)
 
 Only the teacher is shown ``c``; :func:`teacher_prompt` renders its user message. The student
 keeps the plain prompt.
 
 Defaults follow the SDPO reference release (lasgroup/SDPO, ``actor.yaml`` and the reprompting code
 of its trainer): success threshold 0.5, no reprompting on one's own success, ``<think>`` blocks
-stripped from demonstrations, the first successful sibling in group order as the demonstration,
-and the wording "Correct solution:" / "Correctly solve the original question.".
+stripped from demonstrations (which are otherwise the decoded response as it is), the first successful
+sibling in group order as the demonstration, and the reference's reprompt text to the character:
+``{prompt}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question.``.
 """
 
 from __future__ import annotations
@@ -30,15 +31,13 @@ SELECTIONS = ("first", "random")
 class RepromptConfig:
     """How contexts are chosen and rendered."""
 
-    template: str = "{prompt}\n\n{context}\n\nCorrectly solve the original question."
+    template: str = "{prompt}\n{context}\n\nCorrectly solve the original question."
     """The teacher's user message; needs ``{prompt}`` and ``{context}``."""
     demonstration_template: str = "Correct solution:\n\n{solution}"
-    feedback_template: str = "The following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"
     answer_template: str = "The correct answer is {answer}."
     success_threshold: float = 0.5
     use_demonstrations: bool = True
-    """Off: no sibling demonstrations, only the fallbacks (e.g. OPSD with the reference answer)."""
-    use_feedback: bool = False
+    """Off: no sibling demonstrations, only the fallback (e.g. OPSD with the reference answer)."""
     use_reference_answer: bool = False
     remove_thinking: bool = True
     thinking_pattern: str = r"<think>.*?</think>\s*"
@@ -53,7 +52,6 @@ class RepromptConfig:
         for field, placeholders in (
             ("template", ("{prompt}", "{context}")),
             ("demonstration_template", ("{solution}",)),
-            ("feedback_template", ("{feedback}",)),
             ("answer_template", ("{answer}",)),
         ):
             missing = [p for p in placeholders if p not in getattr(self, field)]
@@ -68,12 +66,11 @@ def build_contexts(
     config: RepromptConfig,
     *,
     answers: list[str] | None = None,
-    feedback: list[str | None] | None = None,
     step: int = 0,
 ) -> list[str | None]:
     """The rendered context of every rollout, or None where it has none.
 
-    ``completions``/``rewards``/``feedback`` hold one entry per rollout, groups consecutive;
+    ``completions``/``rewards`` hold one entry per rollout, groups consecutive;
     ``answers`` holds one reference answer per group (prompt). ``step`` seeds the random sibling
     choice together with ``config.seed``, so a step's contexts are reproducible.
     """
@@ -84,8 +81,6 @@ def build_contexts(
         raise ValueError(f"{n} completions do not split into groups of group_size={group_size}; need a multiple")
     if len(rewards) != n:
         raise ValueError(f"got {len(rewards)} rewards for {n} completions; need one per completion")
-    if feedback is not None and len(feedback) != n:
-        raise ValueError(f"got {len(feedback)} feedback entries for {n} completions; need one per completion")
     if config.use_reference_answer and (answers is None or len(answers) != n // group_size):
         got = "none" if answers is None else len(answers)
         raise ValueError(f"use_reference_answer needs one answer per group: got {got} for {n // group_size} groups")
@@ -101,8 +96,6 @@ def build_contexts(
         if config.use_demonstrations and siblings:
             j = siblings[0] if config.selection == "first" else rng.choice(siblings)
             context = config.demonstration_template.format(solution=_demonstration(completions[j], config))
-        elif config.use_feedback and feedback is not None and (feedback[i] or "").strip():
-            context = config.feedback_template.format(feedback=feedback[i].strip())
         elif config.use_reference_answer:
             context = config.answer_template.format(answer=answers[i // group_size])
         contexts.append(context)
@@ -117,4 +110,4 @@ def teacher_prompt(prompt: str, context: str, config: RepromptConfig) -> str:
 def _demonstration(completion: str, config: RepromptConfig) -> str:
     if config.remove_thinking:
         completion = re.sub(config.thinking_pattern, "", completion, flags=re.DOTALL)
-    return completion.strip()
+    return completion

@@ -1,4 +1,4 @@
-"""Scoring of multiple-choice completions.
+"""Scoring of multiple-choice completions, under one of three rules (``data.reward``).
 
 A completion is expected to follow the task's system prompt::
 
@@ -9,20 +9,28 @@ A completion is expected to follow the task's system prompt::
     B
     </answer>
 
-The parser is strict so that the reward cannot be gamed. A completion is *well formed* only if
+- ``answer_tag`` (SciKnowEval and the synthetic task; the SDPO reference's ``feedback/mcq.py``): the prediction
+  is the text after the last ``<answer>`` up to the next ``</answer>`` (or the end), stripped; reward 1 when it
+  equals the answer letter. An unclosed tag, two answer blocks or a missing tag can still be right. *Well formed*
+  is the reference's format check: the completion ends with ``<answer>``, one option letter, ``</answer>``
+  (whitespace allowed around the letter and at the very end).
+- ``last_letter`` (GPQA; the reference's ``feedback/gpqa.py``): the prediction is the last option letter standing
+  alone as a word in the upper-cased completion (else the whole stripped completion); well formed when that is
+  an option letter.
+- ``strict``: well formed only if
 
-1. it holds exactly one ``<answer>`` tag and exactly one ``</answer>`` tag, the opening one first
-   (tags are matched case-insensitively, so ``<ANSWER>`` counts as a second tag; two answer blocks
-   are a format failure even if one of them is right);
-2. the answer block is not nested in a reasoning block: every ``<reasoning>`` opened before it is
-   closed before it (an answer written inside the reasoning does not count);
-3. the block holds a single upper-case letter and nothing else but whitespace, so ``A: 0.8``,
-   ``A or B``, ``(A)``, ``A.`` and the lower-case ``a`` are all format failures (the prompt asks
-   for the option letter, and the options are upper-case);
-4. that letter is one of the question's option letters.
+  1. it holds exactly one ``<answer>`` tag and exactly one ``</answer>`` tag, the opening one first
+     (tags are matched case-insensitively, so ``<ANSWER>`` counts as a second tag; two answer blocks
+     are a format failure even if one of them is right);
+  2. the answer block is not nested in a reasoning block: every ``<reasoning>`` opened before it is
+     closed before it (an answer written inside the reasoning does not count);
+  3. the block holds a single upper-case letter and nothing else but whitespace, so ``A: 0.8``,
+     ``A or B``, ``(A)``, ``A.`` and the lower-case ``a`` are all format failures;
+  4. that letter is one of the question's option letters;
 
-A malformed completion earns no reward and has ``predicted=None``; a well-formed one earns 1.0
-if its letter is the reference answer, else 0.0. Text outside the answer block is not inspected.
+  and a malformed completion earns no reward. Text outside the answer block is not inspected.
+
+Under every rule ``predicted`` is the parsed option letter, or None when the prediction is not an option letter.
 """
 
 from __future__ import annotations
@@ -45,12 +53,14 @@ class MCQScore:
     """1.0 if the completion is well formed and correct, else 0.0."""
     correct: bool
     well_formed: bool
-    """False on any format failure (see the module docstring for the rules)."""
+    """The rule's format check (see the module docstring)."""
     predicted: str | None
-    """The parsed option letter, or None when the completion is malformed."""
+    """The parsed option letter, or None when the prediction is not one of the option letters."""
 
 
 _MALFORMED = MCQScore(reward=0.0, correct=False, well_formed=False, predicted=None)
+REWARD_RULES = ("answer_tag", "last_letter", "strict")
+"""Accepted values of ``data.reward`` (see the module docstring)."""
 
 
 def parse_answer(completion: str, letters: str = "ABCD") -> str | None:
@@ -67,15 +77,49 @@ def parse_answer(completion: str, letters: str = "ABCD") -> str | None:
     return match.group(1)
 
 
-def score_mcq(completion: str, answer: str, letters: str = "ABCD") -> MCQScore:
-    """Score ``completion`` against the reference letter ``answer`` among ``letters``.
+def answer_tag_prediction(completion: str) -> str:
+    """The text after the last ``<answer>`` up to the next ``</answer>`` or the end, stripped (the whole
+    stripped completion when it has no ``<answer>``)."""
+    return completion.split("<answer>")[-1].split("</answer>")[0].strip()
 
-    Raises ValueError if ``answer`` is not one of ``letters`` (a data error, not a model error).
+
+def ends_with_answer_block(completion: str, letters: str) -> bool:
+    """The reference's format check: the completion ends with ``<answer>``, one option letter, ``</answer>``."""
+    return re.search(rf"<answer>\s*[{re.escape(letters)}]\s*</answer>$", completion) is not None
+
+
+def last_letter_prediction(completion: str, letters: str) -> str:
+    """The last option letter standing alone in the upper-cased completion, else the stripped completion,
+    without trailing ``.`` or ``/``."""
+    found = re.findall(rf"\b([{re.escape(letters)}])\b", completion.upper())
+    prediction = found[-1] if found else completion.strip().strip(".")
+    return prediction.rstrip(".").rstrip("/")
+
+
+def score_mcq(completion: str, answer: str, letters: str = "ABCD", rule: str = "answer_tag") -> MCQScore:
+    """Score ``completion`` against the reference letter ``answer`` among ``letters`` under ``rule``.
+
+    Raises ValueError if ``answer`` is not one of ``letters`` (a data error, not a model error) or ``rule`` is
+    not one of :data:`REWARD_RULES`.
     """
     if len(answer) != 1 or answer not in letters:
         raise ValueError(f"reference answer {answer!r} is not one of the option letters {letters!r}")
+    if rule == "answer_tag":
+        prediction = answer_tag_prediction(completion)
+        return lenient_score(prediction, answer, letters, ends_with_answer_block(completion, letters))
+    if rule == "last_letter":
+        prediction = last_letter_prediction(completion, letters)
+        return lenient_score(prediction, answer, letters, prediction in tuple(letters))
+    if rule != "strict":
+        raise ValueError(f"data.reward={rule!r} is invalid: one of {REWARD_RULES} is accepted")
     predicted = parse_answer(completion, letters)
     if predicted is None:
         return _MALFORMED
     correct = predicted == answer
     return MCQScore(reward=float(correct), correct=correct, well_formed=True, predicted=predicted)
+
+
+def lenient_score(prediction: str, answer: str, letters: str, well_formed: bool) -> MCQScore:
+    correct = prediction == answer
+    predicted = prediction if prediction in tuple(letters) else None
+    return MCQScore(reward=float(correct), correct=correct, well_formed=well_formed, predicted=predicted)

@@ -86,6 +86,7 @@ class VLLMRollouts:
             kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
             tensor_parallel_size=engine.tensor_parallel_size,
             enforce_eager=engine.enforce_eager,
+            logprobs_mode="processed_logprobs",  # of the distribution sampled from (after temperature), as the trainer scores
             **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
         )
 

@@ -29,45 +29,15 @@ def problem(seed: int, n: int = 12, vocab: int = 30, hidden: int = 6, scale: flo
     return student_hidden, head, teacher_hidden, teacher_head, tokens, weights / weights.sum()
 
 
-def sdpo_reference(student_logits, teacher_logits, tokens, weights, k, alpha, eps, is_clip, old):
-    """SDPO's loss written out independently: student top-k + tail, clamp, generalised JSD to the teacher."""
-    log_s, log_t = student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)
-    idx = log_s.detach().topk(k, -1).indices
-    s, t = log_s.gather(-1, idx), log_t.gather(-1, idx)
-    s = torch.cat([s, torch.log1p(-s.exp().sum(-1, keepdim=True))], -1).clamp(min=math.log(eps))
-    t = torch.cat([t, torch.log1p(-t.exp().sum(-1, keepdim=True))], -1).clamp(min=math.log(eps))
-    p_s, p_t = s.exp(), t.exp()
-    m = (1 - alpha) * p_s + alpha * p_t
-    per_token = alpha * (p_t * (t - m.log())).sum(-1) + (1 - alpha) * (p_s * (s - m.log())).sum(-1)
-    ratio = torch.exp((log_s.gather(-1, tokens[:, None])[:, 0].detach() - old).clamp(-20, 20)).clamp(max=is_clip)
-    return (weights * ratio * per_token).sum()
-
-
-def test_lambda_one_reproduces_the_sdpo_loss_exactly():
-    sh, head, th, t_head, tokens, weights = problem(0)
-    student_logits = (sh @ head.T).requires_grad_()
-    teacher_logits = th @ t_head.T
-    old = student_logits.detach().log_softmax(-1).gather(-1, tokens[:, None])[:, 0] + torch.linspace(-1, 1, 12)
-    config = DistillationConfig(top_k=8, blend="constant", lambda_max=1.0, alpha=0.5, is_clip=2.0)
-    ours, metrics = distillation_loss(student_logits, teacher_logits, tokens, weights, config, old_log_probs=old)
-    reference = sdpo_reference(student_logits, teacher_logits, tokens, weights, 8, 0.5, config.eps, 2.0, old)
-    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=0)
-    g_ours, = torch.autograd.grad(ours, student_logits)
-    g_ref, = torch.autograd.grad(reference, student_logits)
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-14)
-    assert float(metrics["lambda_mean"]) == 1.0
-    assert float(metrics["kl_target_student"]) > 0
-
-
 def test_lambda_one_with_reverse_kl_is_opsd():
     sh, head, th, t_head, tokens, weights = problem(1)
     student_logits = (sh @ head.T).requires_grad_()
     teacher_logits = th @ t_head.T
     config = DistillationConfig(top_k=None, tail_bucket=False, blend="constant", alpha=1.0, is_clip=None)
-    ours, _ = distillation_loss(student_logits, teacher_logits, tokens, weights, config)
-    floor = math.log(config.eps)
-    s, t = student_logits.log_softmax(-1).clamp(min=floor), teacher_logits.log_softmax(-1).clamp(min=floor)
+    ours, metrics = distillation_loss(student_logits, teacher_logits, tokens, weights, config)
+    s, t = student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)
     reference = (weights * kl(s, t)).sum()
+    assert float(metrics["lambda_mean"]) == 1.0
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=0)
 
 
@@ -96,7 +66,7 @@ def test_reverse_kl_gradient_is_lambda_times_the_gradient_of_kl_to_the_teacher(t
     lam = stats["lambda"]
     assert 0.05 < float(lam.min()) and float(lam.max()) < 0.999  # a genuine per-token blend
     s, t = support_log_probs(
-        student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), top_k, tail, config.eps
+        student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), top_k, tail
     )
     reference = (weights * lam * kl(s, t)).sum()
     torch.testing.assert_close(

@@ -31,7 +31,7 @@ from demopsd.objectives import (
         ("is_clip", 0.5, "null \\(off\\) or a value >= 1"),
         ("discrepancy", "hellinger", "one of \\('jsd', 'kl_ts', 'kl_st', 'tv'\\)"),
         ("blend", "cosine", "one of \\('exp', 'linear', 'sigmoid', 'constant'\\)"),
-        ("aggregation", "sum", "one of \\('token-mean'"),
+        ("aggregation", "sum", "one of \\('seq-mean-token-mean-all', 'token-mean'"),
         ("temperature", 0.0, "a positive value"),
     ],
 )
@@ -99,7 +99,7 @@ def test_grpo_loss_clips_the_ratio_and_its_on_policy_gradient_is_the_policy_grad
     old = torch.tensor([-1.5, -0.5, -1.0])  # ratios e^0.5, e^-0.5, 1
     advantages = torch.tensor([1.0, -1.0, 2.0])
     weights = torch.full((3,), 1 / 3)
-    loss, metrics = grpo_loss(log_probs, old, advantages, weights, clip_low=0.2, clip_high=0.2)
+    loss, metrics = grpo_loss(log_probs, advantages, weights, old_log_probs=old, clip_low=0.2, clip_high=0.2)
     expected = -(1.2 * 1.0 + (-1.0) * max(math.exp(-0.5), 0.8) + 2.0) / 3
     assert float(loss.detach()) == pytest.approx(expected)
     assert float(metrics["clip_fraction"]) == pytest.approx(2 / 3)
@@ -108,21 +108,23 @@ def test_grpo_loss_clips_the_ratio_and_its_on_policy_gradient_is_the_policy_grad
     torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, -2.0 / 3]))
 
     on_policy = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
-    loss, _ = grpo_loss(on_policy, None, advantages, weights)
+    loss, _ = grpo_loss(on_policy, advantages, weights)
     grad, = torch.autograd.grad(loss, on_policy)
     torch.testing.assert_close(grad, -advantages * weights)
 
 
-def test_grpo_reference_kl_is_zero_at_the_reference_and_positive_away():
-    log_probs = torch.tensor([-1.0, -2.0], requires_grad=True)
-    zero_adv, weights = torch.zeros(2), torch.full((2,), 0.5)
-    loss, metrics = grpo_loss(log_probs, None, zero_adv, weights, ref_log_probs=log_probs.detach(), kl_coef=0.1)
-    assert float(metrics["kl_ref"]) == 0.0
-    ref = torch.tensor([-1.5, -1.0])
-    loss, metrics = grpo_loss(log_probs, None, zero_adv, weights, ref_log_probs=ref, kl_coef=0.1)
-    delta = ref - log_probs.detach()
-    assert float(metrics["kl_ref"]) == pytest.approx(float((delta.exp() - delta - 1).mean()))
-    assert float(loss.detach()) > 0
+def test_grpo_sampler_weight_is_truncated_and_off_when_the_trainer_sampled():
+    log_probs = torch.tensor([-1.0, -1.0, -1.0], requires_grad=True)
+    sampler = torch.tensor([-1.0, -2.0, -0.5])  # weights 1, e (truncated to 2), e^-0.5
+    advantages, weights = torch.tensor([1.0, 1.0, 1.0]), torch.full((3,), 1 / 3)
+    loss, metrics = grpo_loss(log_probs, advantages, weights, sampler_log_probs=sampler)
+    grad, = torch.autograd.grad(loss, log_probs)
+    torch.testing.assert_close(grad, -torch.tensor([1.0, 2.0, math.exp(-0.5)]) / 3)
+    assert float(metrics["sampler_weight_mean"]) == pytest.approx((1 + 2 + math.exp(-0.5)) / 3)
+    for sampler_log_probs, threshold in ((None, 2.0), (sampler, None)):
+        loss, _ = grpo_loss(log_probs, advantages, weights, sampler_log_probs=sampler_log_probs,
+                            rollout_is_threshold=threshold)
+        torch.testing.assert_close(torch.autograd.grad(loss, log_probs)[0], -advantages * weights)
 
 
 def test_chunked_token_log_probs_match_the_full_softmax_with_gradients():

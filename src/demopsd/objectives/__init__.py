@@ -11,14 +11,14 @@ from demopsd.objectives.chunked import chunked_distillation_loss, chunked_token_
 from demopsd.objectives.config import AGGREGATIONS, BLEND_RULES, DISCREPANCIES, DistillationConfig, GRPOConfig
 from demopsd.objectives.distill import distillation_loss, token_losses
 from demopsd.objectives.divergence import divergence, kl
-from demopsd.objectives.grpo import grpo_advantages, grpo_loss
-from demopsd.objectives.support import add_tail_bucket, clamp_log_probs, support_log_probs
+from demopsd.objectives.grpo import grpo_advantages, grpo_loss, truncated_sampler_weight
+from demopsd.objectives.support import add_tail_bucket, support_log_probs
 from demopsd.objectives.target import barycenter_log_probs
 
 __all__ = [
     "AGGREGATIONS", "BLEND_RULES", "DISCREPANCIES", "DiscrepancyNormalizer", "DistillationConfig", "GRPOConfig",
     "add_tail_bucket", "aggregation_weights", "barycenter_log_probs", "blend_weight", "chunked_distillation_loss",
-    "chunked_token_log_probs", "clamp_log_probs", "discrepancy", "distillation_loss", "divergence",
+    "chunked_token_log_probs", "discrepancy", "distillation_loss", "divergence",
     "grpo_advantages", "grpo_loss", "importance_weight", "kl", "lambda_max_at", "support_log_probs",
-    "token_losses",
+    "token_losses", "truncated_sampler_weight",
 ]

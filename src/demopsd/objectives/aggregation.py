@@ -10,14 +10,19 @@ from demopsd.objectives.config import AGGREGATIONS
 def aggregation_weights(mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-token weights ``[B, T]`` so that the aggregated loss is ``Σ w_t ℓ_t``; zero where ``mask`` is 0.
 
-    ``token-mean``: 1 / (masked tokens in the batch). ``seq-mean-token-sum``: 1 / (sequences with a
+    ``seq-mean-token-mean-all``: 1 / (that sequence's tokens · all sequences of the batch), so a sequence
+    without a masked token counts as a zero: the weighting the SDPO reference's training loop gives (micro-batches
+    of one sequence, each its token-mean, scaled by 1 / gradient accumulation). ``token-mean``: 1 / (masked
+    tokens in the batch). ``seq-mean-token-sum``: 1 / (sequences with a
     masked token). ``seq-mean-token-mean``: 1 / (that sequence's tokens · sequences with a token).
     An all-zero mask gives all-zero weights.
     """
-    mask = mask.float()
+    mask = mask if mask.is_floating_point() else mask.float()
     if mode == "token-mean":
         return mask / mask.sum().clamp(min=1.0)
     lengths = mask.sum(-1, keepdim=True)
+    if mode == "seq-mean-token-mean-all":
+        return mask / lengths.clamp(min=1.0) / max(mask.shape[0], 1)
     sequences = (lengths > 0).sum().clamp(min=1)
     if mode == "seq-mean-token-sum":
         return mask / sequences

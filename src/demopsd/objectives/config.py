@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DISCREPANCIES = ("jsd", "kl_ts", "kl_st", "tv")
 BLEND_RULES = ("exp", "linear", "sigmoid", "constant")
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGGREGATIONS = ("seq-mean-token-mean-all", "token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
 def _require(ok: bool, name: str, value, accepted: str) -> None:
@@ -24,7 +24,6 @@ class DistillationConfig:
 
     top_k: int | None = 100
     tail_bucket: bool = True
-    eps: float = 1e-8
     alpha: float = 0.5
     discrepancy: str = "jsd"
     blend: str = "exp"
@@ -37,12 +36,11 @@ class DistillationConfig:
     lambda_decay_steps: int = 0
     lambda_final: float | None = None
     is_clip: float | None = 2.0
-    aggregation: str = "token-mean"
+    aggregation: str = "seq-mean-token-mean-all"
 
     def __post_init__(self) -> None:
         _require(self.top_k is None or (isinstance(self.top_k, int) and self.top_k > 0),
                  "top_k", self.top_k, "a positive integer, or null for the full vocabulary,")
-        _require(0 < self.eps < 1, "eps", self.eps, "a value in (0, 1)")
         _require(0 <= self.alpha <= 1, "alpha", self.alpha, "a value in [0, 1]")
         _require(self.discrepancy in DISCREPANCIES, "discrepancy", self.discrepancy, f"one of {DISCREPANCIES}")
         _require(self.blend in BLEND_RULES, "blend", self.blend, f"one of {BLEND_RULES}")
@@ -65,16 +63,23 @@ class DistillationConfig:
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """GRPO: group-normalised advantages, PPO ratio clipped to ``[1 - clip_low, 1 + clip_high]``."""
+    """GRPO as the SDPO reference's ``baseline_grpo.yaml``: group-centred advantages (``scale_by_std`` divides
+    by the group's std too), the PPO ratio clipped to ``[1 - clip_low, 1 + clip_high]``, dual clip
+    ``clip_ratio_c`` on negative advantages (null: off), and a per-token importance weight against the
+    sampler, truncated at ``rollout_is_threshold`` (null: off; 1 whenever the trainer itself sampled)."""
 
     clip_low: float = 0.2
-    clip_high: float = 0.2
-    scale_by_std: bool = True
-    kl_coef: float = 0.0
-    aggregation: str = "token-mean"
+    clip_high: float = 0.28
+    clip_ratio_c: float | None = 3.0
+    scale_by_std: bool = False
+    rollout_is_threshold: float | None = 2.0
+    aggregation: str = "seq-mean-token-mean-all"
 
     def __post_init__(self) -> None:
         _require(0 <= self.clip_low < 1, "clip_low", self.clip_low, "a value in [0, 1)")
         _require(self.clip_high >= 0, "clip_high", self.clip_high, "a value >= 0")
-        _require(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a value >= 0")
+        _require(self.clip_ratio_c is None or self.clip_ratio_c > 1, "clip_ratio_c", self.clip_ratio_c,
+                 "null (off) or a value > 1")
+        _require(self.rollout_is_threshold is None or self.rollout_is_threshold > 0, "rollout_is_threshold",
+                 self.rollout_is_threshold, "null (off) or a positive value")
         _require(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {AGGREGATIONS}")

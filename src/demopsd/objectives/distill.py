@@ -17,7 +17,10 @@ from demopsd.objectives.divergence import divergence, kl
 from demopsd.objectives.support import support_log_probs
 from demopsd.objectives.target import barycenter_log_probs
 
-TOKEN_STATS = ("lambda", "discrepancy", "kl_teacher_student", "kl_target_student", "entropy", "is_weight", "is_clipped")
+TOKEN_STATS = (
+    "lambda", "discrepancy", "kl_teacher_student", "kl_target_student", "kl_teacher_student_full", "entropy",
+    "is_weight", "is_clipped",
+)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +41,9 @@ def token_losses(
     """Importance-weighted per-token losses ``[N]`` (with gradient to ``student_logits`` ``[N, V]``) and
     detached per-token statistics ``[N]`` named in :data:`TOKEN_STATS`.
 
-    ``kl_teacher_student`` is ``KL(p_T ‖ p_S)`` on the full vocabulary; ``kl_target_student`` is
-    ``KL(q ‖ p_S)`` on the support; ``entropy`` is the student's full-vocabulary entropy.
+    ``kl_teacher_student`` (``KL(p_T ‖ p_S)``) and ``kl_target_student`` (``KL(q ‖ p_S)``) are on the objective's
+    support, so their ratio is exactly 1 where the target is the teacher; ``kl_teacher_student_full`` is
+    ``KL(p_T ‖ p_S)`` on the full vocabulary; ``entropy`` is the student's full-vocabulary entropy.
     """
     lambda_max = config.lambda_max if lambda_max is None else lambda_max
     student_full = upcast(student_logits).log_softmax(-1)
@@ -47,9 +51,9 @@ def token_losses(
         teacher_full = upcast(teacher_logits.detach()).log_softmax(-1)
         detached_full = student_full.detach()
         entropy = -(detached_full.exp() * detached_full).sum(-1)
-        kl_teacher_student = kl(teacher_full, detached_full)
+        kl_teacher_student_full = kl(teacher_full, detached_full)
 
-    student, teacher = support_log_probs(student_full, teacher_full, config.top_k, config.tail_bucket, config.eps)
+    student, teacher = support_log_probs(student_full, teacher_full, config.top_k, config.tail_bucket)
     with torch.no_grad():
         sg_student = student.detach()
         d = discrepancy(teacher, sg_student, config.discrepancy)
@@ -60,11 +64,14 @@ def token_losses(
         else:
             target = barycenter_log_probs(teacher, sg_student, lam)
         kl_target_student = kl(target, sg_student)
+        kl_teacher_student = kl(teacher, sg_student)
 
     token_log_probs = student_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     weight, clipped = importance_weight(token_log_probs, old_log_probs, config.is_clip)
     losses = divergence(student, target, config.alpha) * weight
-    stats = dict(zip(TOKEN_STATS, (lam, d, kl_teacher_student, kl_target_student, entropy, weight, clipped)))
+    stats = dict(zip(TOKEN_STATS, (
+        lam, d, kl_teacher_student, kl_target_student, kl_teacher_student_full, entropy, weight, clipped,
+    )))
     return losses, stats
 
 
@@ -85,6 +92,7 @@ def summarize(loss: torch.Tensor, stats: dict[str, torch.Tensor], token_weights:
         "discrepancy_mean": stats["discrepancy"][distilled].mean(),
         "kl_teacher_student": stats["kl_teacher_student"][distilled].mean(),
         "kl_target_student": stats["kl_target_student"][distilled].mean(),
+        "kl_teacher_student_full": stats["kl_teacher_student_full"][distilled].mean(),
         "entropy": stats["entropy"].mean(),
         "is_weight_mean": stats["is_weight"][distilled].mean(),
         "is_clip_fraction": stats["is_clipped"][distilled].float().mean(),

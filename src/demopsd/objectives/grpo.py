@@ -1,11 +1,11 @@
-"""GRPO: group-normalised advantages and the PPO-clipped surrogate, optionally with a KL to a reference."""
+"""GRPO: group-centred advantages and the dual-clipped PPO surrogate with a truncated sampler correction."""
 
 from __future__ import annotations
 
 import torch
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
     """``[B]`` rewards in consecutive groups of ``group_size`` → ``(r - mean_group) [/ (std_group + eps)]``.
 
     The standard deviation is the unbiased one (a group of identical rewards gets advantage 0).
@@ -21,35 +21,57 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool =
     return centred.view(-1)
 
 
+LOG_RATIO_BOUND = 20.0
+"""Log importance ratios are clamped to ``±20`` before ``exp``, as in the reference."""
+
+
+def truncated_sampler_weight(
+    log_probs: torch.Tensor, sampler_log_probs: torch.Tensor | None, threshold: float | None
+) -> torch.Tensor:
+    """Per-token ``min(exp(clamp(log π_θ - log π_sampler, ±20)), threshold)`` ``[N]``, detached.
+
+    The reference's token-level truncated importance sampling against the engine that sampled the rollouts
+    (``rollout_correction.rollout_is: token``); all ones when the trainer sampled (``sampler_log_probs=None``)
+    or ``threshold=None``.
+    """
+    if sampler_log_probs is None or threshold is None:
+        return torch.ones_like(log_probs.detach())
+    log_ratio = (log_probs.detach() - sampler_log_probs.detach()).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    return log_ratio.exp().clamp(max=threshold)
+
+
 def grpo_loss(
     log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor | None,
     advantages: torch.Tensor,
     token_weights: torch.Tensor,
     *,
+    old_log_probs: torch.Tensor | None = None,
+    sampler_log_probs: torch.Tensor | None = None,
     clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    ref_log_probs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
+    clip_high: float = 0.28,
+    clip_ratio_c: float | None = 3.0,
+    rollout_is_threshold: float | None = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``Σ_t w_t · (-min(r_t A_t, clip(r_t, 1-clip_low, 1+clip_high) A_t) + β·k3_t)`` over tokens ``[N]``.
+    """``Σ_t w_t · is_t · ℓ_t`` over tokens ``[N]``, the reference's dual-clip PPO loss.
 
-    ``r_t = exp(log π_θ - log π_old)`` (``old_log_probs=None``: on-policy, the detached current values);
-    ``k3_t = exp(ref - log π_θ) - (ref - log π_θ) - 1``, the non-negative KL estimator to a reference.
+    ``r_t = exp(clamp(log π_θ - log π_old, ±20))`` with ``log π_old`` the trainer's values when the rollouts were
+    scored (``None``: the detached current values, one update per batch, so ``r = 1`` with gradient
+    ``∇ log π_θ``); ``ℓ_t = max(-r_t A_t, -clip(r_t, 1-clip_low, 1+clip_high) A_t)``, capped at ``-c·A_t`` where
+    ``A_t < 0`` (dual clip, ``c = clip_ratio_c``); ``is_t`` = :func:`truncated_sampler_weight`.
     """
     old = log_probs.detach() if old_log_probs is None else old_log_probs
-    ratio = torch.exp(log_probs - old)
+    ratio = torch.exp((log_probs - old).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
     clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+    if clip_ratio_c is not None:
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * clip_ratio_c), per_token)
+    sampler_weight = truncated_sampler_weight(old, sampler_log_probs, rollout_is_threshold)
+    loss = (token_weights * sampler_weight * per_token).sum()
+    counted = token_weights > 0
     metrics = {
-        "clip_fraction": ((ratio - clipped_ratio).abs() > 0).float()[token_weights > 0].mean(),
-        "ratio_mean": ratio.detach()[token_weights > 0].mean(),
+        "loss": loss.detach(),
+        "clip_fraction": ((ratio - clipped_ratio).abs() > 0).float()[counted].mean(),
+        "ratio_mean": ratio.detach()[counted].mean(),
+        "sampler_weight_mean": sampler_weight[counted].mean(),
     }
-    if ref_log_probs is not None and kl_coef > 0:
-        delta = ref_log_probs - log_probs
-        k3 = torch.exp(delta) - delta - 1
-        per_token = per_token + kl_coef * k3
-        metrics["kl_ref"] = k3.detach()[token_weights > 0].mean()
-    loss = (token_weights * per_token).sum()
-    metrics["loss"] = loss.detach()
     return loss, metrics

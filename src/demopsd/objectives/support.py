@@ -1,27 +1,22 @@
-"""The distribution support: the student's top-k tokens, an optional tail bucket, clamped log-probs."""
+"""The distribution support: the student's top-k tokens and an optional tail bucket (as the SDPO reference)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+TAIL_LOG_MASS_MAX = -1e-7
+"""The top-k log-mass is clamped below this before ``log(1 - mass)``, as in the SDPO reference: a top-k
+holding all the mass (to rounding) leaves a tail of ``1e-7`` instead of ``log 0``."""
 
 
 def add_tail_bucket(topk_log_probs: torch.Tensor) -> torch.Tensor:
     """``[..., K]`` top-k log-probs → ``[..., K+1]``, the last entry ``log(1 - Σ exp)``.
 
-    Computed as ``log(-expm1(logsumexp(topk)))``. When the top-k mass rounds to exactly 1 the tail mass
-    is floored at the smallest normal number of the dtype (about ``-87`` for float32, which
-    :func:`clamp_log_probs` floors further), so that neither the value nor the gradient is infinite.
+    Computed as ``log(-expm1(min(logsumexp(topk), -1e-7)))``, the reference's formula: finite wherever the
+    top-k log-probs are, with the reference's values everywhere.
     """
-    mass = torch.logsumexp(topk_log_probs, dim=-1, keepdim=True).clamp(max=0.0)
-    tail = torch.log((-torch.expm1(mass)).clamp(min=torch.finfo(mass.dtype).tiny))
-    return torch.cat([topk_log_probs, tail], dim=-1)
-
-
-def clamp_log_probs(log_probs: torch.Tensor, eps: float) -> torch.Tensor:
-    """Floor log-probabilities at ``log(eps)`` so that no term of a divergence is infinite."""
-    return log_probs.clamp(min=math.log(eps))
+    log_mass = torch.logsumexp(topk_log_probs, dim=-1, keepdim=True).clamp(max=TAIL_LOG_MASS_MAX)
+    return torch.cat([topk_log_probs, torch.log(-torch.expm1(log_mass))], dim=-1)
 
 
 def support_log_probs(
@@ -29,12 +24,12 @@ def support_log_probs(
     teacher_log_probs: torch.Tensor,
     top_k: int | None,
     tail_bucket: bool,
-    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary ``[N, V]`` log-probs → both on the student's top-k support ``[N, K(+1)]``.
 
     The token choice carries no gradient. Without a tail bucket both are renormalised on the top-k.
-    ``top_k=None`` (or ``>= V``) keeps the full vocabulary.
+    ``top_k=None`` (or ``>= V``) keeps the full vocabulary. No floor is put under the log-probs: from finite
+    logits every value is finite, and the divergences are then the reference's to rounding.
     """
     if top_k is not None and top_k < student_log_probs.shape[-1]:
         index = student_log_probs.detach().topk(top_k, dim=-1).indices
@@ -45,4 +40,4 @@ def support_log_probs(
         else:
             student_log_probs = student_log_probs.log_softmax(-1)
             teacher_log_probs = teacher_log_probs.log_softmax(-1)
-    return clamp_log_probs(student_log_probs, eps), clamp_log_probs(teacher_log_probs, eps)
+    return student_log_probs, teacher_log_probs
