@@ -54,6 +54,38 @@ def attenuation(kl_target_student: torch.Tensor, kl_teacher_student: torch.Tenso
     return torch.where(kl_teacher_student == 0, torch.ones_like(ratio), ratio)
 
 
+def answer_letter_positions(
+    tokenizer: PreTrainedTokenizerBase,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    predicted: list[str | None],
+    answers: list[str],
+) -> tuple[list[int], list[int], list[int]]:
+    """Where each rollout wrote its answer letter, and the token of the correct letter written the same way.
+
+    For row ``r`` with a parsed letter ``predicted[r]``: the last response position whose token is that letter
+    alone or after one space (``"B"``, ``" B"``), and the token id of ``answers[r]`` in the same form. Rows with
+    no letter, or whose letter token has no single-token counterpart, are left out. Returns
+    ``(rows, positions, correct_token_ids)``.
+    """
+    rows, positions, correct_ids = [], [], []
+    for row, (letter, answer) in enumerate(zip(predicted, answers)):
+        if letter is None:
+            continue
+        forms = {ids[0]: prefix for prefix in ("", " ")
+                 if len(ids := tokenizer(prefix + letter, add_special_tokens=False).input_ids) == 1}
+        length = int(response_mask[row].sum())
+        hits = [t for t in range(length) if int(response_ids[row, t]) in forms]
+        if not hits:
+            continue
+        correct = tokenizer(forms[int(response_ids[row, hits[-1]])] + answer, add_special_tokens=False).input_ids
+        if len(correct) == 1:
+            rows.append(row)
+            positions.append(hits[-1])
+            correct_ids.append(correct[0])
+    return rows, positions, correct_ids
+
+
 def sampler_log_probs(rollouts: RolloutBatch, valid: torch.Tensor) -> torch.Tensor | None:
     """``log π_old`` ``[N]`` of the ``valid`` response tokens when another engine sampled them, else ``None``
     (the trainer's own detached values: sampled from the live policy, the importance ratio is 1)."""
@@ -139,7 +171,7 @@ class SelfDistillationModule(L.LightningModule):
             "perf/rollout_tokens_per_s": torch.tensor(rollouts.num_tokens / max(rollouts.seconds, 1e-9)),
         }
         if self.distills:
-            loss, step_metrics = self._distillation_step(rollouts, examples, rewards)
+            loss, step_metrics = self._distillation_step(rollouts, examples, rewards, [s.predicted for s in scores])
         else:
             loss, step_metrics = self._grpo_step(rollouts, rewards)
         metrics.update(step_metrics)
@@ -170,7 +202,7 @@ class SelfDistillationModule(L.LightningModule):
         return self.rollout_engine
 
     def _distillation_step(
-        self, rollouts: RolloutBatch, examples: list[MCQExample], rewards: torch.Tensor
+        self, rollouts: RolloutBatch, examples: list[MCQExample], rewards: torch.Tensor, predicted: list[str | None]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config: DistillationConfig = self.objective
         contexts = build_contexts(
@@ -207,6 +239,9 @@ class SelfDistillationModule(L.LightningModule):
             discrepancy_scale=self.normalizer.scale if config.normalize_discrepancy else None,
             chunk_size=self.chunk_size,
         )
+        teacher_p_answer, student_p_answer = self._answer_letter_probabilities(
+            student_hidden, teacher_hidden, rollouts, examples, predicted, has_context
+        )
         if self.teacher is not None:
             reshard(self.teacher)  # its gathered root is not needed again before the EMA update
         if has_context.any() and math.isfinite(float(stats["discrepancy_mean"])):  # a NaN would stay in its EMA
@@ -226,11 +261,40 @@ class SelfDistillationModule(L.LightningModule):
             "leakage/kl_target_student": kl_qs,
             "leakage/attenuation": attenuation(kl_qs, kl_ts),
             "leakage/kl_teacher_student_full": stats["kl_teacher_student_full"],
+            "leakage/teacher_p_answer": teacher_p_answer,
+            "leakage/student_p_answer": student_p_answer,
             "train/entropy": stats["entropy"],
             "perf/teacher_seconds": torch.tensor(teacher_seconds),
             "perf/student_seconds": torch.tensor(time.perf_counter() - started),
         }
         return loss, metrics
+
+    @torch.no_grad()
+    def _answer_letter_probabilities(
+        self,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        rollouts: RolloutBatch,
+        examples: list[MCQExample],
+        predicted: list[str | None],
+        has_context: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean probability of the correct letter at the answer position under teacher and student, over the
+        distilled rollouts that wrote a letter (:func:`answer_letter_positions`); NaN where there are none."""
+        rows, positions, correct_ids = answer_letter_positions(
+            self.tokenizer, rollouts.response_ids, rollouts.response_mask,
+            [p if bool(c) else None for p, c in zip(predicted, has_context)], [e.answer for e in examples],
+        )
+        if not rows:
+            return torch.tensor(float("nan")), torch.tensor(float("nan"))
+        correct = torch.tensor(correct_ids, device=student_hidden.device)[:, None]
+        teacher_model = self.teacher if self.teacher is not None else self.policy
+        probabilities = []
+        for hidden, model in ((teacher_hidden, teacher_model), (student_hidden, self.policy)):
+            states = self._tempered(hidden.detach()[rows, positions])
+            log_probs = (states @ lm_head_weight(model).detach().T).float().log_softmax(-1)
+            probabilities.append(log_probs.gather(-1, correct).exp().mean())
+        return probabilities[0], probabilities[1]
 
     @torch.no_grad()
     def _teacher_hidden(
