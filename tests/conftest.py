@@ -1,10 +1,44 @@
-"""Shared test setup: no Hugging Face hub access, and one conversion of the default model per session."""
+"""Shared test setup: this checkout's package first, no Hugging Face hub access, a derandomized Hypothesis
+profile, global random states restored after every test, and one conversion of the default model per session."""
 
 import os
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO_ROOT, global_random_states
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported by any test module
 
-import pytest
+# The tests exercise this checkout's src/, not whatever `demopsd` the environment installed (an editable
+# install of another checkout, say); tests/test_package_identity.py checks that the two agree.
+SRC = REPO_ROOT / "src"
+sys.path.insert(0, str(SRC))
+if "demopsd" in sys.modules and not Path(sys.modules["demopsd"].__file__).resolve().is_relative_to(SRC):
+    raise RuntimeError(f"demopsd was imported from {sys.modules['demopsd'].__file__} before tests/conftest.py "
+                       f"could put {SRC} first on sys.path")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# The same examples on every run (derandomize, which also turns off the example database), and no timing
+# limits: a shared 2-core CI machine can take seconds for an example that takes milliseconds on a laptop.
+settings.register_profile("demopsd", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("demopsd")
+
+
+@pytest.fixture(autouse=True)
+def restore_global_random_states():
+    """A test that seeds or draws from the global generators leaves them as it found them for the next test."""
+    with global_random_states():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_group_left_behind():
+    """A module that opens a torch.distributed process group must close it, or later modules inherit it."""
+    yield
+    dist = sys.modules.get("torch.distributed")  # never imported: no group can be open
+    assert dist is None or not (dist.is_available() and dist.is_initialized()), "a process group was left open"
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +51,8 @@ def default_model_cache(tmp_path_factory):
     from demopsd.models import default_cache_path, load_default_gguf, save_atomically
 
     root = tmp_path_factory.mktemp("demopsd-cache")
-    model, tokenizer = load_default_gguf()
+    with global_random_states():  # session fixtures run outside any test's restore_global_random_states
+        model, tokenizer = load_default_gguf()
     save_atomically(model, tokenizer, default_cache_path(root))
     return root, model.eval()
 
@@ -32,7 +67,6 @@ def tiny_model_dir(tmp_path_factory, default_model_cache):
     from demopsd.models import default_cache_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
-    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -40,6 +74,8 @@ def tiny_model_dir(tmp_path_factory, default_model_cache):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     directory = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(directory)
+    with global_random_states():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -1,6 +1,8 @@
 """Paths and small builders shared by the tests."""
 
+import contextlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,26 @@ def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None) -> subp
         "logger.wandb.mode=offline", *extra,
     ]
     script = "tests/instrumented_train.py" if hook else "src/train.py"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "DEMOPSD_TEST_HOOK": hook or ""}
-    return subprocess.run([sys.executable, script, *overrides], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return run_python(script, *overrides, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                                               "DEMOPSD_TEST_HOOK": hook or ""})
+
+
+def run_python(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """This interpreter in a new process, in the repository root, with this environment plus ``env``."""
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@contextlib.contextmanager
+def global_random_states():
+    """Restore Python's, NumPy's and torch's global (CPU) random states on exit."""
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])

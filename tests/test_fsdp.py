@@ -67,7 +67,7 @@ def test_fsdp_trains_like_ddp(runs, tiny_model_dir):
         assert update.abs().max() > 1e-6, f"{name} did not move: the comparison would be empty"
         # rounding of the weights' magnitude, and far below the steps' update (of the policy and the EMA teacher)
         torch.testing.assert_close(weight, replicated[name], rtol=1e-6, atol=1e-2 * update.abs().max().item())
-    assert all(torch.equal(w, torch.load(fsdp / "rank1.pt")[k]) for k, w in sharded.items())
+    assert all(torch.equal(w, torch.load(fsdp / "rank1.pt")[k]) for k, w in sharded.items())  # one all-gather's copies
 
 
 def test_fsdp_evaluates_once_like_ddp(runs):
@@ -95,7 +95,7 @@ def test_sharded_checkpoint_and_final_model_hold_the_trained_policy(runs):
     from_checkpoint, _, _ = load_policy(cfg)
     for model in (final, from_checkpoint):
         for name, tensor in model.state_dict().items():
-            torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
+            torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)  # the same bytes, saved and loaded
 
 
 def test_fsdp_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model_dir):

@@ -1,6 +1,5 @@
 """Tests for policy model loading and the converted-model cache."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,25 @@ def test_converted_model_matches_gguf_model(default_model_cache):
 
 @pytest.mark.slow
 def test_cache_is_reused(default_model_cache, monkeypatch):
+    """Loads read the converted safetensors: nothing converts the GGUF or writes the cache again."""
     cache_root, _ = default_model_cache
+    cached = default_cache_path(cache_root)
+    written = {f.name: f.stat().st_mtime_ns for f in cached.iterdir()}
+    assert "model.safetensors" in written
     monkeypatch.setattr(models, "load_default_gguf", lambda: pytest.fail("converted the model again"))
-    started = time.perf_counter()
+    monkeypatch.setattr(models, "save_atomically", lambda *a: pytest.fail("wrote the cache again"))
+    sources = []
+    from_pretrained = models.AutoModelForCausalLM.from_pretrained
+
+    def recording_from_pretrained(source, *args, **kwargs):
+        sources.append((Path(source), kwargs.get("gguf_file")))
+        return from_pretrained(source, *args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", recording_from_pretrained)
     first, _ = load_model_and_tokenizer(DEFAULT_MODEL, cache_dir=cache_root)
-    seconds = time.perf_counter() - started
     second, _ = load_model_and_tokenizer(DEFAULT_MODEL, cache_dir=cache_root)
-    assert seconds < 10, f"reload from the cache took {seconds:.1f}s"
+    assert sources == [(cached, None), (cached, None)]
+    assert {f.name: f.stat().st_mtime_ns for f in cached.iterdir()} == written
     name, param = next(iter(first.named_parameters()))
     assert torch.equal(param, dict(second.named_parameters())[name])
 

@@ -29,8 +29,11 @@ FP32 = ShardingConfig(param_dtype="float32", reduce_dtype="float32", activation_
 def mesh(tmp_path_factory):
     store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def sharded_tiny(mesh, config=FP32):
