@@ -14,7 +14,7 @@ ifneq ($(wildcard ../shared/data/sciknoweval),)
 export DEMOPSD_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: setup train test bench clean-venv
+.PHONY: setup train test bench dashboard clean-venv
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ test: setup
 bench: setup
 	$(BIN)/python bench/objective_memory.py
 	$(BIN)/python bench/sharded_training.py
+
+# the W&B dashboard (needs `wandb login`): make dashboard ENTITY=<user or team> [PROJECT=demopsd] [URL=<saved workspace>]
+dashboard: setup
+	$(BIN)/python src/dashboard.py --entity "$(ENTITY)" --project "$(or $(PROJECT),demopsd)" $(if $(URL),--url "$(URL)")
 
 clean-venv:
 	rm -rf $(VENV)

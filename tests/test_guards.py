@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import demopsd.guards
 import demopsd.module
 from demopsd.data import MCQExample
 from demopsd.guards import CollapseTracker, NonFiniteTrainingError, NumericalGuard, nonfinite_gradients
@@ -227,14 +228,19 @@ def test_collapse_ratio_zero_never_warns(caplog):
     assert caplog.text == ""
 
 
-def test_the_guard_flags_collapse_of_a_logged_metric(tmp_path, caplog):
+def test_the_guard_flags_collapse_of_a_logged_metric(tmp_path, caplog, monkeypatch):
     entropy = [1.0, 2.0, 1.0, 2.0, 1.0, 1.5, 0.2, 0.1]  # reference mean 1.4 over 5 steps: threshold 0.28
+    alerts = []
+    monkeypatch.setattr(demopsd.guards, "alert", lambda loggers, title, text: alerts.append((title, text)))
     with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
         _, metrics = fit(TinyModule(entropy=entropy), tmp_path, max_steps=8)
 
     assert metrics["guards/entropy_collapse"].dropna().tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
     assert "guards/length_collapse" not in metrics  # train/response_length never logged
     assert caplog.text.count("Entropy collapse") == 1
+    # the same warning, once, as a W&B alert
+    assert len(alerts) == 1 and alerts[0][0] == "entropy collapse"
+    assert alerts[0][1].startswith("Entropy collapse: train/entropy=0.2 is below 0.2 × its mean")
 
 
 # ---------------------------------------------------------------------------------- the real module

@@ -105,8 +105,13 @@ def assert_lands(cfg, sample: dict) -> None:
 # --------------------------------------------------------------------------- W&B sweep specs
 
 
-def test_the_three_sweeps_are_there():
-    assert {"demopsd_blending", "demopsd_support", "methods_seeds"} <= set(SPEC_IDS)
+def test_the_sweeps_are_there():
+    assert {"demopsd_blending", "demopsd_blending_gpu", "demopsd_support", "methods_seeds"} <= set(SPEC_IDS)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=SPEC_IDS)
+def test_spec_names_the_project_the_runs_log_to(path):
+    assert load_spec(path)["project"] == compose_train([]).logger.wandb.project
 
 
 @pytest.mark.parametrize("path", SPECS, ids=SPEC_IDS)
@@ -294,6 +299,31 @@ def test_optuna_search_runs_and_maximises_what_main_returns(tmp_path):
     assert best["best_value"] == pytest.approx(max(values))
 
 
+def test_optuna_search_keeps_its_study_in_sqlite_as_documented(tmp_path):
+    """The preset's documented `hydra.sweeper.storage=sqlite:///...`: two trials land in the database, and a
+    second invocation of the same command resumes the study (two more trials, four in all)."""
+    import subprocess
+    import sys
+
+    import optuna
+
+    app = tmp_path / "app.py"
+    app.write_text(STUB_APP.format(train=str(REPO_ROOT / "src" / "train.py"), conf=str(CONFIG_DIR)), encoding="utf-8")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for invocation in range(2):
+        result = subprocess.run(
+            [sys.executable, str(app), "hparams_search=demopsd_optuna", "hydra.sweeper.n_trials=2",
+             f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=blend",
+             f"hydra.sweep.dir={tmp_path / f'sweep{invocation}'}", "hydra.job.chdir=false"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="blend", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert study.best_value == pytest.approx(max(t.value for t in complete))
+
+
 def test_no_search_by_default():
     cfg = compose_with_hydra([])
     assert cfg.optimized_metric is None
@@ -341,7 +371,7 @@ EXPECTED_DEFINITIONS = [
     ("distill/*", {"step_metric": "trainer/global_step", "summary": None}),
     ("leakage/*", {"step_metric": "trainer/global_step", "summary": "mean"}),
     ("perf/*", {"step_metric": "trainer/global_step", "summary": None}),
-    ("eval/*", {"step_metric": "trainer/global_step", "summary": "max"}),
+    ("eval/*", {"step_metric": "trainer/global_step", "summary": "last"}),
     ("train/entropy", {"step_metric": "trainer/global_step", "summary": "last"}),
 ]
 
@@ -395,13 +425,16 @@ def test_wandb_logger_defines_the_metrics_on_an_offline_run(offline_wandb, monke
         real_define_metrics(run)
 
     monkeypatch.setattr(logging_setup, "define_metrics", spy)
-    wandb_cfg = OmegaConf.create({"mode": "offline", "project": "demopsd-test", "entity": None, "group": None,
-                                  "tags": []})
-    with caplog.at_level(logging.WARNING, logger="demopsd.logging_setup"):
+    wandb_cfg = OmegaConf.create({"mode": "offline", "project": "demopsd-test", "entity": None,
+                                  "group": "sdpo_sciknoweval-biology", "job_type": "train", "tags": ["sdpo", "x"]})
+    with caplog.at_level(logging.INFO, logger="demopsd.logging_setup"):
         logger = logging_setup.make_wandb_logger(wandb_cfg, save_dir=offline_wandb / "run", run_name="t", config={})
     assert logger is not None
     run = logger.experiment
+    sync_dir = Path(run.dir).parent
+    assert f"uploaded after it ends with `wandb sync {sync_dir}`" in caplog.text
     try:
+        assert (run.group, run.job_type, tuple(run.tags)) == ("sdpo_sciknoweval-biology", "train", ("sdpo", "x"))
         assert started == [run]
         assert calls == EXPECTED_DEFINITIONS
         assert "metric definitions failed" not in caplog.text  # the real W&B accepted every definition
@@ -412,4 +445,14 @@ def test_wandb_logger_defines_the_metrics_on_an_offline_run(offline_wandb, monke
             logger.log_metrics({"eval/sciknoweval-biology/acc_avg@4": accuracy, "train/entropy": entropy,
                                 "leakage/kl_teacher_student": leakage}, step=step)
     finally:
-        run.finish()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="demopsd.logging_setup"):
+            logging_setup.finish_wandb([logger])
+    assert f"Upload this run to W&B with: wandb sync {sync_dir}" in caplog.text
+    assert sync_dir.is_dir() and sync_dir.name.startswith("offline-run-")
+
+
+def test_run_group_job_type_and_tags_default_to_method_and_dataset():
+    wandb = compose_train(["method=sdpo", "data=sciknoweval/chemistry"]).logger.wandb
+    assert (wandb.group, wandb.job_type, list(wandb.tags)) == (
+        "sdpo_sciknoweval-chemistry", "train", ["sdpo", "sciknoweval-chemistry"])

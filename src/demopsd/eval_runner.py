@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.data import MCQExample, load_split
 from demopsd.evaluation import EvalConfig, EvalResult, evaluate, write_results
+from demopsd.logging_setup import wandb_loggers
 from demopsd.models import load_model_and_tokenizer
 from demopsd.provenance import write_provenance
 from demopsd.resume import is_checkpoint
@@ -149,6 +151,7 @@ class PeriodicEvaluation(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
+        log_sample_tables(trainer.loggers, out_dir / "samples.jsonl", self.datasets, step)
         log.info("step %d: %s (samples in %s)", step, format_accuracies(metrics), out_dir)
 
 
@@ -157,6 +160,29 @@ class PeriodicEvaluation(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.baseline = state_dict.get("baseline")
+
+
+SAMPLE_COLUMNS = ["step", "dataset", "idx", "prompt", "answer", "response", "parsed answer", "correct"]
+
+
+def log_sample_tables(loggers, samples_file: Path, datasets: dict[str, list[MCQExample]], step: int) -> None:
+    """One W&B table per dataset, ``eval/<dataset>/samples``: each question's first sampled answer, parsed and
+    scored (the k samples of every question stay in ``samples.jsonl``)."""
+    targets = wandb_loggers(loggers)
+    if not targets or not samples_file.is_file():
+        return
+    prompts = {(name, e.idx): e.prompt for name, examples in datasets.items() for e in examples}
+    rows: dict[str, list[list]] = {}
+    for line in samples_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        first = record["samples"][0]
+        rows.setdefault(record["dataset"], []).append([
+            step, record["dataset"], record["idx"], prompts.get((record["dataset"], record["idx"]), ""),
+            record["answer"], first["text"], first["predicted"], first["correct"],
+        ])
+    for logger in targets:
+        for dataset, data in rows.items():
+            logger.log_table(key=f"eval/{dataset}/samples", columns=SAMPLE_COLUMNS, data=data, step=step)
 
 
 def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:

@@ -32,6 +32,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.tensor import DTensor
 
+from demopsd.logging_setup import alert
+
 log = logging.getLogger(__name__)
 
 MAX_NAMES_SHOWN = 5  # parameters named in a warning about non-finite gradients
@@ -70,13 +72,13 @@ class CollapseTracker:
             return False
         threshold = self.ratio * self.reference
         if value < threshold and not self.collapsed:
-            log.warning(
-                "%s collapse: %s=%.4g is below %.2g × its mean over the first %d steps (%.4g)",
-                self.name.capitalize(), COLLAPSE_METRICS.get(self.name, self.name), value, self.ratio,
-                self.warmup_steps, self.reference,
-            )
+            log.warning(self.message(value))
         self.collapsed = value < threshold
         return self.collapsed
+
+    def message(self, value: float) -> str:
+        return (f"{self.name.capitalize()} collapse: {COLLAPSE_METRICS.get(self.name, self.name)}={value:.4g} is below "
+                f"{self.ratio:.2g} × its mean over the first {self.warmup_steps} steps ({self.reference:.4g})")
 
     def state_dict(self) -> dict:
         return {"seen": self.seen, "reference": self.reference, "collapsed": self.collapsed}
@@ -172,7 +174,10 @@ class NumericalGuard(Callback):
         for kind, tracker in self.trackers.items():
             value = trainer.callback_metrics.get(COLLAPSE_METRICS[kind])
             if value is not None:
+                was_collapsed = tracker.collapsed
                 metrics[f"guards/{kind}_collapse"] = float(tracker.update(float(value)))
+                if tracker.collapsed and not was_collapsed and trainer.is_global_zero:
+                    alert(trainer.loggers, f"{kind} collapse", tracker.message(float(value)))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict:

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 # W&B charts: every metric family over the optimizer step; summaries the sweeps (sweeps/) and tables read.
 STEP_METRIC = "trainer/global_step"  # what Lightning's WandbLogger logs beside every metric
 STEPPED_METRICS = ("train/*", "distill/*", "leakage/*", "perf/*", "eval/*")
-METRIC_SUMMARIES = {"eval/*": "max", "train/entropy": "last", "leakage/*": "mean"}
+METRIC_SUMMARIES = {"eval/*": "last", "train/entropy": "last", "leakage/*": "mean"}
+"""Run summaries: the final evaluation (what Optuna's ``optimized_metric`` reads too; a maximum of overconfidence
+or of a noisy accuracy would mislead), the final entropy, leakage averaged over training."""
 
 
 def has_wandb_credentials() -> bool:
@@ -58,6 +60,7 @@ def make_wandb_logger(
                 project=wandb_cfg.project,
                 entity=wandb_cfg.entity,
                 group=wandb_cfg.group,
+                job_type=wandb_cfg.get("job_type"),
                 tags=list(wandb_cfg.tags),
                 config=config,
                 mode=attempt,
@@ -66,6 +69,10 @@ def make_wandb_logger(
                 settings=wandb.Settings(init_timeout=60, silent=True),
             )
             define_metrics(logger.experiment)  # `.experiment` starts the run now, so that failures surface here
+            if attempt == "online":
+                log.info("W&B run: %s", logger.experiment.url)
+            else:
+                log.info("W&B is offline; the run is uploaded after it ends with `wandb sync %s`", offline_dir(logger))
             return logger
         except Exception as error:  # noqa: BLE001 - W&B must never take a run down
             log.warning("W&B could not start in %s mode (%s); continuing", attempt, error)
@@ -90,11 +97,35 @@ def define_metrics(run) -> None:
         log.warning("W&B metric definitions failed (%s); metrics are logged with W&B's defaults", error)
 
 
+def offline_dir(logger: WandbLogger) -> Path:
+    """The directory ``wandb sync`` uploads an offline run from (``<save_dir>/wandb/offline-run-…``)."""
+    return Path(logger.experiment.dir).parent
+
+
+def wandb_loggers(loggers) -> list[WandbLogger]:
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
 def finish_wandb(loggers) -> None:
-    """Close the W&B runs among ``loggers``, so that the next run of a multirun starts its own."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            try:
-                logger.experiment.finish()
-            except Exception as error:  # noqa: BLE001 - the metrics are already on disk
-                log.warning("W&B could not finish cleanly (%s); metrics.csv has every metric", error)
+    """Close the W&B runs among ``loggers``, so that the next run of a multirun starts its own; for an offline
+    run, say how to upload it."""
+    for logger in wandb_loggers(loggers):
+        try:
+            offline = logger.experiment.settings.mode in ("offline", "dryrun")
+            sync = offline_dir(logger) if offline else None
+            logger.experiment.finish()
+            if sync is not None:
+                log.info("Upload this run to W&B with: wandb sync %s", sync)
+        except Exception as error:  # noqa: BLE001 - the metrics are already on disk
+            log.warning("W&B could not finish cleanly (%s); metrics.csv has every metric", error)
+
+
+def alert(loggers, title: str, text: str) -> None:
+    """A W&B alert (e-mail or Slack, as the user's W&B settings say) on each W&B run among ``loggers``."""
+    for logger in wandb_loggers(loggers):
+        try:
+            import wandb
+
+            logger.experiment.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+        except Exception as error:  # noqa: BLE001 - the warning is in the log already
+            log.warning("W&B alert failed (%s)", error)

@@ -1,0 +1,89 @@
+"""The W&B dashboard, built without a server: every panel shows a metric the trainer or the evaluator logs.
+
+The logged names are collected from the code itself: one real training step of each method (``fixed_step``)
+and the evaluator's summaries of a held-out evaluation (with the changes from the untrained model), on the
+dataset names of ``conf/data``. A renamed metric then fails here instead of leaving an empty panel.
+"""
+
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from demopsd.dashboard import GROUP_BY, SECTIONS, NotLoggedInError, build_workspace, save_workspace
+from demopsd.eval_runner import changes_from
+from demopsd.evaluation import summarize
+from demopsd.logging_setup import STEP_METRIC
+from tests.fixed_step import example, setup_step
+from tests.helpers import CONFIG_DIR, run_python
+from tests.test_config import compose_train
+
+RESPONSES = ["<reasoning>\nTwo.\n</reasoning>\n<answer>\nB\n</answer>", "I would say A", "Maybe C", "D"]
+
+
+@pytest.fixture(scope="module")
+def logged_names() -> set[str]:
+    names: set[str] = set()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for method in ("demopsd", "sdpo", "opsd", "grpo"):
+            step = setup_step(monkeypatch, method, RESPONSES, [1.0, 0.0, 0.0, 0.0], "rollout.n=4")
+            trainer = step.fit([example("Which option is the number two?", "B")])
+            names |= set(trainer.logged_metrics) | set(trainer.callback_metrics)
+    record = {"idx": 0, "answer": "B", "letter_probs": {"A": 0.1, "B": 0.6, "C": 0.2, "D": 0.1},
+              "samples": [{"correct": True, "well_formed": True, "length": 9}],
+              "greedy": {"correct": True}}
+    for dataset in dataset_names():
+        metrics = summarize(dataset, [record], k=1, entropy=1.0)
+        names |= set(metrics) | set(changes_from(metrics, metrics))
+    return names
+
+
+def dataset_names() -> list[str]:
+    return [OmegaConf.load(path)["name"] for path in sorted((CONFIG_DIR / "data").glob("*/[!_]*.yaml"))]
+
+
+def panels():
+    return [(section, panel) for section, section_panels in SECTIONS.items() for panel in section_panels]
+
+
+@pytest.mark.parametrize("section, panel", panels(), ids=[p.title for _, p in panels()])
+def test_every_panel_shows_logged_metrics(section, panel, logged_names):
+    missing = set(panel.metrics) - logged_names
+    assert not missing, f"{section} / {panel.title}: {sorted(missing)} are not logged"
+    if panel.regex is not None:
+        assert any(re.search(panel.regex, name) for name in logged_names), f"{panel.regex} matches nothing logged"
+    assert panel.metrics or panel.regex
+
+
+def test_the_collected_names_hold_what_the_sections_are_about(logged_names):
+    """The collection itself reaches the trainer and the evaluator (else the test above proves nothing)."""
+    for name in ("leakage/attenuation", "distill/lambda_q90", "grpo/loss", "perf/step_seconds",
+                 "eval/synthetic-uninferable/overconfidence_change", "eval/gpqa-diamond/acc_avg@1"):
+        assert name in logged_names
+
+
+def test_workspace_groups_by_method_and_dataset_with_a_band_over_seeds():
+    workspace = build_workspace("someone", "demopsd")
+    assert [s.name for s in workspace.sections] == ["Leakage", "Entropy", "Blending", "Reward and accuracy",
+                                                    "Throughput"]
+    assert [g.name for g in workspace.runset_settings.groupby] == list(GROUP_BY)
+    config = compose_train([])
+    for key in GROUP_BY:
+        assert OmegaConf.select(config, key) is not None  # keys of the config each run logs to W&B
+    plots = [p for s in workspace.sections for p in s.panels]
+    assert len(plots) == len(panels())
+    for plot in plots:
+        assert (plot.groupby_aggfunc, plot.groupby_rangefunc) == ("mean", "stderr")
+        assert plot.x == STEP_METRIC
+    assert workspace._to_model()  # serialises to what the W&B API receives
+
+
+def test_without_a_login_the_command_says_so_and_exits_2(tmp_path, monkeypatch):
+    result = run_python("src/dashboard.py", "--entity", "someone", env={
+        "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"), "HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "no W&B login" in result.stderr and "wandb login" in result.stderr
+    assert "Traceback" not in result.stderr
+    monkeypatch.setattr("demopsd.dashboard.has_wandb_credentials", lambda: False)
+    with pytest.raises(NotLoggedInError):
+        save_workspace("someone", "demopsd")
