@@ -262,6 +262,8 @@ def stubbed_rollouts(monkeypatch):
 
     monkeypatch.setattr(demopsd.module, "encode_prompts", encode_prompts)
     monkeypatch.setattr(demopsd.module, "sample_rollouts", sample_rollouts)
+    # no tokenizer to find the answer letters' tokens with (tests/test_answer_letter_probe.py covers that)
+    monkeypatch.setattr(demopsd.module, "answer_letter_positions", lambda *args: ([], [], []))
 
 
 def test_self_distillation_module_skips_policy_teacher_and_schedule(tmp_path, monkeypatch, stubbed_rollouts, caplog):
