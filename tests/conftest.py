@@ -5,9 +5,11 @@ import os
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT, global_random_states
+from tests.helpers import FIXTURE_DATA_DIR, REPO_ROOT, global_random_states
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported by any test module
+# SciKnowEval for the tests and the runs they start: the repository's fixtures unless a real data directory is named
+os.environ.setdefault("DEMOPSD_DATA_DIR", str(FIXTURE_DATA_DIR))
 
 # The tests exercise this checkout's src/, not whatever `demopsd` the environment installed (an editable
 # install of another checkout, say); tests/test_package_identity.py checks that the two agree.

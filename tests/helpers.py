@@ -9,6 +9,20 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "conf"
+FIXTURE_DATA_DIR = REPO_ROOT / "tests" / "fixtures" / "data"
+"""Made-up questions in the SciKnowEval layout, nine per domain (six train, three test; four- and two-option,
+unicode, multi-line questions, option labels inside the text): the data every test reads unless
+``DEMOPSD_DATA_DIR`` names a directory with the real splits (as ``make test`` does where one sits beside the checkout)."""
+
+
+def data_dir() -> Path:
+    """The directory the tests read SciKnowEval from: ``DEMOPSD_DATA_DIR`` (set to the fixtures by conftest.py
+    when unset)."""
+    return Path(os.environ["DEMOPSD_DATA_DIR"])
+
+
+def real_data() -> bool:
+    return data_dir().resolve() != FIXTURE_DATA_DIR.resolve()
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0):

@@ -1,14 +1,14 @@
-"""Tests for the SciKnowEval loader, on the shared data directory."""
-
-import os
-from pathlib import Path
+"""Tests for the SciKnowEval loader: on the repository's fixtures, and on the real splits where a data directory
+with them is named (``DEMOPSD_DATA_DIR``)."""
 
 import pytest
 
 from demopsd.data import SYSTEM_PROMPT, MCQExample, load_sciknoweval, option_letters
+from tests.helpers import FIXTURE_DATA_DIR, data_dir, real_data
 
-DATA_DIR = Path(os.environ.get("DEMOPSD_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
-ROWS = {"biology": (450, 50), "chemistry": (1890, 210), "material": (841, 94), "physics": (720, 80)}
+DATA_DIR = data_dir()
+REAL_ROWS = {"biology": (450, 50), "chemistry": (1890, 210), "material": (841, 94), "physics": (720, 80)}
+FIXTURE_ROWS = {domain: (6, 3) for domain in REAL_ROWS}
 
 
 @pytest.fixture(autouse=True)
@@ -16,16 +16,28 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("domain", sorted(ROWS))
-def test_row_counts_and_answers(domain):
-    train, test = (load_sciknoweval(DATA_DIR, domain, split) for split in ("train", "test"))
-    assert (len(train), len(test)) == ROWS[domain]
+def check_rows(directory, domain, rows):
+    train, test = (load_sciknoweval(directory, domain, split) for split in ("train", "test"))
+    assert (len(train), len(test)) == rows[domain]
     examples = train + test
     assert sorted(e.idx for e in examples) == list(range(len(examples)))
     for e in examples:
         assert e.letters in ("AB", "ABCD") and e.answer in e.letters
         assert e.prompt.endswith("Please reason step by step.")
         assert e.system == SYSTEM_PROMPT  # the prompt the hub build writes
+    return train + test
+
+
+@pytest.mark.skipif(not real_data(), reason="needs the real SciKnowEval splits: set DEMOPSD_DATA_DIR to their directory")
+@pytest.mark.parametrize("domain", sorted(REAL_ROWS))
+def test_real_row_counts_and_answers(domain):
+    check_rows(DATA_DIR, domain, REAL_ROWS)
+
+
+@pytest.mark.parametrize("domain", sorted(FIXTURE_ROWS))
+def test_fixture_rows_load_like_the_real_ones(domain):
+    examples = check_rows(FIXTURE_DATA_DIR, domain, FIXTURE_ROWS)
+    assert {e.letters for e in examples} == {"AB", "ABCD"}  # both question types, as in the real splits
 
 
 def test_data_dir_from_environment(monkeypatch):

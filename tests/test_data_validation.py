@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import pickle
 import re
 from pathlib import Path
@@ -14,9 +13,10 @@ from torch.utils.data import DataLoader
 from demopsd.data import SYSTEM_PROMPT, BadRowError, LoadedSplit, MCQExample, load_sciknoweval, load_split
 from demopsd.datamodule import SKIPPED_ROWS_METRIC, PromptDataModule
 from demopsd.gpqa import load_gpqa
+from tests.helpers import data_dir
 from tests.test_gpqa import HEADER, write_csv
 
-DATA_DIR = Path(os.environ.get("DEMOPSD_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA_DIR = data_dir()
 DOMAINS = ("biology", "chemistry", "material", "physics")
 HINT = "(set data.on_bad_row=skip to skip such rows)"
 
@@ -193,9 +193,9 @@ def test_config_groups_default_to_error():
     assert "on_bad_row" not in OmegaConf.load(conf / "synthetic" / "_base.yaml")
 
 
-# ------------------------------------------------------------------------------------------- real data
+# ------------------------------------------------------------------------------------------- the data directory
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_shared_data_has_no_bad_rows(domain, caplog):
+def test_the_data_directory_has_no_bad_rows(domain, caplog):
     data = {"source": "sciknoweval", "domain": domain, "on_bad_row": "error"}
     with caplog.at_level(logging.WARNING, logger="demopsd.data"):
         for split in ("train", "test"):

@@ -1,11 +1,10 @@
-import os
-
 import pytest
 
+from demopsd.data import load_sciknoweval
 from demopsd.datamodule import PromptDataModule, StepIndexedBatches
+from tests.helpers import data_dir
 
-DATA_DIR = os.environ.get("DEMOPSD_DATA_DIR", "../shared/data")
-
+DATA_DIR = data_dir()
 
 
 
@@ -14,7 +13,7 @@ def biology(**changes) -> dict:
             "batch_size": 4, **changes}
 
 
-def batches(seed: int, n: int = 3) -> list[list[int]]:
+def batches(seed: int, n: int = 1) -> list[list[int]]:
     dm = PromptDataModule(biology(), data_dir=DATA_DIR, seed=seed)
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
@@ -40,8 +39,9 @@ def test_bad_batch_size_names_the_value():
 
 
 def test_batch_larger_than_the_split_is_refused():
-    dm = PromptDataModule(biology(batch_size=451), data_dir=DATA_DIR)
-    with pytest.raises(ValueError, match="data.batch_size=451 exceeds the 450 examples of sciknoweval-biology/train"):
+    size = len(load_sciknoweval(DATA_DIR, "biology", "train"))
+    dm = PromptDataModule(biology(batch_size=size + 1), data_dir=DATA_DIR)
+    with pytest.raises(ValueError, match=f"data.batch_size={size + 1} exceeds the {size} examples of sciknoweval-biology/train"):
         dm.setup("fit")
 
 
