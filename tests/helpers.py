@@ -39,10 +39,11 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0):
 
 
 def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None) -> subprocess.CompletedProcess:
-    """``src/train.py`` on the tiny model, optionally with a ``tests/instrumented_train.py`` hook."""
+    """``src/train.py``: the laptop job, smoke-sized, on the tiny model, optionally with a
+    ``tests/instrumented_train.py`` hook."""
     overrides = [
-        "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}", "trainer.max_steps=4",
-        "checkpoint.every_n_train_steps=2", "checkpoint.save_final_model=false", "rollout.max_new_tokens=8",
+        "experiment=leakage_laptop", "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}",
+        "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", "checkpoint.save_final_model=false", "rollout.max_new_tokens=8",
         "logger.wandb.mode=offline", *extra,
     ]
     script = "tests/instrumented_train.py" if hook else "src/train.py"

@@ -53,12 +53,19 @@ def test_methods_differ_where_the_table_says():
     assert opsd.reprompt.use_reference_answer and not opsd.reprompt.use_demonstrations
 
 
-def test_the_default_job_is_demopsd_on_the_leakage_task_with_the_answer_shown_to_the_teacher():
-    cfg = compose_train([])
+def test_no_preset_means_the_group_defaults():
+    """`python src/train.py method=demopsd data=sciknoweval/biology` means what it says: no preset resizes it."""
+    plain = compose_train(["method=demopsd", "data=sciknoweval/biology"])
+    assert plain == compose_train(["method=demopsd", "data=sciknoweval/biology", "~experiment"])
+    assert (plain.trainer.max_steps, plain.rollout.max_new_tokens, plain.data.batch_size) == (100, 256, 4)
+
+
+def test_the_laptop_job_is_demopsd_on_the_leakage_task_with_the_answer_shown_to_the_teacher():
+    cfg = compose_train(["experiment=leakage_laptop"])
     assert (cfg.method.name, cfg.data.name, cfg.model.name_or_path) == ("demopsd", "synthetic-mixed", "smollm2-135m-instruct")
     assert set(cfg.data.held_out) == {"inferable", "uninferable"}
     for method in ("demopsd", "sdpo", "opsd"):
-        assert compose_train([f"method={method}"]).method.reprompt.use_reference_answer
+        assert compose_train([f"method={method}", "experiment=leakage_laptop"]).method.reprompt.use_reference_answer
         assert not compose_train([f"method={method}", "data=sciknoweval/biology"]).method.reprompt.use_reference_answer \
             or method == "opsd"
     assert "reprompt" not in compose_train(["method=grpo"]).method
@@ -98,10 +105,10 @@ def test_gpu_experiment_shards_a_gpu_model_over_a_node_in_bf16():
     "experiment, methods, max_steps",
     [("leakage_benchmark", "opsd,sdpo,demopsd,grpo", 8), ("leakage_benchmark_32steps", "sdpo,demopsd", 32)],
 )
-def test_leakage_benchmarks_sweep_the_default_job(experiment, methods, max_steps):
+def test_leakage_benchmarks_sweep_the_laptop_job(experiment, methods, max_steps):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-    default_job = compose_train([])
+    default_job = compose_train(["experiment=leakage_laptop"])
     assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": methods}
     assert cfg.trainer.max_steps == max_steps and cfg.checkpoint.every_n_train_steps == 0
     for section in ("data", "rollout", "optim", "eval", "model"):
