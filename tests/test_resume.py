@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import lightning as L
 import pytest
 import torch
 
@@ -247,6 +248,21 @@ def test_checkpoint_every_zero_steps_means_none_and_negative_is_refused(tmp_path
     assert checkpointing(0, tmp_path) == []
     with pytest.raises(ValueError, match=r"every_n_train_steps=-1 is invalid: 0 \(no checkpoints\)"):
         checkpointing(-1, tmp_path)
+    for keep in (0, -2):
+        with pytest.raises(ValueError, match=rf"checkpoint.keep={keep} is invalid: a positive number"):
+            checkpointing(3, tmp_path, keep)
+
+
+@pytest.mark.parametrize("keep, kept", [(1, ["step000006.ckpt"]), (2, ["step000004.ckpt", "step000006.ckpt"]),
+                                        (-1, ["step000002.ckpt", "step000004.ckpt", "step000006.ckpt"])])
+def test_only_the_newest_checkpoints_stay_on_disk(tmp_path, keep, kept):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    trainer = L.Trainer(max_steps=6, callbacks=checkpointing(2, tmp_path, keep), logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(BoringModel())
+    assert sorted(p.name for p in tmp_path.glob("step*.ckpt")) == kept
+    assert (tmp_path / "last.ckpt").resolve().name == "step000006.ckpt"
 
 
 def test_processes_after_the_first_draw_their_own_reproducible_streams():

@@ -132,7 +132,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer,
         logger=build_loggers(cfg, output_dir, run_state),
         callbacks=[
-            *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / "checkpoints"),
+            *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / "checkpoints", cfg.checkpoint.keep),
             evaluation,
             NumericalGuard(**cfg.get("guards", {})),
             ProcessSeeds(cfg.seed),
@@ -211,13 +211,16 @@ def process_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
-def checkpointing(every_n_train_steps: int, dirpath: Path) -> list[ModelCheckpoint]:
+def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> list[ModelCheckpoint]:
     """A checkpoint every ``every_n_train_steps`` optimizer steps and at the end, with ``last.ckpt`` linking the
-    newest; none at all for 0 (the run then cannot be resumed)."""
+    newest; none at all for 0 (the run then cannot be resumed). ``keep``: how many stay on disk, the newest
+    (``-1``: all)."""
     if every_n_train_steps < 0:
         raise ValueError(
             f"checkpoint.every_n_train_steps={every_n_train_steps} is invalid: 0 (no checkpoints) or a positive number"
         )
+    if keep == 0 or keep < -1:
+        raise ValueError(f"checkpoint.keep={keep} is invalid: a positive number (the newest kept) or -1 (all)")
     if every_n_train_steps == 0:
         return []
     return [
@@ -226,7 +229,9 @@ def checkpointing(every_n_train_steps: int, dirpath: Path) -> list[ModelCheckpoi
             filename="step{step:06d}",
             auto_insert_metric_name=False,
             every_n_train_steps=every_n_train_steps,
-            save_top_k=-1,
+            monitor="step",  # the newest are the "best": keeping the top `keep` keeps the last ones
+            mode="max",
+            save_top_k=keep,
             save_last="link",
             enable_version_counter=False,  # a resumed run replaces `last.ckpt` instead of adding `last-v1.ckpt`
         )
