@@ -402,15 +402,16 @@ LEAKAGE_QUANTITIES = {
         "last logged `train/entropy`: the policy's token entropy on its own training rollouts"),
     "kl_teacher_student_mean": LeakageQuantity(
         "leakage/kl_teacher_student", _mean, "mean KL(teacher ‖ student)",
-        "mean over steps of KL(teacher ‖ student) per token: how far the privileged context moves the teacher "
-        f"away from the student ({MISSING} for a method without a teacher, such as GRPO)"),
+        "mean over steps of KL(teacher ‖ student) per token, on the objective's support: how far the privileged "
+        f"context moves the teacher away from the student ({MISSING} for a method without a teacher, such as GRPO)"),
     "kl_target_student_mean": LeakageQuantity(
         "leakage/kl_target_student", _mean, "mean KL(target ‖ student)",
-        "mean over steps of KL(target ‖ student) per token: how much of that the distillation target passes on"),
+        "mean over steps of KL(target ‖ student) per token, on the same support: how much of that the distillation "
+        "target passes on"),
     "attenuation_mean": LeakageQuantity(
         "leakage/attenuation", _mean, "mean attenuation",
-        "mean over steps of KL(target ‖ student) / KL(teacher ‖ student): below 1, the target passes on less "
-        "than the teacher's full shift"),
+        "mean over steps of KL(target ‖ student) / KL(teacher ‖ student): 1 where the target is the teacher "
+        "(SDPO, OPSD); below 1, the target passes on less than the teacher's full shift"),
 }
 HELDOUT_PROBE_COLUMNS = tuple(q.column for q in LEAKAGE_QUANTITIES.values() if q.column.startswith("eval/"))
 
