@@ -49,9 +49,14 @@ def policy_and_tokenizer(default_model_cache):
 @pytest.fixture(scope="module")
 def engine(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
-    return VLLMRollouts(
+    yield VLLMRollouts(
         policy, tokenizer, EngineConfig(kv_cache_memory_bytes=2**28), max_model_len=512, seed=0
     )
+    # the in-process engine joined torch.distributed as a group of one; later modules must not inherit it
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
 
 
 @pytest.fixture(scope="module")
