@@ -50,7 +50,7 @@ class MCQScore:
     """Outcome of scoring one completion."""
 
     reward: float
-    """1.0 if the completion is well formed and correct, else 0.0."""
+    """1.0 if the rule's prediction is the answer, else 0.0 (under ``strict`` only a well-formed one can be)."""
     correct: bool
     well_formed: bool
     """The rule's format check (see the module docstring)."""
@@ -106,20 +106,17 @@ def score_mcq(completion: str, answer: str, letters: str = "ABCD", rule: str = "
         raise ValueError(f"reference answer {answer!r} is not one of the option letters {letters!r}")
     if rule == "answer_tag":
         prediction = answer_tag_prediction(completion)
-        return lenient_score(prediction, answer, letters, ends_with_answer_block(completion, letters))
+        return scored(prediction, answer, letters, ends_with_answer_block(completion, letters))
     if rule == "last_letter":
         prediction = last_letter_prediction(completion, letters)
-        return lenient_score(prediction, answer, letters, prediction in tuple(letters))
+        return scored(prediction, answer, letters, prediction in tuple(letters))
     if rule != "strict":
         raise ValueError(f"data.reward={rule!r} is invalid: one of {REWARD_RULES} is accepted")
     predicted = parse_answer(completion, letters)
-    if predicted is None:
-        return _MALFORMED
-    correct = predicted == answer
-    return MCQScore(reward=float(correct), correct=correct, well_formed=True, predicted=predicted)
+    return _MALFORMED if predicted is None else scored(predicted, answer, letters, well_formed=True)
 
 
-def lenient_score(prediction: str, answer: str, letters: str, well_formed: bool) -> MCQScore:
+def scored(prediction: str, answer: str, letters: str, well_formed: bool) -> MCQScore:
     correct = prediction == answer
     predicted = prediction if prediction in tuple(letters) else None
     return MCQScore(reward=float(correct), correct=correct, well_formed=well_formed, predicted=predicted)
