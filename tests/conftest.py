@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from tests.helpers import FIXTURE_DATA_DIR, REPO_ROOT, global_random_states
+from tests.helpers import FIXTURE_DATA_DIR, REPO_ROOT, global_random_states, tiny_policy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported by any test module
 # SciKnowEval for the tests and the runs they start: the repository's fixtures unless a real data directory is named
@@ -63,21 +63,13 @@ def default_model_cache(tmp_path_factory):
 def tiny_model_dir(tmp_path_factory, default_model_cache):
     """A randomly initialised 2-layer Llama with the default model's tokenizer: steps take milliseconds and
     checkpoints a few MB, so killed and resumed runs are cheap, while every code path is the real one."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from demopsd.models import default_cache_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        initializer_range=0.5,  # sharp, context-dependent distributions: teacher and student differ clearly
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
     directory = tmp_path_factory.mktemp("tiny-model")
     with global_random_states():
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(directory)
+        tiny_policy(tokenizer, seed=0).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

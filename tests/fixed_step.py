@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import demopsd.module
 from demopsd.data import MCQExample
@@ -29,26 +29,13 @@ from demopsd.objectives import chunked_distillation_loss
 from demopsd.rewards import MCQScore
 from demopsd.rollout import RolloutBatch, repeat_prompts
 from demopsd.training import build_module
-from tests.helpers import CONFIG_DIR
+from tests.helpers import CONFIG_DIR, tiny_policy
 
 
 @functools.cache
 def default_tokenizer():
     """The default model's tokenizer (and chat template), read from its GGUF file without the weights."""
     return prepare_tokenizer(AutoTokenizer.from_pretrained(default_gguf_dir(), gguf_file=GGUF_FILE))
-
-
-def tiny_policy(tokenizer, seed: int = 0, initializer_range: float = 0.5) -> LlamaForCausalLM:
-    """A random 2-layer Llama over the tokenizer's vocabulary, float32; the wide initialisation gives sharp,
-    context-dependent distributions (teacher and student differ clearly, losses are far from 0)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
 
 
 def train_config(method: str, *overrides: str) -> DictConfig:

@@ -38,6 +38,22 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_policy(tokenizer, seed: int = 0):
+    """A random 2-layer Llama over ``tokenizer``'s vocabulary, float32; the wide initialisation gives sharp,
+    context-dependent distributions (teacher and student differ clearly, losses are far from 0)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        initializer_range=0.5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
 def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None) -> subprocess.CompletedProcess:
     """``src/train.py``: the laptop job, smoke-sized, on the tiny model, optionally with a
     ``tests/instrumented_train.py`` hook."""
