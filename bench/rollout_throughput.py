@@ -18,12 +18,13 @@ import time
 
 import torch
 
-from demopsd.data import student_conversation
-from demopsd.models import DEFAULT_MODEL, load_model_and_tokenizer
-from demopsd.rollout import encode_prompts, generate_rollouts
-from demopsd.settings import SamplingConfig
-from demopsd.synthetic import generate_synthetic
-from demopsd.vllm_rollout import EngineConfig, VLLMRollouts
+from demopsd.config.settings import SamplingConfig
+from demopsd.data.synthetic import generate_synthetic
+from demopsd.data.types import student_conversation
+from demopsd.rollout.batch import encode_prompts
+from demopsd.rollout.engine import generate_rollouts
+from demopsd.rollout.vllm import EngineConfig, VLLMEngine
+from demopsd.runtime.models import DEFAULT_MODEL, load_model_and_tokenizer
 
 
 def timed(generate, repeats: int) -> tuple[int, float]:
@@ -59,7 +60,7 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     hf_tokens, hf_seconds = timed(lambda: generate_rollouts(policy, tokenizer, prompts, sampling), args.repeats)
-    engine = VLLMRollouts(
+    engine = VLLMEngine(
         policy,
         tokenizer,
         EngineConfig(gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_bytes),

@@ -8,7 +8,7 @@ tokens with the DemoPSD loss. A step is the student forward, the EMA teacher's f
 prompt, the chunked loss, backward, AdamW and the EMA update. The work is the same under both; only the
 parallelism differs:
 * ``ddp``: torch's DistributedDataParallel, the whole policy, teacher, gradients and AdamW state per process;
-* ``fsdp``: :func:`demopsd.sharding.shard_model` on the policy and the teacher (fp32 gather, as on a CPU).
+* ``fsdp``: :func:`demopsd.runtime.sharding.shard_model` on the policy and the teacher (fp32 gather, as on a CPU).
 
 "state" counts the bytes of the weights, gradients and optimizer state each process holds after a step
 (the local shards under FSDP), read from the tensors themselves. "step" is the mean time of the steps
@@ -59,13 +59,13 @@ def worker(rank: int, args, mode: str, store_path: str, out_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
-    from demopsd.forward import lm_head_weight, response_hidden_states
-    from demopsd.models import DEFAULT_MODEL, load_model_and_tokenizer
+    from demopsd.config.settings import ShardingConfig
     from demopsd.objectives import DistillationConfig, chunked_distillation_loss
-    from demopsd.rollout import PromptBatch
-    from demopsd.settings import ShardingConfig
-    from demopsd.sharding import reshard, shard_model
-    from demopsd.teacher import ema_update, make_ema_teacher
+    from demopsd.rollout.batch import PromptBatch
+    from demopsd.rollout.forward import lm_head_weight, response_hidden_states
+    from demopsd.runtime.models import DEFAULT_MODEL, load_model_and_tokenizer
+    from demopsd.runtime.sharding import reshard, shard_model
+    from demopsd.training.teacher import ema_update, make_ema_teacher
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, args.processes), rank=rank,

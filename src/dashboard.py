@@ -10,7 +10,7 @@ Needs a W&B login (`wandb login`, or WANDB_API_KEY) and the `wandb-workspaces` p
 import argparse
 import sys
 
-from demopsd.dashboard import WORKSPACE_NAME, NotLoggedInError, save_workspace
+from demopsd.report.dashboard import WORKSPACE_NAME, NotLoggedInError, save_workspace
 
 
 def main(argv: list[str] | None = None) -> int:

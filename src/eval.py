@@ -17,7 +17,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from demopsd.eval_runner import run_evaluation
+    from demopsd.evaluation.runner import run_evaluation
 
     run_evaluation(cfg)
 

@@ -11,7 +11,7 @@ leakage.md, leakage.csv, leakage_runs.csv and heldout_probe.png.
 import argparse
 import sys
 
-from demopsd.report import LEAKAGE_RUNS_FILE, write_report
+from demopsd.report.runs import LEAKAGE_RUNS_FILE, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,14 +21,14 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from demopsd.config_check import ConfigError, validate_config
+    from demopsd.config.check import ConfigError, validate_config
 
     try:
         validate_config(cfg)  # before transformers & Lightning load: a bad value stops the run within seconds
     except ConfigError as error:
         print(f"Invalid config ({len(error.problems)} problem(s)):\n{error}", file=sys.stderr)
         sys.exit(2)
-    from demopsd.training import run  # after Hydra has parsed the command line: `--help` stays instant
+    from demopsd.training.run import run  # after Hydra has parsed the command line: `--help` stays instant
 
     return optimized_value(cfg, run(cfg))
 

@@ -50,7 +50,7 @@ def default_model_cache(tmp_path_factory):
     Returns ``(cache_root, gguf_model)``; pass ``cache_dir=cache_root`` to
     ``load_model_and_tokenizer("smollm2-135m-instruct", ...)`` to load the converted copy.
     """
-    from demopsd.models import default_cache_path, load_default_gguf, save_atomically
+    from demopsd.runtime.models import default_cache_path, load_default_gguf, save_atomically
 
     root = tmp_path_factory.mktemp("demopsd-cache")
     with global_random_states():  # session fixtures run outside any test's restore_global_random_states
@@ -65,7 +65,7 @@ def tiny_model_dir(tmp_path_factory, default_model_cache):
     checkpoints a few MB, so killed and resumed runs are cheap, while every code path is the real one."""
     from transformers import AutoTokenizer
 
-    from demopsd.models import default_cache_path
+    from demopsd.runtime.models import default_cache_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
     directory = tmp_path_factory.mktemp("tiny-model")

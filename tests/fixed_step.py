@@ -1,6 +1,6 @@
 """One real training step of :class:`SelfDistillationModule` on a fixed batch, and plain forwards to check it.
 
-The module is assembled from the Hydra config by :func:`demopsd.training.build_module` around a tiny random
+The module is assembled from the Hydra config by :func:`demopsd.training.run.build_module` around a tiny random
 Llama with the default model's tokenizer, and stepped by a real ``lightning.Trainer`` built from the config's
 ``trainer`` section (CPU, one step, nothing written). Sampling and scoring are replaced by fixed rollouts and
 fixed rewards (:class:`FixedRollouts`, :func:`rewards_by_text`); :class:`LossCalls` records what the step hands
@@ -21,14 +21,15 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-import demopsd.module
-from demopsd.data import MCQExample
-from demopsd.models import GGUF_FILE, default_gguf_dir, prepare_tokenizer
-from demopsd.module import SelfDistillationModule
+import demopsd.training.module
+import demopsd.training.steps
+from demopsd.data.rewards import MCQScore
+from demopsd.data.types import MCQExample
 from demopsd.objectives import chunked_distillation_loss
-from demopsd.rewards import MCQScore
-from demopsd.rollout import RolloutBatch, repeat_prompts
-from demopsd.training import build_module
+from demopsd.rollout.batch import RolloutBatch, repeat_prompts
+from demopsd.runtime.models import GGUF_FILE, default_gguf_dir, prepare_tokenizer
+from demopsd.training.module import SelfDistillationModule
+from demopsd.training.run import build_module
 from tests.helpers import CONFIG_DIR, tiny_policy
 
 
@@ -58,7 +59,7 @@ def example(question: str, answer: str, idx: int = 0) -> MCQExample:
 
 @dataclass
 class FixedRollouts:
-    """Stands in for ``sample_rollouts``: the same responses every call, right-padded, each ending with EOS.
+    """A rollout engine that serves the same responses every call, right-padded, each ending with EOS.
 
     ``texts`` are the decoded responses (what the module scores and shows as demonstrations); ``served``
     collects every batch handed out.
@@ -80,10 +81,18 @@ class FixedRollouts:
         return cls(ids, mask, tokenizer.batch_decode(ids.masked_fill(mask == 0, tokenizer.pad_token_id),
                                                      skip_special_tokens=True))
 
-    def __call__(self, model, tokenizer, prompts, sampling, rollout_engine=None, **kwargs) -> RolloutBatch:
+    uses_policy_weights = False
+
+    def policy_updated(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def generate(self, prompts, sampling, greedy: bool = False) -> RolloutBatch:
         assert len(self.texts) == prompts.ids.shape[0] * sampling.n, "fixed responses do not match the batch"
         batch = RolloutBatch(
-            prompt=repeat_prompts(prompts, sampling.n, model.device), response_ids=self.response_ids.clone(),
+            prompt=repeat_prompts(prompts, sampling.n), response_ids=self.response_ids.clone(),
             response_mask=self.response_mask.clone(), texts=list(self.texts), seconds=0.0,
         )
         self.served.append(batch)
@@ -101,13 +110,13 @@ def rewards_by_text(rewards: dict[str, float]):
 
 
 class LossCalls:
-    """Wraps ``chunked_distillation_loss`` in the module's namespace; keeps a detached copy of every call's
+    """Wraps ``chunked_distillation_loss`` in the steps' namespace; keeps a detached copy of every call's
     arguments and of the loss it returned (``"loss"``)."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[dict] = []
-        self._real = demopsd.module.chunked_distillation_loss
-        monkeypatch.setattr(demopsd.module, "chunked_distillation_loss", self)
+        self._real = demopsd.training.steps.chunked_distillation_loss
+        monkeypatch.setattr(demopsd.training.steps, "chunked_distillation_loss", self)
 
     def __call__(self, student_hidden, student_head, teacher_hidden, teacher_head, tokens, token_weights, config,
                  **kwargs):
@@ -159,9 +168,10 @@ def setup_step(monkeypatch, method: str, responses: list[str], rewards: list[flo
     initial = copy.deepcopy(policy).eval().requires_grad_(False)
     rollouts = FixedRollouts.of(tokenizer, responses)
     assert len(set(rollouts.texts)) == len(rollouts.texts), "responses must decode to distinct texts"
-    monkeypatch.setattr(demopsd.module, "sample_rollouts", rollouts)
-    monkeypatch.setattr(demopsd.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
-    return Step(build_module(cfg, policy, tokenizer), cfg, rollouts, initial)
+    monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
+    module = build_module(cfg, policy, tokenizer)
+    module.make_rollout_engine = lambda local_rank=0: rollouts
+    return Step(module, cfg, rollouts, initial)
 
 
 def response_outputs(model, prompt_ids: torch.Tensor, response_ids: torch.Tensor):

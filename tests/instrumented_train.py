@@ -27,7 +27,7 @@ def kill() -> None:
 
 
 def kill_at_step(step: str) -> None:
-    from demopsd.module import SelfDistillationModule
+    from demopsd.training.module import SelfDistillationModule
 
     train = SelfDistillationModule.training_step
 
@@ -53,8 +53,8 @@ def kill_writing(name: str) -> None:
 
 
 def record(directory: str) -> None:
-    from demopsd.module import SelfDistillationModule
-    from demopsd.sharding import full_state
+    from demopsd.runtime.sharding import full_state
+    from demopsd.training.module import SelfDistillationModule
 
     out = Path(directory)
     train, log_dict = SelfDistillationModule.training_step, SelfDistillationModule.log_dict

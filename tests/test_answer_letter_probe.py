@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from demopsd.module import answer_letter_positions
+from demopsd.training.steps import answer_letter_positions
 
 
 @pytest.fixture(scope="module")
 def tokenizer(default_model_cache):
     from transformers import AutoTokenizer
 
-    from demopsd.models import default_cache_path
+    from demopsd.runtime.models import default_cache_path
 
     return AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
 

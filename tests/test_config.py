@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from demopsd.config.settings import RepromptConfig
 from demopsd.objectives import DistillationConfig, GRPOConfig
-from demopsd.reprompt import RepromptConfig
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
 METHODS = ["demopsd", "sdpo", "opsd", "grpo"]
@@ -62,7 +62,7 @@ def test_no_preset_means_the_group_defaults():
 
 def test_the_laptop_job_is_demopsd_on_the_leakage_task_with_the_answer_shown_to_the_teacher():
     cfg = compose_train(["experiment=leakage_laptop"])
-    assert (cfg.method.name, cfg.data.name, cfg.model.name_or_path) == ("demopsd", "synthetic-mixed", "smollm2-135m-instruct")
+    assert (cfg.method.name, cfg.data.name, cfg.model.name_or_path) == ("demopsd", "synthetic-mixed", "smollm2-135m-instruct-format-warmup")
     assert set(cfg.data.held_out) == {"inferable", "uninferable"}
     for method in ("demopsd", "sdpo", "opsd"):
         assert compose_train([f"method={method}", "experiment=leakage_laptop"]).method.reprompt.use_reference_answer
@@ -96,21 +96,17 @@ def test_smoke_debug_is_tiny():
 def test_gpu_experiment_shards_a_gpu_model_over_a_node_in_bf16():
     cfg = compose_train(["experiment=sdpo_paper_qwen3_8b", "method=demopsd"])
     assert cfg.model.name_or_path == "Qwen/Qwen3-8B" and cfg.model.dtype == "float32"
-    assert cfg.trainer.strategy._target_ == "demopsd.sharding.FullyShardedStrategy"
+    assert cfg.trainer.strategy._target_ == "demopsd.runtime.sharding.FullyShardedStrategy"
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 8 and cfg.data.batch_size % 8 == 0
     assert cfg.fsdp.param_dtype == "bfloat16" and cfg.fsdp.activation_checkpointing
 
 
-@pytest.mark.parametrize(
-    "experiment, methods, max_steps",
-    [("leakage_benchmark", "opsd,sdpo,demopsd,grpo", 8), ("leakage_benchmark_32steps", "sdpo,demopsd", 32)],
-)
-def test_leakage_benchmarks_sweep_the_laptop_job(experiment, methods, max_steps):
+def test_the_leakage_benchmark_sweeps_the_laptop_job():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        cfg = compose(config_name="train", overrides=["experiment=leakage_benchmark"], return_hydra_config=True)
     default_job = compose_train(["experiment=leakage_laptop"])
-    assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": methods}
-    assert cfg.trainer.max_steps == max_steps and cfg.checkpoint.every_n_train_steps == 0
+    assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": "opsd,sdpo,demopsd,grpo"}
+    assert cfg.trainer.max_steps == 12 and cfg.checkpoint.every_n_train_steps == 0
     for section in ("data", "rollout", "optim", "eval", "model"):
         assert cfg[section] == default_job[section], section
 

@@ -11,11 +11,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 
-from demopsd import config_check
-from demopsd.config_check import ConfigError, validate_config
+import demopsd.config.check as config_check
+from demopsd.config.check import ConfigError, validate_config
+from demopsd.config.settings import METHOD_KINDS, SELECTIONS, TEACHER_KINDS, WANDB_MODES
 from demopsd.objectives import AGGREGATIONS, BLEND_RULES, DISCREPANCIES, DistillationConfig
-from demopsd.reprompt import SELECTIONS
-from demopsd.settings import METHOD_KINDS, TEACHER_KINDS, WANDB_MODES
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 from tests.test_config import DATASETS, METHODS, compose_train
 
@@ -231,7 +230,7 @@ def test_validation_imports_no_transformers_or_lightning():
     code = f"""
 import sys
 from hydra import compose, initialize_config_dir
-from demopsd.config_check import ConfigError, validate_config
+from demopsd.config.check import ConfigError, validate_config
 
 def compose_train(overrides):
     with initialize_config_dir(config_dir={str(CONFIG_DIR)!r}, version_base="1.3"):

@@ -10,10 +10,10 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from demopsd.dashboard import GROUP_BY, SECTIONS, NotLoggedInError, build_workspace, save_workspace
-from demopsd.eval_runner import changes_from
-from demopsd.evaluation import summarize
-from demopsd.logging_setup import STEP_METRIC
+from demopsd.evaluation.evaluate import summarize
+from demopsd.evaluation.runner import changes_from
+from demopsd.report.dashboard import GROUP_BY, SECTIONS, NotLoggedInError, build_workspace, save_workspace
+from demopsd.runtime.loggers import STEP_METRIC
 from tests.fixed_step import example, setup_step
 from tests.helpers import CONFIG_DIR, run_python
 from tests.test_config import compose_train
@@ -84,6 +84,6 @@ def test_without_a_login_the_command_says_so_and_exits_2(tmp_path, monkeypatch):
     assert result.returncode == 2
     assert "no W&B login" in result.stderr and "wandb login" in result.stderr
     assert "Traceback" not in result.stderr
-    monkeypatch.setattr("demopsd.dashboard.has_wandb_credentials", lambda: False)
+    monkeypatch.setattr("demopsd.report.dashboard.has_wandb_credentials", lambda: False)
     with pytest.raises(NotLoggedInError):
         save_workspace("someone", "demopsd")

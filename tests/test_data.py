@@ -3,7 +3,8 @@ with them is named (``DEMOPSD_DATA_DIR``)."""
 
 import pytest
 
-from demopsd.data import SYSTEM_PROMPT, MCQExample, load_sciknoweval, option_letters
+from demopsd.data.sciknoweval import load_sciknoweval
+from demopsd.data.types import SYSTEM_PROMPT, MCQExample, option_letters
 from tests.helpers import FIXTURE_DATA_DIR, data_dir, real_data
 
 DATA_DIR = data_dir()

@@ -10,9 +10,11 @@ import pytest
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from demopsd.data import SYSTEM_PROMPT, BadRowError, LoadedSplit, MCQExample, load_sciknoweval, load_split
-from demopsd.datamodule import SKIPPED_ROWS_METRIC, PromptDataModule
-from demopsd.gpqa import load_gpqa
+from demopsd.data.datamodule import SKIPPED_ROWS_METRIC, PromptDataModule
+from demopsd.data.gpqa import load_gpqa
+from demopsd.data.loading import load_split
+from demopsd.data.sciknoweval import load_sciknoweval
+from demopsd.data.types import SYSTEM_PROMPT, BadRowError, LoadedSplit, MCQExample
 from tests.helpers import data_dir
 from tests.test_gpqa import HEADER, write_csv
 
@@ -87,7 +89,7 @@ def test_bad_line_is_an_error_naming_file_line_and_reason(tmp_path, case):
 def test_skip_keeps_the_good_rows_counts_and_warns(tmp_path, case, caplog):
     line, reason = BAD_LINES[case]
     path = write_split(tmp_path, [good_row(0), good_row(1), line, good_row(3)])
-    with caplog.at_level(logging.WARNING, logger="demopsd.data"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.data.types"):
         examples = load_sciknoweval(tmp_path, "biology", "train", on_bad_row="skip")
     assert [e.idx for e in examples] == [0, 1, 3]
     assert isinstance(examples, LoadedSplit) and examples.skipped == 1
@@ -114,7 +116,7 @@ def test_skip_summary_lists_the_first_reasons_and_counts_the_rest(tmp_path, capl
     lines = [good_row(0)] + ["not json"] * 3 + [good_row(1, "AB", "D"), good_row(0), good_row(2, "AB", "A"),
                                                   without(good_row(3), "system")]
     path = write_split(tmp_path, lines)
-    with caplog.at_level(logging.WARNING, logger="demopsd.data"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.data.types"):
         examples = load_sciknoweval(tmp_path, "biology", "train", on_bad_row="skip")
     assert [e.idx for e in examples] == [0, 2] and examples.skipped == 6
     (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -197,7 +199,7 @@ def test_config_groups_default_to_error():
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_the_data_directory_has_no_bad_rows(domain, caplog):
     data = {"source": "sciknoweval", "domain": domain, "on_bad_row": "error"}
-    with caplog.at_level(logging.WARNING, logger="demopsd.data"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.data.types"):
         for split in ("train", "test"):
             strict = load_split(data, split, DATA_DIR)
             assert strict.skipped == 0 and len(strict) > 0
@@ -227,7 +229,7 @@ def test_gpqa_bad_row_names_file_and_line(tmp_path, column, value, reason, caplo
     with pytest.raises(BadRowError) as err:
         load_gpqa(tmp_path)
     assert str(err.value) == f"{path}:4: {reason} {HINT}"  # header line 1, rows 0, 1 on lines 2, 3
-    with caplog.at_level(logging.WARNING, logger="demopsd.data"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.data.types"):
         examples = load_gpqa(tmp_path, on_bad_row="skip")
     assert [e.idx for e in examples] == [0, 1, 3] and examples.skipped == 1  # CSV row indices are kept
     (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -376,7 +378,7 @@ def test_datamodule_error_mode_names_file_and_line(tmp_path):
 def test_eval_datasets_pass_data_on_bad_row_to_the_ood_sets(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from demopsd.eval_runner import eval_datasets
+    from demopsd.evaluation.runner import eval_datasets
 
     write_split(tmp_path, [good_row(0), good_row(1, "AB", "C"), good_row(2)], split="test")
     write_csv(tmp_path, [gpqa_row(0), gpqa_row(1) | {"Question": ""}, gpqa_row(2)])

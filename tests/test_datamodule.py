@@ -1,7 +1,7 @@
 import pytest
 
-from demopsd.data import load_sciknoweval
-from demopsd.datamodule import PromptDataModule, StepIndexedBatches
+from demopsd.data.datamodule import PromptDataModule, StepIndexedBatches
+from demopsd.data.sciknoweval import load_sciknoweval
 from tests.helpers import data_dir
 
 DATA_DIR = data_dir()

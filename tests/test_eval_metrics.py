@@ -5,7 +5,7 @@ from math import comb
 
 import pytest
 
-from demopsd.eval_metrics import pass_at_k, summarize_samples
+from demopsd.evaluation.metrics import pass_at_k, summarize_samples
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

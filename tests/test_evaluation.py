@@ -7,12 +7,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from demopsd.data import MCQExample
-from demopsd.eval_runner import changes_from
-from demopsd.evaluation import (
-    EvalConfig, EvalResult, answer_letter_probs, letter_metrics, single_token_id, summarize, write_results,
+from demopsd.data.types import MCQExample
+from demopsd.evaluation.evaluate import (
+    EvalConfig,
+    EvalResult,
+    answer_letter_probs,
+    letter_metrics,
+    single_token_id,
+    summarize,
+    write_results,
 )
-from demopsd.rollout import PromptBatch
+from demopsd.evaluation.runner import changes_from
+from demopsd.rollout.batch import PromptBatch
 from tests.helpers import tiny_llama
 
 

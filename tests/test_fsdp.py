@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from demopsd.eval_runner import load_policy
+from demopsd.evaluation.runner import load_policy
 from tests.helpers import train_tiny
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ import csv
 
 import pytest
 
-from demopsd.data import SYSTEM_PROMPT, option_letters
-from demopsd.gpqa import HUB_DATASET, load_gpqa
-from demopsd.rewards import score_mcq
+from demopsd.data.gpqa import HUB_DATASET, load_gpqa
+from demopsd.data.rewards import score_mcq
+from demopsd.data.types import SYSTEM_PROMPT, option_letters
 
 # The official header: the loader must pick its columns out of the others.
 HEADER = [

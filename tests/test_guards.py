@@ -19,15 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import demopsd.guards
-import demopsd.module
-from demopsd.data import MCQExample
-from demopsd.guards import CollapseTracker, NonFiniteTrainingError, NumericalGuard, nonfinite_gradients
-from demopsd.module import SelfDistillationModule
+import demopsd.training.guards
+import demopsd.training.module
+import demopsd.training.steps
+from demopsd.config.settings import OptimConfig, RepromptConfig, SamplingConfig
+from demopsd.data.types import MCQExample
 from demopsd.objectives import DistillationConfig
-from demopsd.reprompt import RepromptConfig
-from demopsd.rollout import PromptBatch, RolloutBatch
-from demopsd.settings import OptimConfig, SamplingConfig
+from demopsd.rollout.batch import PromptBatch, RolloutBatch
+from demopsd.training.guards import CollapseTracker, NonFiniteTrainingError, NumericalGuard, nonfinite_gradients
+from demopsd.training.module import SelfDistillationModule
+from demopsd.training.steps import DistillationStep
 from tests.helpers import tiny_llama
 
 NAN = float("nan")
@@ -131,7 +132,7 @@ def skipped_column(metrics: pd.DataFrame) -> list[float]:
 @pytest.mark.parametrize("nan_loss", ["none", "backward"])
 def test_a_nonfinite_loss_skips_the_update(nan_loss, tmp_path, caplog):
     """Whether training_step returns None or the NaN loss itself, step 2 leaves weights and AdamW state alone."""
-    with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.training.guards"):
         snaps, metrics = fit(TinyModule(nan_loss_steps={2}, nan_loss=nan_loss), tmp_path)
 
     assert same(snaps.weights[2], snaps.weights[3]) and same(snaps.optimizer[2], snaps.optimizer[3])
@@ -144,7 +145,7 @@ def test_a_nonfinite_loss_skips_the_update(nan_loss, tmp_path, caplog):
 
 
 def test_a_nonfinite_gradient_skips_the_update_and_names_the_parameter(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.training.guards"):
         snaps, metrics = fit(TinyModule(nan_grad_steps={2}), tmp_path)
 
     assert same(snaps.weights[2], snaps.weights[3]) and same(snaps.optimizer[2], snaps.optimizer[3])
@@ -154,7 +155,7 @@ def test_a_nonfinite_gradient_skips_the_update_and_names_the_parameter(tmp_path,
 
 
 def test_a_finite_run_skips_nothing(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.training.guards"):
         snaps, metrics = fit(TinyModule(), tmp_path)
 
     assert skipped_column(metrics) == [0, 0, 0, 0, 0]
@@ -212,7 +213,7 @@ def test_bad_settings_are_named():
 def test_collapse_tracker_warns_once_per_collapse(caplog):
     tracker = CollapseTracker("entropy", ratio=0.2, warmup_steps=3)
     values = [2.0, 1.0, 3.0, 0.5, 0.39, 0.1, NAN, 0.2, 0.45, 0.3, 0.1]  # reference mean 2.0, threshold 0.4
-    with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.training.guards"):
         flags = [tracker.update(v) for v in values]
 
     assert tracker.reference == pytest.approx(2.0)
@@ -231,8 +232,8 @@ def test_collapse_ratio_zero_never_warns(caplog):
 def test_the_guard_flags_collapse_of_a_logged_metric(tmp_path, caplog, monkeypatch):
     entropy = [1.0, 2.0, 1.0, 2.0, 1.0, 1.5, 0.2, 0.1]  # reference mean 1.4 over 5 steps: threshold 0.28
     alerts = []
-    monkeypatch.setattr(demopsd.guards, "alert", lambda loggers, title, text: alerts.append((title, text)))
-    with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
+    monkeypatch.setattr(demopsd.training.guards, "alert", lambda loggers, title, text: alerts.append((title, text)))
+    with caplog.at_level(logging.WARNING, logger="demopsd.training.guards"):
         _, metrics = fit(TinyModule(entropy=entropy), tmp_path, max_steps=8)
 
     assert metrics["guards/entropy_collapse"].dropna().tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
@@ -252,34 +253,44 @@ def stubbed_rollouts(monkeypatch):
         ids = torch.tensor([[3 + ord(ch) % 60 for ch in c[-1]["content"][-8:]] for c in conversations])
         return PromptBatch(ids=ids, mask=torch.ones_like(ids))
 
-    def sample_rollouts(policy, tokenizer, prompts, sampling, rollout_engine=None):
-        n = sampling.n
-        rows = prompts.ids.shape[0] * n
-        generator = torch.Generator().manual_seed(int(prompts.ids.sum()))
-        response = torch.randint(3, 64, (rows, 5), generator=generator)
-        prompt = PromptBatch(prompts.ids.repeat_interleave(n, 0), prompts.mask.repeat_interleave(n, 0))
-        return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01)
+    class StubEngine:
+        uses_policy_weights = False
 
-    monkeypatch.setattr(demopsd.module, "encode_prompts", encode_prompts)
-    monkeypatch.setattr(demopsd.module, "sample_rollouts", sample_rollouts)
+        def generate(self, prompts, sampling, greedy=False):
+            n = sampling.n
+            rows = prompts.ids.shape[0] * n
+            generator = torch.Generator().manual_seed(int(prompts.ids.sum()))
+            response = torch.randint(3, 64, (rows, 5), generator=generator)
+            prompt = PromptBatch(prompts.ids.repeat_interleave(n, 0), prompts.mask.repeat_interleave(n, 0))
+            return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01)
+
+        def policy_updated(self):
+            pass
+
+        def sync(self):
+            pass
+
+    monkeypatch.setattr(demopsd.training.module, "encode_prompts", encode_prompts)
+    monkeypatch.setattr(demopsd.training.steps, "encode_prompts", encode_prompts)
     # no tokenizer to find the answer letters' tokens with (tests/test_answer_letter_probe.py covers that)
-    monkeypatch.setattr(demopsd.module, "answer_letter_positions", lambda *args: ([], [], []))
+    monkeypatch.setattr(demopsd.training.steps, "answer_letter_positions", lambda *args: ([], [], []))
+    return lambda local_rank=0: StubEngine()
 
 
 def test_self_distillation_module_skips_policy_teacher_and_schedule(tmp_path, monkeypatch, stubbed_rollouts, caplog):
     """NaN loss at step 1 and a NaN gradient at step 3: policy, EMA teacher and LR warm-up stand still there."""
-    module = SelfDistillationModule(
-        tiny_llama(), None, DistillationConfig(top_k=8), SamplingConfig(n=2, max_new_tokens=5),
-        reprompt=RepromptConfig(use_reference_answer=True), teacher="ema", ema_rate=0.5,
-        optim=OptimConfig(lr=1e-2, warmup_steps=10),
-    )
-    real_loss = demopsd.module.chunked_distillation_loss
+    policy, sampling = tiny_llama(), SamplingConfig(n=2, max_new_tokens=5)
+    step = DistillationStep(policy, None, DistillationConfig(top_k=8), sampling,
+                            RepromptConfig(use_reference_answer=True), teacher_kind="ema", ema_rate=0.5)
+    module = SelfDistillationModule(policy, None, step, sampling, optim=OptimConfig(lr=1e-2, warmup_steps=10),
+                                    make_rollout_engine=stubbed_rollouts)
+    real_loss = demopsd.training.steps.chunked_distillation_loss
 
     def loss_with_nan_at_step_1(*args, **kwargs):
         loss, stats = real_loss(*args, **kwargs)
         return (loss * NAN if module.global_step == 1 else loss), stats
 
-    monkeypatch.setattr(demopsd.module, "chunked_distillation_loss", loss_with_nan_at_step_1)
+    monkeypatch.setattr(demopsd.training.steps, "chunked_distillation_loss", loss_with_nan_at_step_1)
     embedding = module.policy.model.embed_tokens.weight
     embedding.register_hook(lambda g: torch.full_like(g, NAN) if module.global_step == 3 else g)
 
@@ -290,7 +301,7 @@ def test_self_distillation_module_skips_policy_teacher_and_schedule(tmp_path, mo
         callbacks=[NumericalGuard(), snapshots], enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, log_every_n_steps=1,
     )
-    with caplog.at_level(logging.WARNING, logger="demopsd.guards"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.training.guards"):
         trainer.fit(module, DataLoader(examples, batch_size=2, collate_fn=list))
 
     policy, teacher = snapshots.weights, snapshots.extra

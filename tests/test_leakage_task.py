@@ -5,11 +5,11 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from demopsd.evaluation import EvalConfig, answer_letter_probs
-from demopsd.models import load_model_and_tokenizer
-from demopsd.module import student_conversation
-from demopsd.rollout import encode_prompts
-from demopsd.synthetic import generate_synthetic
+from demopsd.data.synthetic import generate_synthetic
+from demopsd.data.types import student_conversation
+from demopsd.evaluation.evaluate import EvalConfig, answer_letter_probs
+from demopsd.rollout.batch import encode_prompts
+from demopsd.runtime.models import load_model_and_tokenizer
 
 pytestmark = pytest.mark.slow
 QUESTIONS = 60

@@ -99,7 +99,8 @@ def test_distillation_step_lowers_the_loss_toward_the_pre_step_target(method, mo
 def test_grpo_step_raises_the_rewarded_response_and_lowers_the_unrewarded_ones(monkeypatch):
     step = setup_step(monkeypatch, "grpo", RESPONSES, REWARDS, *SETTINGS, *METHOD_SETTINGS["grpo"])
 
-    step.fit(BATCH)
+    trainer = step.fit(BATCH)
+    assert float(trainer.logged_metrics["grpo/varied_group_fraction"]) == 1.0  # its one group has mixed rewards
 
     served = step.rollouts.served[0]
     change = response_log_probs(step.module.policy, served) - response_log_probs(step.initial, served)

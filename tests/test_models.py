@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from demopsd import models
-from demopsd.models import DEFAULT_MODEL, default_cache_path, load_model_and_tokenizer, save_atomically
+import demopsd.runtime.models as models
+from demopsd.runtime.models import DEFAULT_MODEL, default_cache_path, load_model_and_tokenizer, save_atomically
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
-from demopsd.provenance import git_revision, package_versions, write_provenance
-from demopsd.training import record_run_start
+from demopsd.runtime.provenance import git_revision, package_versions, write_provenance
+from demopsd.training.run import record_run_start
 from tests.helpers import REPO_ROOT
 
 

@@ -10,17 +10,17 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from demopsd.report import (
+from demopsd.report.runs import (
     LEAKAGE_QUANTITIES,
     NoRunsError,
+    Run,
     find_runs,
     format_mean_se,
     has_heldout_probe,
     leakage_scalars,
     mean_se,
-    probe_curve_specs,
-    Run,
     plot_curves,
+    probe_curve_specs,
     seed_band,
     smoothing_window,
     summarize,

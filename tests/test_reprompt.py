@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from demopsd.reprompt import RepromptConfig, build_contexts, teacher_prompt
+from demopsd.config.settings import RepromptConfig
+from demopsd.training.reprompt import build_contexts, demonstration_fraction, teacher_prompt
 
 PLAIN = RepromptConfig(demonstration_template="{solution}")
 
@@ -114,6 +115,26 @@ def test_contexts_come_from_successful_siblings(rewards, group_size, selection):
         if context is not None:
             j = int(context)
             assert j != i and j in group and rewards[j] == 1.0
+
+
+@given(
+    rewards=st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=24),
+    group_size=st.integers(1, 6),
+    answers=st.booleans(),
+)
+def test_demonstration_fraction_counts_the_contexts_that_are_siblings_answers(rewards, group_size, answers):
+    rewards = rewards[: len(rewards) - len(rewards) % group_size] or [0.0] * group_size
+    config = dataclasses.replace(PLAIN, use_reference_answer=answers, answer_template="answer {answer}")
+    contexts = build_contexts([str(i) for i in range(len(rewards))], rewards, group_size, config,
+                              answers=["A"] * (len(rewards) // group_size))
+    from_siblings = sum(c is not None and not c.startswith("answer") for c in contexts)
+    assert demonstration_fraction(rewards, group_size, config) == from_siblings / len(rewards)
+    assert demonstration_fraction(rewards, group_size, dataclasses.replace(config, use_demonstrations=False)) == 0
+
+
+def test_demonstration_fraction_of_two_groups():
+    # group 1: two successes, each the other's demonstration, and two failures shown one; group 2: one success
+    assert demonstration_fraction([1, 1, 0, 0, 1, 0, 0, 0], 4, PLAIN) == (4 + 3) / 8
 
 
 @pytest.mark.parametrize(

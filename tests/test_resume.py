@@ -6,14 +6,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pandas as pd
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 
-from demopsd.checkpoint_io import AtomicCheckpointIO, partial_path
-from demopsd.resume import kept_metrics_lines, resolve_checkpoint
-from demopsd.training import checkpointing
+from demopsd.runtime.checkpoints import AtomicCheckpointIO, partial_path
+from demopsd.runtime.resume import kept_metrics_lines, resolve_checkpoint
+from demopsd.training.run import checkpointing
 from tests.helpers import train_tiny
 
 RUN = "demopsd_synthetic-mixed_seed0"
@@ -184,7 +184,7 @@ def test_killed_mid_checkpoint_write_resumes_from_the_last_whole_checkpoint(tmp_
 def test_a_changed_config_on_resume_is_reported_key_by_key(tmp_path, caplog):
     from omegaconf import OmegaConf
 
-    from demopsd.training import warn_about_changed_config
+    from demopsd.training.run import warn_about_changed_config
 
     saved = tmp_path / "config_resolved.yaml"
     OmegaConf.save(OmegaConf.create({"seed": 0, "optim": {"lr": 1e-5}, "ckpt_path": None}), saved)
@@ -200,7 +200,7 @@ def test_saved_random_states_replay_the_same_draws():
 
     import numpy as np
 
-    from demopsd.resume import RunStateCheckpoint, plain_rng_states
+    from demopsd.runtime.resume import RunStateCheckpoint, plain_rng_states
 
     saved = torch.load(_round_trip(plain_rng_states()), weights_only=True)  # loads without pickled numpy arrays
     draws = (random.random(), np.random.rand(), torch.rand(3))
@@ -211,7 +211,7 @@ def test_saved_random_states_replay_the_same_draws():
 
 
 def test_each_process_gets_its_own_random_state_back(caplog):
-    from demopsd.resume import RunStateCheckpoint, plain_rng_states
+    from demopsd.runtime.resume import RunStateCheckpoint, plain_rng_states
 
     states, draws = [], []
     for seed in (1, 2):
@@ -266,7 +266,7 @@ def test_only_the_newest_checkpoints_stay_on_disk(tmp_path, keep, kept):
 
 
 def test_processes_after_the_first_draw_their_own_reproducible_streams():
-    from demopsd.training import ProcessSeeds
+    from demopsd.training.run import ProcessSeeds
 
     def draws_after_setup(rank: int) -> torch.Tensor:
         torch.manual_seed(7)  # what seed_everything(seed=7) did in every process

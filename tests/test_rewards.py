@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from demopsd.rewards import MCQScore, parse_answer, score_mcq
+from demopsd.data.rewards import MCQScore, parse_answer, score_mcq
 
 RIGHT = MCQScore(reward=1.0, correct=True, well_formed=True, predicted="B")
 MALFORMED = MCQScore(reward=0.0, correct=False, well_formed=False, predicted=None)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from demopsd.forward import lm_head_weight, response_hidden_states
-from demopsd.rollout import PromptBatch, SamplingConfig, response_mask
+from demopsd.config.settings import SamplingConfig
+from demopsd.rollout.batch import PromptBatch, response_mask
+from demopsd.rollout.forward import lm_head_weight, response_hidden_states
 from tests.helpers import tiny_llama
 
 

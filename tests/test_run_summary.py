@@ -1,6 +1,6 @@
 import pandas as pd
 
-from demopsd.run_summary import run_summary
+from demopsd.report.summary import run_summary
 
 
 def test_summary_reports_first_and_last_evaluation_training_entropy_and_mean_leakage(tmp_path):

@@ -12,14 +12,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from demopsd.forward import lm_head_weight, response_hidden_states
-from demopsd.guards import nonfinite_gradients
+from demopsd.config.settings import ShardingConfig
 from demopsd.objectives import chunked_token_log_probs
-from demopsd.resume import is_checkpoint, newest_checkpoint, read_run_state, resolve_checkpoint
-from demopsd.rollout import PromptBatch
-from demopsd.settings import ShardingConfig
-from demopsd.sharding import full_state, fsdp_units, gathered, reshard, save_pretrained, shard_model
-from demopsd.teacher import ema_update, make_ema_teacher
+from demopsd.rollout.batch import PromptBatch
+from demopsd.rollout.forward import lm_head_weight, response_hidden_states
+from demopsd.runtime.checkpoints import is_checkpoint, newest_checkpoint
+from demopsd.runtime.resume import read_run_state, resolve_checkpoint
+from demopsd.runtime.sharding import fsdp_units, full_state, gathered, reshard, save_pretrained, shard_model
+from demopsd.training.guards import nonfinite_gradients
+from demopsd.training.teacher import ema_update, make_ema_teacher
 from tests.helpers import tiny_llama
 
 FP32 = ShardingConfig(param_dtype="float32", reduce_dtype="float32", activation_checkpointing=False)

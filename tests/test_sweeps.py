@@ -20,8 +20,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep
 from omegaconf import OmegaConf
 
-from demopsd import logging_setup
-from demopsd.config_check import validate_config
+import demopsd.runtime.loggers as logging_setup
+from demopsd.config.check import validate_config
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 from tests.test_config import compose_train
 
@@ -394,7 +394,7 @@ def test_define_metrics_calls():
 
 
 def test_define_metrics_never_raises(caplog):
-    with caplog.at_level(logging.WARNING, logger="demopsd.logging_setup"):
+    with caplog.at_level(logging.WARNING, logger="demopsd.runtime.loggers"):
         logging_setup.define_metrics(RecordingRun(fail=True))
     assert "W&B refused" in caplog.text
 
@@ -427,7 +427,7 @@ def test_wandb_logger_defines_the_metrics_on_an_offline_run(offline_wandb, monke
     monkeypatch.setattr(logging_setup, "define_metrics", spy)
     wandb_cfg = OmegaConf.create({"mode": "offline", "project": "demopsd-test", "entity": None,
                                   "group": "sdpo_sciknoweval-biology", "job_type": "train", "tags": ["sdpo", "x"]})
-    with caplog.at_level(logging.INFO, logger="demopsd.logging_setup"):
+    with caplog.at_level(logging.INFO, logger="demopsd.runtime.loggers"):
         logger = logging_setup.make_wandb_logger(wandb_cfg, save_dir=offline_wandb / "run", run_name="t", config={})
     assert logger is not None
     run = logger.experiment
@@ -446,7 +446,7 @@ def test_wandb_logger_defines_the_metrics_on_an_offline_run(offline_wandb, monke
                                 "leakage/kl_teacher_student": leakage}, step=step)
     finally:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="demopsd.logging_setup"):
+        with caplog.at_level(logging.INFO, logger="demopsd.runtime.loggers"):
             logging_setup.finish_wandb([logger])
     assert f"Upload this run to W&B with: wandb sync {sync_dir}" in caplog.text
     assert sync_dir.is_dir() and sync_dir.name.startswith("offline-run-")

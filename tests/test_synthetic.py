@@ -2,14 +2,14 @@
 
 import math
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from functools import cache
 
 import pytest
 
-from demopsd.data import SYSTEM_PROMPT, load_split, option_letters
-from demopsd.rewards import score_mcq
-from demopsd.synthetic import (
+from demopsd.data.loading import load_split
+from demopsd.data.rewards import score_mcq
+from demopsd.data.synthetic import (
     ANIMALS,
     DEFAULT_SIZES,
     KINDS,
@@ -18,6 +18,7 @@ from demopsd.synthetic import (
     generate_synthetic,
     kind_of,
 )
+from demopsd.data.types import SYSTEM_PROMPT, option_letters
 
 N = 2000  # items per split for the statistical checks
 SE = math.sqrt(0.25 * 0.75 / N)  # standard error of an accuracy at chance (0.25) over N items

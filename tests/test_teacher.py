@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from demopsd.teacher import ema_update, make_ema_teacher
+from demopsd.training.teacher import ema_update, make_ema_teacher
 from tests.helpers import tiny_llama
 
 

@@ -17,7 +17,7 @@ distillation loss is recorded. Pinned:
 import pytest
 import torch
 
-import demopsd.module
+import demopsd.training.steps
 from tests.fixed_step import LossCalls, default_tokenizer, example, replay, response_outputs, setup_step, unpadded
 
 BATCH = [
@@ -65,7 +65,7 @@ def run_step(monkeypatch, method: str, *overrides: str, contexts=None):
     """One step on ``BATCH``; returns the step, its recorded loss call and the rollouts it was served."""
     step = setup_step(monkeypatch, method, RESPONSES, NO_REWARD, *SETTINGS, *overrides)
     if contexts is not None:
-        monkeypatch.setattr(demopsd.module, "build_contexts", lambda *args, **kwargs: list(contexts))
+        monkeypatch.setattr(demopsd.training.steps, "build_contexts", lambda *args, **kwargs: list(contexts))
     losses = LossCalls(monkeypatch)
     step.fit(BATCH)
     (call,) = losses.calls
@@ -118,14 +118,14 @@ def test_rows_without_a_context_weigh_nothing_in_the_loss(monkeypatch):
 
 def test_reference_answers_reach_each_groups_own_rows_in_order(monkeypatch):
     recorded = []
-    real_build_contexts = demopsd.module.build_contexts
+    real_build_contexts = demopsd.training.steps.build_contexts
 
     def recording_build_contexts(*args, **kwargs):
         contexts = real_build_contexts(*args, **kwargs)
         recorded.append((kwargs["answers"], contexts))
         return contexts
 
-    monkeypatch.setattr(demopsd.module, "build_contexts", recording_build_contexts)
+    monkeypatch.setattr(demopsd.training.steps, "build_contexts", recording_build_contexts)
     step, call, served = run_step(monkeypatch, "opsd", "method.reprompt.use_reference_answer=true")
 
     ((answers, contexts),) = recorded

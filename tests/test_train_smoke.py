@@ -16,10 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import demopsd.module
-from demopsd.models import load_model_and_tokenizer
-from demopsd.rewards import MCQScore
-from demopsd.training import run
+import demopsd.training.module
+from demopsd.data.rewards import MCQScore
+from demopsd.runtime.models import load_model_and_tokenizer
+from demopsd.training.run import run
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def alternating_reward(monkeypatch):
         correct = next(calls) % 2 == 0
         return MCQScore(reward=float(correct), correct=correct, well_formed=True, predicted=answer)
 
-    monkeypatch.setattr(demopsd.module, "score_mcq", score)
+    monkeypatch.setattr(demopsd.training.module, "score_mcq", score)
 
 
 @pytest.fixture

@@ -6,15 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from demopsd.data import student_conversation
-from demopsd.evaluation import EvalConfig, evaluate
-from demopsd.forward import lm_head_weight, response_hidden_states
-from demopsd.models import DEFAULT_MODEL, load_model_and_tokenizer
+from demopsd.config.settings import EngineConfig, SamplingConfig
+from demopsd.data.synthetic import generate_synthetic
+from demopsd.data.types import student_conversation
+from demopsd.evaluation.evaluate import EvalConfig, evaluate
 from demopsd.objectives import chunked_token_log_probs
-from demopsd.rollout import RolloutBatch, encode_prompts, generate_rollouts
-from demopsd.settings import EngineConfig, SamplingConfig
-from demopsd.synthetic import generate_synthetic
-from demopsd.vllm_rollout import VLLMRollouts, import_vllm
+from demopsd.rollout.batch import RolloutBatch, encode_prompts
+from demopsd.rollout.engine import generate_rollouts
+from demopsd.rollout.forward import lm_head_weight, response_hidden_states
+from demopsd.rollout.vllm import VLLMEngine, import_vllm
+from demopsd.runtime.models import DEFAULT_MODEL, load_model_and_tokenizer
 from tests.helpers import train_tiny
 
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24)
@@ -49,7 +50,7 @@ def policy_and_tokenizer(default_model_cache):
 @pytest.fixture(scope="module")
 def engine(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
-    yield VLLMRollouts(
+    yield VLLMEngine(
         policy, tokenizer, EngineConfig(kv_cache_memory_bytes=2**28), max_model_len=512, seed=0
     )
     # the in-process engine joined torch.distributed as a group of one; later modules must not inherit it
@@ -159,7 +160,7 @@ def small_head_model_dir(tmp_path_factory, default_model_cache):
     """A random 2-layer Llama with 64-wide attention heads (vLLM's CPU attention has no 8-wide kernel)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from demopsd.models import default_cache_path
+    from demopsd.runtime.models import default_cache_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_cache_path(default_model_cache[0]))
     torch.manual_seed(0)

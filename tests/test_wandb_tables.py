@@ -4,8 +4,8 @@ import json
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from demopsd.data import MCQExample
-from demopsd.eval_runner import SAMPLE_COLUMNS, log_sample_tables
+from demopsd.data.types import MCQExample
+from demopsd.evaluation.runner import SAMPLE_COLUMNS, log_sample_tables
 
 
 class RecordingWandbLogger(WandbLogger):

@@ -1,6 +1,5 @@
 """The full per-method loss: limits (λ ≡ 1, λ ≡ 0, reverse-KL gradient), masks, chunked == straightforward."""
 
-import math
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from demopsd.objectives import (
     kl,
     support_log_probs,
 )
-
 
 
 def problem(seed: int, n: int = 12, vocab: int = 30, hidden: int = 6, scale: float = 1.0):

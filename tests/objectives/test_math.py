@@ -20,7 +20,6 @@ from demopsd.objectives import (
 )
 
 
-
 def random_log_probs(seed: int, *shape: int, sharpness: float = 2.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (sharpness * torch.randn(*shape, generator=g)).log_softmax(-1)

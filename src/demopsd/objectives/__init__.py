@@ -3,6 +3,8 @@
 Each method is a configuration of this one library: DemoPSD is :class:`DistillationConfig` with a
 blend rule; SDPO and OPSD are ``blend="constant", lambda_max=1`` (the target is the teacher); GRPO is
 :class:`GRPOConfig` with :func:`grpo_loss`.
+
+May import: nothing else of demopsd (the lowest stage).
 """
 
 from demopsd.objectives.aggregation import aggregation_weights, importance_weight

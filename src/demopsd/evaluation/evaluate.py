@@ -1,0 +1,227 @@
+"""Held-out evaluation: k sampled answers and one greedy answer per question, scored and summarised.
+
+Per dataset it reports, under ``eval/<dataset>/``: ``acc_avg@k`` (mean accuracy over the k samples,
+SDPO's avg@16 when k = 16), ``pass@k`` (unbiased estimator), ``greedy_accuracy``, ``format_rate``
+(share of well-formed sampled answers), ``entropy`` (mean full-vocabulary token entropy of the policy
+on its own sampled answers) and ``response_length``; and, per question, every sampled text with its
+parsed letter, for inspection.
+
+The *answer probe* reads the policy's belief over the option letters directly: after the question it
+appends ``probe_prefix`` (an empty reasoning block and ``<answer>``) and takes the next-token
+distribution restricted to the letters. On questions whose answer cannot be inferred, any confidence
+there (``letter_confidence`` above chance, ``letter_entropy`` below ``log(#options)``) is leakage or
+memorisation; ``overconfidence`` is confidence minus accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from demopsd.config.settings import SamplingConfig
+from demopsd.data.rewards import score_mcq
+from demopsd.data.types import MCQExample, student_conversation
+from demopsd.evaluation.metrics import summarize_samples
+from demopsd.objectives import chunked_token_log_probs
+from demopsd.rollout.batch import PromptBatch, RolloutBatch, encode_prompts
+from demopsd.rollout.engine import GenerateEngine, RolloutEngine
+from demopsd.rollout.forward import lm_head_weight, response_hidden_states
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate: ``k`` samples per question at ``temperature`` / ``top_p``, plus a greedy answer."""
+
+    k: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    greedy: bool = True
+    batch_size: int = 8
+    """Questions per ``generate`` call (each with ``k`` samples)."""
+    max_examples: int | None = None
+    """Evaluate the first this many questions of each dataset; ``None``: all."""
+    probe: bool = True
+    """Also read the policy's distribution over the option letters (see the module docstring)."""
+    probe_prefix: str = "<reasoning>\n</reasoning>\n<answer>\n"
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"eval.k={self.k} is invalid: at least 1 sample per question is accepted")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size={self.batch_size} is invalid: at least 1 is accepted")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"eval.max_examples={self.max_examples} is invalid: null or at least 1 is accepted")
+        self.sampling  # validates temperature, top_p and max_new_tokens
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            n=self.k, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens
+        )
+
+
+@dataclass
+class EvalResult:
+    """``metrics``: ``eval/<dataset>/<metric>`` → value; ``samples``: one record per question."""
+
+    dataset: str
+    metrics: dict[str, float]
+    samples: list[dict]
+
+
+@torch.no_grad()
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[MCQExample],
+    dataset: str,
+    config: EvalConfig,
+    *,
+    chat_template_kwargs: dict | None = None,
+    progress: bool = True,
+    rollout_engine: RolloutEngine | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``examples`` (named ``dataset`` in the metric names).
+
+    ``rollout_engine``: what samples the answers from ``model``'s weights (default: ``generate`` on ``model``).
+    """
+    engine = rollout_engine or GenerateEngine(model, tokenizer)
+    if config.max_examples is not None:
+        examples = examples[: config.max_examples]
+    if not examples:
+        raise ValueError(f"no examples to evaluate for dataset {dataset!r}")
+    was_training = model.training
+    model.eval()
+    samples: list[dict] = []
+    entropy_sum, token_count = 0.0, 0
+    batches = range(0, len(examples), config.batch_size)
+    for start in tqdm(batches, desc=f"eval {dataset}", unit="batch", disable=not progress, leave=False):
+        batch = examples[start : start + config.batch_size]
+        conversations = [student_conversation(e) for e in batch]
+        prompts = encode_prompts(tokenizer, conversations, chat_template_kwargs=chat_template_kwargs)
+        sampled = engine.generate(prompts, config.sampling)
+        entropy = response_entropy(model, sampled, config.chunk_size)
+        entropy_sum, token_count = entropy_sum + float(entropy.sum()), token_count + entropy.numel()
+        greedy = engine.generate(prompts, config.sampling, greedy=True) if config.greedy else None
+        letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
+        lengths = sampled.response_mask.sum(-1).tolist()
+        for i, example in enumerate(batch):
+            rows = range(i * config.k, (i + 1) * config.k)
+            record = {
+                "idx": example.idx,
+                "answer": example.answer,
+                "samples": [answer_record(sampled.texts[r], example, lengths[r]) for r in rows],
+            }
+            if greedy is not None:
+                record["greedy"] = answer_record(greedy.texts[i], example, int(greedy.response_mask[i].sum()))
+            if letter_probs is not None:
+                record["letter_probs"] = letter_probs[i]
+            samples.append(record)
+    model.train(was_training)
+    return EvalResult(dataset, summarize(dataset, samples, config.k, entropy_sum / max(token_count, 1)), samples)
+
+
+def response_entropy(model: PreTrainedModel, rollouts: RolloutBatch, chunk_size: int) -> torch.Tensor:
+    """Full-vocabulary entropy ``[N]`` of ``model`` at each of the ``N`` response tokens of ``rollouts``."""
+    hidden = response_hidden_states(model, rollouts.prompt, rollouts.response_ids, rollouts.response_mask)
+    valid = rollouts.response_mask.bool()
+    _, entropy = chunked_token_log_probs(
+        hidden[valid], lm_head_weight(model), rollouts.response_ids[valid], chunk_size=chunk_size
+    )
+    return entropy
+
+
+def answer_letter_probs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: PromptBatch, examples: list[MCQExample],
+    prefix: str,
+) -> list[dict[str, float]]:
+    """Per example, the policy's next-token distribution after ``prompt + prefix``, renormalised over its letters.
+
+    ``prompts`` ``[B, P]`` are the left-padded student prompts of ``examples``.
+    """
+    letter_ids = {letter: single_token_id(tokenizer, letter) for e in examples for letter in e.letters}
+    prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    # one extra slot: the hidden state predicting it is the one right after the prefix
+    continuation = torch.cat([prefix_ids, prefix_ids[-1:]]).to(prompts.ids.device).expand(len(examples), -1)
+    prompt = PromptBatch(prompts.ids.to(continuation.device), prompts.mask.to(continuation.device))
+    hidden = response_hidden_states(model, prompt, continuation, torch.ones_like(continuation))[:, -1]
+    log_probs = (hidden @ lm_head_weight(model).T).float().log_softmax(-1)
+    probs = []
+    for row, example in zip(log_probs, examples):
+        letters = row[[letter_ids[letter] for letter in example.letters]].softmax(-1)
+        probs.append(dict(zip(example.letters, letters.tolist())))
+    return probs
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"the option letter {text!r} is {len(ids)} tokens for this tokenizer; the probe needs one")
+    return ids[0]
+
+
+def letter_metrics(samples: list[dict]) -> dict[str, float]:
+    """Mean entropy (nats), confidence (max probability), accuracy (argmax) and probability of the answer
+    of the per-question letter distributions, and overconfidence = confidence - accuracy."""
+    entropy = confidence = accuracy = p_answer = 0.0
+    for record in samples:
+        probs = record["letter_probs"]
+        entropy -= sum(p * math.log(p) for p in probs.values() if p > 0)
+        confidence += max(probs.values())
+        accuracy += max(probs, key=probs.get) == record["answer"]
+        p_answer += probs[record["answer"]]
+    n = len(samples)
+    return {"letter_entropy": entropy / n, "letter_confidence": confidence / n, "letter_accuracy": accuracy / n,
+            "letter_p_answer": p_answer / n, "overconfidence": (confidence - accuracy) / n}
+
+
+def answer_record(text: str, example: MCQExample, length: int) -> dict:
+    score = score_mcq(text, example.answer, example.letters, example.reward_rule)
+    return {"text": text, "predicted": score.predicted, "correct": score.correct,
+            "well_formed": score.well_formed, "length": length}
+
+
+def summarize(dataset: str, samples: list[dict], k: int, entropy: float) -> dict[str, float]:
+    """The ``eval/<dataset>/...`` metrics of per-question ``samples`` records (see :func:`evaluate`)."""
+    correct = [[s["correct"] for s in record["samples"]] for record in samples]
+    sampled = [s for record in samples for s in record["samples"]]
+    metrics = dict(summarize_samples(correct, k))
+    metrics["format_rate"] = sum(s["well_formed"] for s in sampled) / len(sampled)
+    metrics["response_length"] = sum(s["length"] for s in sampled) / len(sampled)
+    metrics["entropy"] = entropy
+    if all("letter_probs" in record for record in samples):
+        metrics.update(letter_metrics(samples))
+    if all("greedy" in record for record in samples):
+        metrics["greedy_accuracy"] = sum(record["greedy"]["correct"] for record in samples) / len(samples)
+    metrics["num_questions"] = float(len(samples))
+    return {f"eval/{dataset}/{name}": float(value) for name, value in metrics.items()}
+
+
+def write_results(results: list[EvalResult], out_dir: str | Path, config: EvalConfig, **context) -> Path:
+    """``summary.json`` (metrics, settings, ``context`` such as the step) and ``samples.jsonl`` in ``out_dir``.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves half a file.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {name: value for result in results for name, value in result.metrics.items()}
+    summary = {**context, "config": asdict(config), "metrics": metrics}
+    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    lines = (json.dumps({"dataset": r.dataset, **record}) for r in results for record in r.samples)
+    write_atomically(out_dir / "samples.jsonl", "".join(line + "\n" for line in lines))
+    return out_dir / "summary.json"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

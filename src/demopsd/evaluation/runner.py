@@ -1,0 +1,265 @@
+"""Evaluation from a config: the datasets it names, the policy it points at, during training and on its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from demopsd.data.loading import load_split
+from demopsd.data.types import MCQExample
+from demopsd.evaluation.evaluate import EvalConfig, EvalResult, evaluate, write_results
+from demopsd.rollout.engine import RolloutEngine
+from demopsd.runtime.checkpoints import (
+    CHECKPOINT_DIR,
+    FINAL_MODEL_DIR,
+    LAST_CHECKPOINT,
+    is_checkpoint,
+    load_policy_weights,
+)
+from demopsd.runtime.loggers import wandb_loggers
+from demopsd.runtime.models import load_model_and_tokenizer
+from demopsd.runtime.provenance import write_provenance
+from demopsd.runtime.sharding import gathered
+
+log = logging.getLogger(__name__)
+
+EVAL_ONLY_KEYS = ("in_domain", "ood", "every_n_steps", "at_start", "at_end")
+CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer",
+                  "overconfidence")
+"""Logged also as ``<metric>_change`` from the untrained model (step 0), when it was evaluated."""
+
+
+def eval_config(cfg: DictConfig) -> EvalConfig:
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    return EvalConfig(**{k: v for k, v in settings.items() if k not in EVAL_ONLY_KEYS})
+
+
+def eval_datasets(cfg: DictConfig) -> dict[str, list[MCQExample]]:
+    """Dataset name → examples: the held-out data of ``data=`` (if ``eval.in_domain``) and every ``eval.ood`` entry.
+
+    The held-out data is the test split, or, for a ``data=`` config with ``held_out`` sets (the synthetic
+    mix), the test split of each of them, reported separately. Bad rows follow each entry's ``on_bad_row``;
+    ``data.on_bad_row=skip`` (what the error message suggests) skips them in the ``eval.ood`` datasets too.
+    """
+    in_domain = list(cfg.data.get("held_out", {}).values()) or [cfg.data]
+    on_bad_row = "skip" if cfg.data.get("on_bad_row") == "skip" else None  # None: the entry's own setting
+    return {
+        data.name: load_split(data, data.test_split, cfg.paths.data_dir, on_bad_row=on_bad_row)
+        for data in [*(in_domain if cfg.eval.in_domain else []), *cfg.eval.ood.values()]
+    }
+
+
+def run_all(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets: dict[str, list[MCQExample]],
+    config: EvalConfig,
+    out_dir: Path,
+    *,
+    seed: int,
+    chat_template_kwargs: dict | None = None,
+    progress: bool = True,
+    rollout_engine: RolloutEngine | None = None,
+    **context,
+) -> dict[str, float]:
+    """Evaluate on every dataset, write ``summary.json`` / ``samples.jsonl`` to ``out_dir``, return the metrics.
+
+    Sampling starts from ``torch.manual_seed(seed)``: the same weights, settings and seed give the same answers.
+    """
+    torch.manual_seed(seed)
+    results: list[EvalResult] = [
+        evaluate(
+            policy, tokenizer, examples, name, config,
+            chat_template_kwargs=chat_template_kwargs, progress=progress, rollout_engine=rollout_engine,
+        )
+        for name, examples in datasets.items()
+    ]
+    write_results(results, out_dir, config, **context)
+    return {name: value for result in results for name, value in result.metrics.items()}
+
+
+class PeriodicEvaluation(L.Callback):
+    """Evaluates the policy before training, every ``every_n_steps`` optimizer steps and after the last one.
+
+    Metrics go to every logger at the optimizer step they describe (0 = the untrained model); the
+    per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` on
+    a forked random state, so evaluating or not leaves the training run unchanged. With ``at_start`` the
+    :data:`CHANGE_METRICS` are also logged as changes from the untrained model (its own biases are not
+    what training did); that baseline is kept in checkpoints.
+    """
+
+    def __init__(
+        self,
+        datasets: dict[str, list[MCQExample]],
+        config: EvalConfig,
+        out_dir: Path,
+        *,
+        every_n_steps: int = 0,
+        at_start: bool = False,
+        at_end: bool = True,
+        chat_template_kwargs: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"eval.every_n_steps={every_n_steps} is invalid: 0 (never) or a positive number")
+        self.datasets, self.config, self.out_dir = datasets, config, Path(out_dir)
+        self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
+        self.chat_template_kwargs, self.seed = chat_template_kwargs, seed
+        self.last_step: int | None = None
+        self.baseline: dict[str, float] | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end and self.last_step != trainer.global_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The first process evaluates; under ``trainer=fsdp`` every process first helps gather the weights."""
+        step = trainer.global_step
+        self.last_step = step
+        if not self.datasets:
+            return
+        engine = pl_module.rollout_engine
+        engine.sync()
+        with gathered(pl_module.policy):
+            if trainer.is_global_zero:
+                self._evaluate(trainer, pl_module, engine)
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, engine: RolloutEngine) -> None:
+        step = trainer.global_step
+        out_dir = self.out_dir / f"step{step:06d}"
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the training stream does not depend on evaluation
+            metrics = run_all(
+                pl_module.policy, pl_module.tokenizer, self.datasets, self.config, out_dir, seed=self.seed + step,
+                chat_template_kwargs=self.chat_template_kwargs, progress=False, step=step, rollout_engine=engine,
+            )
+        if step == 0 and self.baseline is None:
+            self.baseline = metrics
+        metrics = {**metrics, **changes_from(self.baseline or {}, metrics)}
+        self.last_metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+        log_sample_tables(trainer.loggers, out_dir / "samples.jsonl", self.datasets, step)
+        log.info("step %d: %s (samples in %s)", step, format_accuracies(metrics), out_dir)
+
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.baseline = state_dict.get("baseline")
+
+
+SAMPLE_COLUMNS = ["step", "dataset", "idx", "prompt", "answer", "response", "parsed answer", "correct"]
+
+
+def log_sample_tables(loggers, samples_file: Path, datasets: dict[str, list[MCQExample]], step: int) -> None:
+    """One W&B table per dataset, ``eval/<dataset>/samples``: each question's first sampled answer, parsed and
+    scored (the k samples of every question stay in ``samples.jsonl``)."""
+    targets = wandb_loggers(loggers)
+    if not targets or not samples_file.is_file():
+        return
+    prompts = {(name, e.idx): e.prompt for name, examples in datasets.items() for e in examples}
+    rows: dict[str, list[list]] = {}
+    for line in samples_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        first = record["samples"][0]
+        rows.setdefault(record["dataset"], []).append([
+            step, record["dataset"], record["idx"], prompts.get((record["dataset"], record["idx"]), ""),
+            record["answer"], first["text"], first["predicted"], first["correct"],
+        ])
+    for logger in targets:
+        for dataset, data in rows.items():
+            logger.log_table(key=f"eval/{dataset}/samples", columns=SAMPLE_COLUMNS, data=data, step=step)
+
+
+def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """``<name>_change`` = ``metrics[name] - baseline[name]`` for the :data:`CHANGE_METRICS` in both."""
+    return {f"{name}_change": value - baseline[name] for name, value in metrics.items()
+            if name in baseline and name.rsplit("/", 1)[-1] in CHANGE_METRICS}
+
+
+def periodic_evaluation(cfg: DictConfig, out_dir: Path) -> PeriodicEvaluation:
+    """The training run's evaluation callback; its datasets are read now, so a missing file fails fast."""
+    scheduled = cfg.eval.every_n_steps or cfg.eval.at_start or cfg.eval.at_end
+    return PeriodicEvaluation(
+        eval_datasets(cfg) if scheduled else {},
+        eval_config(cfg),
+        out_dir,
+        every_n_steps=cfg.eval.every_n_steps,
+        at_start=cfg.eval.at_start,
+        at_end=cfg.eval.at_end,
+        chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
+        seed=cfg.seed,
+    )
+
+
+def format_accuracies(metrics: dict[str, float]) -> str:
+    shown = {k: v for k, v in metrics.items() if "acc" in k or "pass@" in k}
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in shown.items())
+
+
+def load_policy(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The policy ``ckpt_path`` points at, and a description of it.
+
+    ``ckpt_path``: null (the base model ``model.name_or_path``), a Hugging Face model directory (a
+    training run's ``model/``), a training run directory (its ``model/``, else ``checkpoints/last.ckpt``),
+    or a Lightning checkpoint: a ``.ckpt`` file or, from ``trainer=fsdp``, a sharded ``.ckpt`` directory
+    (the base model with the checkpoint's policy weights).
+    """
+    load = dict(cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype)
+    if cfg.ckpt_path is None:
+        return *load_model_and_tokenizer(cfg.model.name_or_path, **load), cfg.model.name_or_path
+    path = Path(cfg.ckpt_path).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and not is_checkpoint(path):
+        if (path / FINAL_MODEL_DIR / "config.json").exists():
+            path = path / FINAL_MODEL_DIR
+        elif (path / CHECKPOINT_DIR / LAST_CHECKPOINT).exists():
+            path = path / CHECKPOINT_DIR / LAST_CHECKPOINT
+        else:
+            raise FileNotFoundError(f"ckpt_path={str(path)!r} holds neither model/ nor checkpoints/last.ckpt")
+    if path.is_dir() and not is_checkpoint(path):
+        return *load_model_and_tokenizer(str(path), **load), str(path)
+    if not is_checkpoint(path):
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist: give a run directory, a model directory or a .ckpt file"
+        )
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, **load)
+    load_policy_weights(model, path)
+    return model, tokenizer, str(path)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, float]:
+    """``python src/eval.py``: evaluate the policy ``cfg`` names; results land in the Hydra run directory."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
+    config, datasets = eval_config(cfg), eval_datasets(cfg)
+    if not datasets:
+        raise ValueError("nothing to evaluate: eval.in_domain is false and eval.ood is empty")
+    policy, tokenizer, source = load_policy(cfg)
+    metrics = run_all(
+        policy, tokenizer, datasets, config, output_dir, seed=cfg.seed,
+        chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs), evaluated=source,
+    )
+    for name, value in metrics.items():
+        log.info("%-48s %.4f", name, value)
+    log.info("Evaluation of %s finished. Outputs in %s: summary.json, samples.jsonl", source, output_dir)
+    return metrics

@@ -1,0 +1,103 @@
+"""Rollout batches: chat prompts in, sampled responses out, as padded token tensors the trainer can score.
+
+Layout used across the project: a batch of sequences is a left-padded prompt block ``[B, P]`` followed
+by a right-padded response block ``[B, R]``; the hidden state at column ``P - 1 + t`` predicts
+response token ``t``, whatever the prompt length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt tokens: ``ids`` and ``mask`` are ``[B, P]``."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """``n`` responses per prompt, grouped consecutively (rows ``i*n .. i*n+n-1`` share prompt ``i``).
+
+    ``prompt`` is ``[B*n, P]``; ``response_ids`` / ``response_mask`` are ``[B*n, R]``, the mask covering
+    the generated tokens up to and including the first end-of-sequence token. ``log_probs`` ``[B*n, R]`` holds
+    the sampler's log-probability of each response token when it is not the trainer's live model (vLLM);
+    ``None`` means the rollouts came from the policy being trained, so its own values are ``log π_old``.
+    """
+
+    prompt: PromptBatch
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+    seconds: float
+    log_probs: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with its tensors on ``device``."""
+        return RolloutBatch(
+            prompt=PromptBatch(ids=self.prompt.ids.to(device), mask=self.prompt.mask.to(device)),
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            texts=self.texts,
+            seconds=self.seconds,
+            log_probs=None if self.log_probs is None else self.log_probs.to(device),
+        )
+
+
+def repeat_prompts(prompts: PromptBatch, copies: int, device: torch.device | str | None = None) -> PromptBatch:
+    """Each prompt row ``copies`` times in a row (``[B*copies, P]``), as the rollouts of a batch are grouped."""
+    return PromptBatch(
+        ids=prompts.ids.repeat_interleave(copies, dim=0).to(device),
+        mask=prompts.mask.repeat_interleave(copies, dim=0).to(device),
+    )
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    *,
+    max_tokens: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> PromptBatch:
+    """Render each conversation with the chat template (plus the generation prompt) and left-pad."""
+    texts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        for c in conversations
+    ]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    lengths = encoded["attention_mask"].sum(-1)
+    if max_tokens is not None and int(lengths.max()) > max_tokens:
+        longest = int(lengths.argmax())
+        raise ValueError(
+            f"prompt {longest} of the batch has {int(lengths[longest])} tokens, more than "
+            f"max_prompt_tokens={max_tokens}; raise data.max_prompt_tokens or shorten the prompt"
+        )
+    return PromptBatch(ids=encoded["input_ids"], mask=encoded["attention_mask"])
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def response_mask(response_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """``[B, R]`` mask of the tokens up to and including the first EOS of each row (all if none)."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).long()
+    eos_before = is_eos.cumsum(-1) - is_eos
+    return (eos_before == 0).long()

@@ -1,0 +1,97 @@
+"""Rollout engines: what samples responses from the policy's current weights, behind one protocol.
+
+Callers (the training step, evaluation) hold a :class:`RolloutEngine` and never name a backend:
+:class:`GenerateEngine` runs Hugging Face ``generate`` on the policy itself; :class:`demopsd.rollout.vllm.VLLMEngine`
+keeps its own copy of the weights in a vLLM engine, pushed after each optimizer step.
+:func:`demopsd.rollout.backends.engine_factory` builds the one ``rollout.backend`` names.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from demopsd.config.settings import SamplingConfig
+from demopsd.rollout.batch import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts, response_mask
+
+
+class RolloutEngine(Protocol):
+    """Samples ``sampling.n`` responses per prompt (one for ``greedy``) from the policy's current weights."""
+
+    uses_policy_weights: bool
+    """Whether the engine runs the policy module itself (a sharded policy must then be gathered around
+    :meth:`generate`) rather than a copy of its weights."""
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:
+        """Rows grouped by prompt as :class:`RolloutBatch` says, on the policy's device."""
+
+    def policy_updated(self) -> None:
+        """The policy's weights changed (an optimizer step): the next :meth:`sync` must bring them in."""
+
+    def sync(self) -> None:
+        """Bring the engine up to the policy's current weights, if they changed; a collective under sharding
+        (every process calls it together)."""
+
+
+class GenerateEngine:
+    """``generate`` on the live policy: always up to date, nothing to sync."""
+
+    uses_policy_weights = True
+
+    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.policy, self.tokenizer = policy, tokenizer
+
+    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:
+        return generate_rollouts(self.policy, self.tokenizer, prompts, sampling, greedy=greedy)
+
+    def policy_updated(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: PromptBatch,
+    sampling: SamplingConfig,
+    *,
+    greedy: bool = False,
+) -> RolloutBatch:
+    """Sample ``sampling.n`` responses per prompt with Hugging Face ``generate`` on the live weights.
+
+    ``greedy``: one deterministic response per prompt (``n``, temperature and top-p are ignored).
+    """
+    device = model.device
+    copies = 1 if greedy else sampling.n
+    prompt = repeat_prompts(prompts, copies, device)
+    decoding = (
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if greedy
+        else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    )
+    eos_ids = eos_token_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    sequences = model.generate(
+        input_ids=prompt.ids,
+        attention_mask=prompt.mask,
+        **decoding,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=False,  # a sharded model's weights are gathered first (demopsd.runtime.sharding): no process waits
+    )
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    response_ids = sequences[:, prompt.ids.shape[1] :]
+    mask = response_mask(response_ids, eos_ids)
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds)

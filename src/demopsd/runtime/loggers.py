@@ -1,0 +1,131 @@
+"""Weights & Biases that never blocks or crashes a run: online with a key, offline without, CSV-only on failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+from demopsd.config.settings import WANDB_MODES
+
+log = logging.getLogger(__name__)
+
+# W&B charts: every metric family over the optimizer step; summaries the sweeps (sweeps/) and tables read.
+STEP_METRIC = "trainer/global_step"  # what Lightning's WandbLogger logs beside every metric
+STEPPED_METRICS = ("train/*", "distill/*", "leakage/*", "perf/*", "eval/*")
+METRIC_SUMMARIES = {"eval/*": "last", "train/entropy": "last", "leakage/*": "mean"}
+"""Run summaries: the final evaluation (what Optuna's ``optimized_metric`` reads too; a maximum of overconfidence
+or of a noisy accuracy would mislead), the final entropy, leakage averaged over training."""
+
+
+def has_wandb_credentials() -> bool:
+    """True when an API key is in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` → ``online`` with credentials, else ``offline``; ``WANDB_MODE`` in the environment wins."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode={mode!r} is invalid: one of {WANDB_MODES} is accepted")
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return mode
+
+
+def make_wandb_logger(
+    wandb_cfg, *, save_dir: Path, run_name: str, config: dict, run_id: str | None = None
+) -> WandbLogger | None:
+    """A started W&B logger writing under ``save_dir/wandb``, or None (with a warning) if W&B cannot start.
+
+    ``run_id``: continue that run (same id, charts carry on) rather than start a new one.
+    An online start that fails (no network, bad key) falls back to offline; ``wandb sync`` uploads it later.
+    """
+    mode = resolve_wandb_mode(wandb_cfg.mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+        try:
+            logger = WandbLogger(
+                name=run_name,
+                save_dir=str(save_dir),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                group=wandb_cfg.group,
+                job_type=wandb_cfg.get("job_type"),
+                tags=list(wandb_cfg.tags),
+                config=config,
+                mode=attempt,
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(init_timeout=60, silent=True),
+            )
+            define_metrics(logger.experiment)  # `.experiment` starts the run now, so that failures surface here
+            if attempt == "online":
+                log.info("W&B run: %s", logger.experiment.url)
+            else:
+                log.info("W&B is offline; the run is uploaded after it ends with `wandb sync %s`", offline_dir(logger))
+            return logger
+        except Exception as error:  # noqa: BLE001 - W&B must never take a run down
+            log.warning("W&B could not start in %s mode (%s); continuing", attempt, error)
+    log.warning("W&B is off for this run; metrics.csv in %s still has every metric", save_dir)
+    return None
+
+
+def define_metrics(run) -> None:
+    """Chart every metric family of ``run`` over ``trainer/global_step`` and set the run summaries.
+
+    Summaries: ``eval/*`` the maximum over evaluations (the value the W&B sweeps optimise), ``train/entropy``
+    the last value, ``leakage/*`` the mean over steps. A W&B that refuses only costs a warning.
+    """
+    try:
+        run.define_metric(STEP_METRIC)
+        for pattern in STEPPED_METRICS:
+            run.define_metric(pattern, step_metric=STEP_METRIC, summary=METRIC_SUMMARIES.get(pattern))
+        for name, summary in METRIC_SUMMARIES.items():
+            if name not in STEPPED_METRICS:  # an exact name beside its family's glob (exact names take precedence)
+                run.define_metric(name, step_metric=STEP_METRIC, summary=summary)
+    except Exception as error:  # noqa: BLE001 - charts and summaries are a convenience, never worth a run
+        log.warning("W&B metric definitions failed (%s); metrics are logged with W&B's defaults", error)
+
+
+def offline_dir(logger: WandbLogger) -> Path:
+    """The directory ``wandb sync`` uploads an offline run from (``<save_dir>/wandb/offline-run-…``)."""
+    return Path(logger.experiment.dir).parent
+
+
+def wandb_loggers(loggers) -> list[WandbLogger]:
+    return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def finish_wandb(loggers) -> None:
+    """Close the W&B runs among ``loggers``, so that the next run of a multirun starts its own; for an offline
+    run, say how to upload it."""
+    for logger in wandb_loggers(loggers):
+        try:
+            offline = logger.experiment.settings.mode in ("offline", "dryrun")
+            sync = offline_dir(logger) if offline else None
+            logger.experiment.finish()
+            if sync is not None:
+                log.info("Upload this run to W&B with: wandb sync %s", sync)
+        except Exception as error:  # noqa: BLE001 - the metrics are already on disk
+            log.warning("W&B could not finish cleanly (%s); metrics.csv has every metric", error)
+
+
+def alert(loggers, title: str, text: str) -> None:
+    """A W&B alert (e-mail or Slack, as the user's W&B settings say) on each W&B run among ``loggers``."""
+    for logger in wandb_loggers(loggers):
+        try:
+            import wandb
+
+            logger.experiment.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+        except Exception as error:  # noqa: BLE001 - the warning is in the log already
+            log.warning("W&B alert failed (%s)", error)

@@ -1,0 +1,270 @@
+"""From a composed Hydra config to a finished run: build the pieces, fit, say where everything went."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from demopsd.config.settings import (
+    METHOD_KINDS,
+    EngineConfig,
+    OptimConfig,
+    PromptConfig,
+    RepromptConfig,
+    SamplingConfig,
+    ShardingConfig,
+)
+from demopsd.data.datamodule import PromptDataModule
+from demopsd.evaluation.runner import periodic_evaluation
+from demopsd.objectives import DistillationConfig, GRPOConfig
+from demopsd.report.runs import write_report
+from demopsd.report.summary import run_summary
+from demopsd.rollout.backends import engine_factory
+from demopsd.runtime.checkpoints import CHECKPOINT_DIR, FINAL_MODEL_DIR, AtomicCheckpointIO
+from demopsd.runtime.loggers import finish_wandb, make_wandb_logger
+from demopsd.runtime.models import WARMED_MODEL, load_model_and_tokenizer
+from demopsd.runtime.provenance import write_provenance
+from demopsd.runtime.resume import (
+    RunStateCheckpoint,
+    continue_csv_log,
+    kept_metrics_lines,
+    read_run_state,
+    resolve_checkpoint,
+)
+from demopsd.runtime.sharding import save_pretrained
+from demopsd.training.guards import NumericalGuard
+from demopsd.training.module import SelfDistillationModule
+from demopsd.training.steps import DistillationStep, GRPOStep
+from demopsd.training.warmup import build_warmed_model
+
+log = logging.getLogger(__name__)
+
+def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
+    """The LightningModule for ``cfg.method``, around the step of its ``kind``."""
+    method = cfg.method
+    if method.kind not in METHOD_KINDS:
+        raise ValueError(f"method.kind={method.kind!r} is invalid: one of {METHOD_KINDS} is accepted")
+    rollout = cfg.rollout
+    sampling = SamplingConfig(
+        n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens
+    )
+    prompts = PromptConfig(
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
+    )
+    if method.kind != "grpo" and sampling.n < 2 and not method.reprompt.use_reference_answer:
+        raise ValueError(
+            f"rollout.n={sampling.n} is invalid for method={method.name}: demonstrations come from sibling "
+            "rollouts, so at least 2 are accepted (or set method.reprompt.use_reference_answer=true)"
+        )
+    if method.kind == "grpo":
+        step = GRPOStep(policy, GRPOConfig(**method.objective), sampling)
+    else:
+        step = DistillationStep(
+            policy,
+            tokenizer,
+            DistillationConfig(**method.objective),
+            sampling,
+            RepromptConfig(**method.reprompt, seed=cfg.seed),
+            teacher_kind=method.teacher,
+            ema_rate=method.ema_rate,
+            prompts=prompts,
+        )
+    engine = EngineConfig(**{key: rollout[key] for key in EngineConfig.__dataclass_fields__ if key in rollout})
+    return SelfDistillationModule(
+        policy,
+        tokenizer,
+        step,
+        sampling,
+        optim=OptimConfig(**OmegaConf.to_container(cfg.optim)),
+        prompts=prompts,
+        make_rollout_engine=engine_factory(
+            rollout.backend, policy, tokenizer, engine,
+            max_model_len=cfg.data.max_prompt_tokens + rollout.max_new_tokens, seed=cfg.seed,
+        ),
+        sharding=ShardingConfig(**OmegaConf.to_container(cfg.fsdp)),
+    )
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, resumed_state: dict | None = None) -> list[Logger]:
+    """``metrics.csv`` in the run directory (flushed every step), plus W&B unless disabled.
+
+    ``resumed_state``: for a resumed run, the :class:`RunStateCheckpoint` state of its checkpoint (empty for a
+    checkpoint without one); its ``metrics.csv`` rows up to the checkpoint are kept and its W&B run continues.
+    """
+    csv_logger = CSVLogger(save_dir=output_dir, name="", version="", flush_logs_every_n_steps=1)
+    if resumed_state is not None:
+        kept = kept_metrics_lines(
+            output_dir / "metrics.csv", resumed_state.get("metrics_csv_lines"), resumed_state.get("global_step")
+        )
+        continue_csv_log(csv_logger, kept)
+    resumed_state = resumed_state or {}
+    loggers: list[Logger] = [csv_logger]
+    if cfg.logger.wandb.enabled:
+        wandb_logger = make_wandb_logger(
+            cfg.logger.wandb,
+            save_dir=output_dir,
+            run_name=f"{cfg.run_name}_{output_dir.name}",
+            config=OmegaConf.to_container(cfg, resolve=True),
+            run_id=resumed_state.get("wandb_run_id"),
+        )
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)
+    return loggers
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says; returns the last logged value of every training and evaluation metric."""
+    resume = None
+    if cfg.ckpt_path is not None:
+        resume = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg.run_name)
+    output_dir = resume.run_dir if resume else Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_state = read_run_state(resume.checkpoint) if resume else None
+    record_run_start(cfg, output_dir, resume.checkpoint if resume else None)
+    L.seed_everything(cfg.seed, workers=True)
+
+    if cfg.model.name_or_path == WARMED_MODEL:
+        build_warmed_model(cfg.paths.cache_dir)  # once: every later run reads it from the cache
+    policy, tokenizer = load_model_and_tokenizer(
+        cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype
+    )
+    module = build_module(cfg, policy, tokenizer)
+    datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
+    evaluation = periodic_evaluation(cfg, output_dir / "eval")
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=build_loggers(cfg, output_dir, run_state),
+        callbacks=[
+            *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / CHECKPOINT_DIR, cfg.checkpoint.keep),
+            evaluation,
+            NumericalGuard(**cfg.get("guards", {})),
+            ProcessSeeds(cfg.seed),
+            RunStateCheckpoint(output_dir / "metrics.csv"),
+            RichProgressBar(),
+        ],
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=cfg.checkpoint.every_n_train_steps > 0,
+        default_root_dir=output_dir,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
+
+    if cfg.checkpoint.save_final_model:
+        save_pretrained(module.policy, tokenizer, output_dir / FINAL_MODEL_DIR, is_global_zero=trainer.is_global_zero)
+    final = {**{k: float(v) for k, v in trainer.logged_metrics.items()}, **evaluation.last_metrics}
+    finish_wandb(trainer.loggers)
+    if trainer.is_global_zero:
+        print_summary(output_dir)
+    log.info(
+        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, %sconfig_resolved.yaml, "
+        "provenance.json, report/%s%s",
+        trainer.global_step,
+        output_dir,
+        "checkpoints/, " if cfg.checkpoint.every_n_train_steps else "",
+        ", model/" if cfg.checkpoint.save_final_model else "",
+        ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
+    )
+    return final
+
+
+@rank_zero_only
+def record_run_start(cfg: DictConfig, output_dir: Path, resumed_from: Path | None) -> None:
+    """``config_resolved.yaml`` and ``provenance.json`` for a new run; for a resumed one, a warning about every
+    changed key and ``provenance_resumed_<checkpoint>.json``. Only the first process writes."""
+    if resumed_from is None:
+        OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+        write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
+        return
+    warn_about_changed_config(output_dir / "config_resolved.yaml", cfg)
+    write_provenance(output_dir / f"provenance_resumed_{resumed_from.stem}.json", cfg.paths.root_dir)
+    log.info("Resuming from %s; outputs continue in %s", resumed_from, output_dir)
+
+
+class ProcessSeeds(L.Callback):
+    """Gives every process after the first its own random stream, derived from ``seed`` and its rank, so that
+    the processes do not sample their rollouts with the same random numbers. The first process keeps the
+    stream ``seed`` started, so a run's first process samples as a single-process run does."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank > 0:
+            seed_everything(process_seed(self.seed, trainer.global_rank), workers=True, verbose=False)
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """A 32-bit seed for process ``rank`` of a run seeded with ``seed``, unrelated to other runs' seeds."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> list[ModelCheckpoint]:
+    """A checkpoint every ``every_n_train_steps`` optimizer steps and at the end, with ``last.ckpt`` linking the
+    newest; none at all for 0 (the run then cannot be resumed). ``keep``: how many stay on disk, the newest
+    (``-1``: all)."""
+    if every_n_train_steps < 0:
+        raise ValueError(
+            f"checkpoint.every_n_train_steps={every_n_train_steps} is invalid: 0 (no checkpoints) or a positive number"
+        )
+    if keep == 0 or keep < -1:
+        raise ValueError(f"checkpoint.keep={keep} is invalid: a positive number (the newest kept) or -1 (all)")
+    if every_n_train_steps == 0:
+        return []
+    return [
+        ModelCheckpoint(
+            dirpath=dirpath,
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_train_steps,
+            monitor="step",  # the newest are the "best": keeping the top `keep` keeps the last ones
+            mode="max",
+            save_top_k=keep,
+            save_last="link",
+            enable_version_counter=False,  # a resumed run replaces `last.ckpt` instead of adding `last-v1.ckpt`
+        )
+    ]
+
+
+def warn_about_changed_config(saved: Path, cfg: DictConfig) -> None:
+    """Warn about every key whose value differs between the run's saved config and ``cfg`` (its resumption)."""
+    if not saved.is_file():
+        return
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    ignored = {"ckpt_path", "paths.output_dir"}
+    changed = sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
+    if changed:
+        log.warning(
+            "The resumed run's config differs from %s in: %s",
+            saved,
+            "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed),
+        )
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def print_summary(output_dir: Path) -> None:
+    """Plots and tables into ``output_dir/report``, then :func:`run_summary` on the console; a plot that fails
+    costs a warning, never the finished run."""
+    report_dir = output_dir / "report"
+    try:
+        write_report(output_dir, report_dir)
+    except Exception as error:  # noqa: BLE001 - the run itself is done and saved
+        log.warning("The report of %s failed (%s); `python src/report.py %s` retries it", output_dir, error, output_dir)
+        report_dir = None
+    summary = run_summary(output_dir / "metrics.csv", report_dir)
+    if summary:
+        print(summary)

@@ -1,0 +1,87 @@
+"""The format warm-up: other questions only, answers the reward accepts, labels on the answers alone, a loss
+that falls, and a model built once into the cache."""
+
+import dataclasses
+
+import pytest
+
+from demopsd.data.rewards import REWARD_RULES, score_mcq
+from demopsd.data.synthetic import generate_synthetic, held_out_by, kind_of
+from demopsd.runtime.models import WARMED_MODEL, cached_model_path, load_model_and_tokenizer
+from demopsd.training.warmup import (
+    WarmupConfig,
+    build_warmed_model,
+    format_warmup,
+    supervised_batch,
+    warmup_questions,
+    well_formed_answer,
+)
+from tests.fixed_step import default_tokenizer
+from tests.helpers import tiny_policy
+
+CONFIG = WarmupConfig()
+
+
+def test_the_warmup_questions_are_other_questions_than_the_tasks():
+    questions = warmup_questions(CONFIG)
+    assert len(questions) == CONFIG.steps * CONFIG.batch_size == len({e.prompt for e in questions})
+    task_train = {e.prompt for e in generate_synthetic("mixed", "train", seed=CONFIG.task_seed)}
+    task_test = {e.prompt for e in generate_synthetic("mixed", "test", seed=CONFIG.task_seed)}
+    assert not {e.prompt for e in questions} & (task_train | task_test)
+    assert not any(held_out_by(CONFIG.task_seed, e) for e in questions)
+    assert {kind_of(e) for e in questions} == {"inferable", "uninferable"}
+
+
+def test_held_out_by_matches_the_generators_split():
+    assert all(held_out_by(0, e) for e in generate_synthetic("mixed", "test", seed=0, size=60))
+    assert not any(held_out_by(0, e) for e in generate_synthetic("mixed", "train", seed=0, size=60))
+
+
+@pytest.mark.parametrize("rule", REWARD_RULES)
+def test_the_taught_answer_is_well_formed_and_correct_under_every_reward_rule(rule):
+    for example in warmup_questions(CONFIG)[:40]:
+        score = score_mcq(well_formed_answer(example), example.answer, example.letters, rule)
+        assert score.well_formed and score.correct and score.reward == 1.0
+        wrong = next(letter for letter in example.letters if letter != example.answer)
+        assert score_mcq(well_formed_answer(dataclasses.replace(example, answer=wrong)), example.answer,
+                         example.letters, rule).reward == 0.0
+
+
+def test_labels_cover_the_answer_and_its_eos_only():
+    tokenizer = default_tokenizer()
+    examples = warmup_questions(CONFIG)[:3]
+    ids, mask, labels = supervised_batch(tokenizer, examples)
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 3
+    for row, example in enumerate(examples):
+        answer_ids = labels[row][labels[row] != -100]
+        assert answer_ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(answer_ids[:-1]) == well_formed_answer(example)
+        first = int((labels[row] != -100).nonzero()[0])
+        prompt = tokenizer.decode(ids[row, :first])
+        assert prompt.endswith("assistant\n") and example.prompt in prompt
+        assert int(mask[row].sum()) == first + len(answer_ids)  # right-padded, nothing after the EOS
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), "steps=0"), (dict(batch_size=0), "batch_size=0"), (dict(lr=0.0), "lr=0.0"),
+    (dict(generator_seed=0, task_seed=0), "other questions"),
+])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        WarmupConfig(**bad)
+
+
+def test_the_loss_falls():
+    tokenizer = default_tokenizer()
+    policy = tiny_policy(tokenizer)
+    losses = format_warmup(policy, tokenizer, WarmupConfig(steps=6, batch_size=2, lr=3e-3), progress=False)
+    assert len(losses) == 6 and losses[-1] < 0.95 * losses[0], losses  # observed 15.5 -> 13.6
+
+
+def test_a_built_model_is_read_from_the_cache_and_a_missing_one_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="src/warmup.py"):
+        load_model_and_tokenizer(WARMED_MODEL, cache_dir=tmp_path)
+    target = cached_model_path(WARMED_MODEL, tmp_path)
+    target.mkdir(parents=True)
+    assert build_warmed_model(tmp_path) == target  # present: not trained again
+    assert list(target.iterdir()) == []
