@@ -24,13 +24,13 @@ def main(cfg: DictConfig) -> float | None:
     from demopsd.config.check import ConfigError, validate_config
 
     try:
-        validate_config(cfg)  # before transformers & Lightning load: a bad value stops the run within seconds
+        settings = validate_config(cfg)  # before transformers & Lightning load: a bad value stops the run in seconds
     except ConfigError as error:
         print(f"Invalid config ({len(error.problems)} problem(s)):\n{error}", file=sys.stderr)
         sys.exit(2)
     from demopsd.training.run import run  # after Hydra has parsed the command line: `--help` stays instant
 
-    return optimized_value(cfg, run(cfg))
+    return optimized_value(cfg, run(cfg, settings))
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 import demopsd.training.module
 import demopsd.training.steps
+from demopsd.config.check import validate_config
 from demopsd.data.rewards import MCQScore
 from demopsd.data.types import MCQExample
 from demopsd.objectives import chunked_distillation_loss
@@ -169,7 +170,7 @@ def setup_step(monkeypatch, method: str, responses: list[str], rewards: list[flo
     rollouts = FixedRollouts.of(tokenizer, responses)
     assert len(set(rollouts.texts)) == len(rollouts.texts), "responses must decode to distinct texts"
     monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
-    module = build_module(cfg, policy, tokenizer)
+    module = build_module(validate_config(cfg), policy, tokenizer)
     module.make_rollout_engine = lambda local_rank=0: rollouts
     return Step(module, cfg, rollouts, initial)
 

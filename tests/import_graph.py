@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "demopsd"
-LAYERS = ("objectives", "config", "runtime", "data", "rollout", "evaluation", "report", "training")
+LAYERS = ("config", "objectives", "runtime", "data", "rollout", "evaluation", "report", "training")
 
 
 def module_imports(package_dir: Path = PACKAGE_DIR) -> dict[str, list[tuple[str, str | None, int]]]:

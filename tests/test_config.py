@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.config.settings import RepromptConfig
-from demopsd.objectives import DistillationConfig, GRPOConfig
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
 METHODS = ["demopsd", "sdpo", "opsd", "grpo"]

@@ -13,8 +13,8 @@ from omegaconf import open_dict, read_write
 
 import demopsd.config.check as config_check
 from demopsd.config.check import ConfigError, validate_config
+from demopsd.config.objectives import AGGREGATIONS, BLEND_RULES, DISCREPANCIES, DistillationConfig
 from demopsd.config.settings import METHOD_KINDS, SELECTIONS, TEACHER_KINDS, WANDB_MODES
-from demopsd.objectives import AGGREGATIONS, BLEND_RULES, DISCREPANCIES, DistillationConfig
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 from tests.test_config import DATASETS, METHODS, compose_train
 

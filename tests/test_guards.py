@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import demopsd.training.guards
 import demopsd.training.module
 import demopsd.training.steps
+from demopsd.config.objectives import DistillationConfig
 from demopsd.config.settings import OptimConfig, RepromptConfig, SamplingConfig
 from demopsd.data.types import MCQExample
-from demopsd.objectives import DistillationConfig
 from demopsd.rollout.batch import PromptBatch, RolloutBatch
 from demopsd.training.guards import CollapseTracker, NonFiniteTrainingError, NumericalGuard, nonfinite_gradients
 from demopsd.training.module import SelfDistillationModule

@@ -49,6 +49,7 @@ def heldout_evals(method: str, rng: np.random.Generator) -> pd.DataFrame:
     columns = {"step": steps}
     for prefix in (UNINFERABLE, INFERABLE):
         columns[prefix + "acc_avg@1"] = rng.uniform(0.2, 0.6, len(steps))
+        columns[prefix + "format_rate"] = rng.uniform(0.4, 1.0, len(steps))
         for metric in PROBE_METRICS:
             change = PROBE_RISE[method] * np.arange(len(steps)) + np.r_[0.0, rng.normal(0, 0.02, len(steps) - 1)]
             columns[prefix + metric] = rng.uniform(0.3, 1.0) + change
@@ -76,8 +77,10 @@ def made_up_metrics(method: str, seed: int, nan_gaps: bool = False, heldout: boo
         train["leakage/kl_teacher_student"] = 0.8 - 0.01 * steps + rng.normal(0, 0.02, STEPS)
         train["leakage/kl_target_student"] = 0.3 - 0.004 * steps + rng.normal(0, 0.01, STEPS)
         train["leakage/attenuation"] = train["leakage/kl_target_student"] / train["leakage/kl_teacher_student"]
+        train["distill/demonstration_fraction"] = rng.uniform(0, 1, STEPS)
     else:
         train["grpo/loss"] = rng.normal(0, 0.05, STEPS)
+        train["grpo/varied_group_fraction"] = rng.uniform(0, 1, STEPS)
     if nan_gaps:  # missing values, the last entropy among them: final entropy is the last non-NaN one
         train.loc[[3, 4, 17, STEPS - 1], "train/entropy"] = np.nan
         if "leakage/kl_teacher_student" in train:
@@ -141,6 +144,10 @@ def expected(root: Path, method: str, per_seed) -> tuple[float, float, int]:
 
 def last_of(column):
     return lambda df: df[column].dropna().iloc[-1] if column in df and df[column].notna().any() else math.nan
+
+
+def first_of(column):
+    return lambda df: df[column].dropna().iloc[0] if column in df and df[column].notna().any() else math.nan
 
 
 def best_of(column):
@@ -254,15 +261,28 @@ LEAKAGE_PER_SEED = {
     "uninferable_overconfidence_change": last_of(UNINFERABLE + "overconfidence_change"),
     "uninferable_letter_entropy_change": last_of(UNINFERABLE + "letter_entropy_change"),
     "uninferable_accuracy_change": last_of(UNINFERABLE + "letter_accuracy_change"),
+    "inferable_sampled_accuracy": last_of(INFERABLE + "acc_avg@1"),
+    "inferable_sampled_accuracy_start": first_of(INFERABLE + "acc_avg@1"),
+    "inferable_format_rate": last_of(INFERABLE + "format_rate"),
     "inferable_accuracy_change": last_of(INFERABLE + "letter_accuracy_change"),
     "uninferable_entropy_change": last_of(UNINFERABLE + "entropy_change"),
     "inferable_entropy_change": last_of(INFERABLE + "entropy_change"),
     "entropy_final": last_of("train/entropy"),
+    "reward_mean": mean_of("train/reward_mean"),
+    "demonstration_fraction_mean": mean_of("distill/demonstration_fraction"),
+    "varied_group_fraction_mean": mean_of("grpo/varied_group_fraction"),
     "kl_teacher_student_mean": mean_of("leakage/kl_teacher_student"),
     "kl_target_student_mean": mean_of("leakage/kl_target_student"),
     "attenuation_mean": mean_of("leakage/attenuation"),
 }
-TEACHER_ONLY = ("kl_teacher_student_mean", "kl_target_student_mean", "attenuation_mean")
+TEACHER_ONLY = ("kl_teacher_student_mean", "kl_target_student_mean", "attenuation_mean",
+                "demonstration_fraction_mean")
+GRPO_ONLY = ("varied_group_fraction_mean",)
+
+
+def absent(method: str, key: str) -> bool:
+    """Whether ``method``'s runs do not log the column of ``key``."""
+    return key in TEACHER_ONLY if method == "grpo" else key in GRPO_ONLY
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +314,7 @@ def test_leakage_scalars_are_the_last_and_mean_values_of_each_run(synthetic_root
         values = leakage_scalars(run)
         assert (values["method"], values["seed"], values["dataset"]) == (run.method, run.seed, SYNTHETIC)
         for key, per_seed in LEAKAGE_PER_SEED.items():
-            if run.method == "grpo" and key in TEACHER_ONLY:
+            if absent(run.method, key):
                 assert math.isnan(values[key]), key
             else:
                 assert values[key] == pytest.approx(per_seed(frame), rel=1e-12), (run.name, key)
@@ -310,7 +330,7 @@ def test_leakage_table_equals_an_independent_recomputation(synthetic_root, synth
     row = table[table.method == method].iloc[0]
     mean, se, n = expected(synthetic_root, method, LEAKAGE_PER_SEED[quantity])
     assert row.dataset == SYNTHETIC and row.seeds == seeds and row[f"{quantity}_n"] == n
-    if method == "grpo" and quantity in TEACHER_ONLY:
+    if absent(method, quantity):
         assert n == 0 and math.isnan(row[f"{quantity}_mean"]) and math.isnan(row[f"{quantity}_se"])
         return
     assert n == seeds
@@ -329,9 +349,11 @@ def test_leakage_markdown_rows_legend_and_absent_leakage(synthetic_report):
     header = next(line for line in text.splitlines() if line.startswith("| dataset")).strip("| ").split(" | ")
     assert header[3:] == [q.header for q in LEAKAGE_QUANTITIES.values()]
     teacher_cells = [header.index(LEAKAGE_QUANTITIES[k].header) for k in TEACHER_ONLY]
-    assert [rows["grpo"][i] for i in teacher_cells] == ["—"] * 3
+    grpo_cells = [header.index(LEAKAGE_QUANTITIES[k].header) for k in GRPO_ONLY]
+    assert [rows["grpo"][i] for i in teacher_cells] == ["—"] * len(TEACHER_ONLY)
+    assert [rows["demopsd"][i] for i in grpo_cells] == ["—"] * len(GRPO_ONLY)
     assert all(" ± " in rows["demopsd"][i] for i in teacher_cells)
-    assert all(cell.endswith(" ± —") for cell in rows["sdpo"][3:])  # one seed: no standard error
+    assert all(rows["sdpo"][i].endswith(" ± —") for i in range(3, len(header)) if i not in grpo_cells)  # one seed
     for quantity in LEAKAGE_QUANTITIES.values():
         assert f"- **{quantity.header}**: {quantity.legend}" in text
     assert "a rise without an accuracy rise is leakage" in text

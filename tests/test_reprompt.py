@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from demopsd.config.settings import RepromptConfig
+from demopsd.config.settings import RepromptConfig, SettingError
 from demopsd.training.reprompt import build_contexts, demonstration_fraction, teacher_prompt
 
 PLAIN = RepromptConfig(demonstration_template="{solution}")
@@ -157,13 +157,22 @@ def test_reference_answer_fallback_needs_answers():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "accepted"),
     [
-        (dict(selection="best"), "selection='best' is not one of"),
-        (dict(template="{prompt} only"), "missing {context}"),
-        (dict(demonstration_template="no slot"), "missing {solution}"),
+        (dict(selection="best"), "one of ('first', 'random')"),
+        (dict(template="{prompt} only"), "a text containing {prompt} and {context}"),
+        (dict(demonstration_template="no slot"), "a text containing {solution}"),
     ],
 )
-def test_bad_config(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_config(kwargs, accepted):
+    with pytest.raises(SettingError) as caught:
         RepromptConfig(**kwargs)
+    [(name, value)] = kwargs.items()
+    assert caught.value.problems == [(name, value, accepted)]
+    assert f"method.reprompt.{name}={value!r} is invalid: {accepted} is accepted" == str(caught.value)
+
+
+def test_every_broken_rule_is_reported_at_once():
+    with pytest.raises(SettingError) as caught:
+        RepromptConfig(selection="best", answer_template="no slot")
+    assert [name for name, _, _ in caught.value.problems] == ["selection", "answer_template"]

@@ -5,22 +5,28 @@ from demopsd.report.summary import run_summary
 
 def test_summary_reports_first_and_last_evaluation_training_entropy_and_mean_leakage(tmp_path):
     rows = [
-        {"step": 0, "eval/synthetic-uninferable/letter_confidence": 0.50, "eval/synthetic-uninferable/entropy": 2.0},
-        {"step": 0, "train/entropy": 2.2, "leakage/kl_teacher_student": 0.10, "leakage/kl_target_student": 0.02},
-        {"step": 1, "train/entropy": 2.6, "leakage/kl_teacher_student": 0.30, "leakage/kl_target_student": 0.04},
-        {"step": 2, "eval/synthetic-uninferable/letter_confidence": 0.65, "eval/synthetic-uninferable/entropy": 1.5},
+        {"step": 0, "eval/synthetic-uninferable/letter_confidence": 0.50, "eval/synthetic-uninferable/entropy": 2.0,
+         "eval/synthetic-uninferable/acc_avg@1": 0.25, "eval/synthetic-uninferable/format_rate": 0.5},
+        {"step": 0, "train/entropy": 2.2, "leakage/kl_teacher_student": 0.10, "leakage/kl_target_student": 0.02,
+         "train/reward_mean": 0.25, "distill/demonstration_fraction": 0.5},
+        {"step": 1, "train/entropy": 2.6, "leakage/kl_teacher_student": 0.30, "leakage/kl_target_student": 0.04,
+         "train/reward_mean": 0.75, "distill/demonstration_fraction": 1.0},
+        {"step": 2, "eval/synthetic-uninferable/letter_confidence": 0.65, "eval/synthetic-uninferable/entropy": 1.5,
+         "eval/synthetic-uninferable/acc_avg@1": 0.5, "eval/synthetic-uninferable/format_rate": 0.75},
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
 
     summary = run_summary(tmp_path / "metrics.csv", tmp_path / "report").splitlines()
 
-    assert summary[1] == ("  synthetic-uninferable (step 0 → 2): letter confidence 0.500 → 0.650 (+0.150), "
+    assert summary[1] == ("  synthetic-uninferable (step 0 → 2): accuracy 0.250 → 0.500 (+0.250), "
+                          "well-formed 0.500 → 0.750 (+0.250), letter confidence 0.500 → 0.650 (+0.150), "
                           "response entropy 2.000 → 1.500 (-0.500)")
     assert summary[2] == "  training entropy: 2.200 at the first step → 2.600 at the last"
-    assert summary[3] == "  mean per token over training: KL(teacher‖student) 0.2000, KL(target‖student) 0.0300"
-    assert summary[4] == f"Plots and tables: {tmp_path / 'report'}"
+    assert summary[3] == "  rollouts, mean over training: reward 0.500, context a successful sibling 0.750"
+    assert summary[4] == "  mean per token over training: KL(teacher‖student) 0.2000, KL(target‖student) 0.0300"
+    assert summary[5] == f"Plots and tables: {tmp_path / 'report'}"
 
 
 def test_a_run_without_evaluation_or_distillation_prints_nothing(tmp_path):
-    pd.DataFrame([{"step": 0, "train/reward_mean": 0.5}]).to_csv(tmp_path / "metrics.csv", index=False)
+    pd.DataFrame([{"step": 0, "perf/step_seconds": 3.0}]).to_csv(tmp_path / "metrics.csv", index=False)
     assert run_summary(tmp_path / "metrics.csv") == ""

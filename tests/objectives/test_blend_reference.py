@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from demopsd.objectives import DiscrepancyNormalizer, DistillationConfig, lambda_max_at, token_losses
+from demopsd.config.objectives import DistillationConfig
+from demopsd.objectives import DiscrepancyNormalizer, lambda_max_at, token_losses
 
 N, V, K = 12, 50, 8
 

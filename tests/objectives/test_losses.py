@@ -6,13 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demopsd.objectives import (
-    DistillationConfig,
-    chunked_distillation_loss,
-    distillation_loss,
-    kl,
-    support_log_probs,
-)
+from demopsd.config.objectives import DistillationConfig
+from demopsd.objectives import chunked_distillation_loss, distillation_loss, kl, support_log_probs
 
 
 def problem(seed: int, n: int = 12, vocab: int = 30, hidden: int = 6, scale: float = 1.0):

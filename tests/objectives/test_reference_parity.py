@@ -14,14 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from demopsd.objectives import (
-    DistillationConfig,
-    aggregation_weights,
-    distillation_loss,
-    grpo_advantages,
-    grpo_loss,
-    token_losses,
-)
+from demopsd.config.objectives import DistillationConfig
+from demopsd.objectives import aggregation_weights, distillation_loss, grpo_advantages, grpo_loss, token_losses
 
 
 def reference_support(log_probs: torch.Tensor, index: torch.Tensor | None, add_tail: bool) -> torch.Tensor:

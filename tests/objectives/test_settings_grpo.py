@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
+from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.objectives import (
     DiscrepancyNormalizer,
-    DistillationConfig,
-    GRPOConfig,
     aggregation_weights,
     blend_weight,
     chunked_token_log_probs,
@@ -36,7 +35,7 @@ from demopsd.objectives import (
     ],
 )
 def test_invalid_distillation_settings_name_the_value_and_what_is_accepted(field, value, accepted):
-    with pytest.raises(ValueError, match=rf"^{field}={value!r} is invalid: {accepted}"):
+    with pytest.raises(ValueError, match=rf"^method.objective.{field}={value!r} is invalid: {accepted}"):
         DistillationConfig(**{field: value})
 
 

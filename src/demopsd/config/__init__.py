@@ -1,4 +1,5 @@
-"""Settings: the typed, validated sections of a run's config, and the check that runs before anything loads.
+"""Settings: the typed, validated sections of a run's config (the objectives' among them), and the check that
+builds them once, before anything heavy loads.
 
-May import: ``objectives`` (the objective settings).
+May import: nothing else of demopsd (the lowest stage).
 """

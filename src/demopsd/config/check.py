@@ -1,14 +1,15 @@
-"""Check a composed config before anything heavy loads: every problem at once, one line each.
+"""Build a composed config's typed settings once, before anything heavy loads: every problem at once, one line each.
 
-``validate_config(cfg)`` raises :class:`ConfigError` whose message has one line per problem,
-``<full.key>=<value!r>: <what is accepted>``. Checked:
+``validate_config(cfg)`` returns the run's :class:`~demopsd.config.run.TrainSettings`, or raises
+:class:`ConfigError` whose message has one line per problem, ``<full.key>=<value!r>: <what is accepted>``.
+Checked:
 
 * unknown keys (typos) in ``method``, ``method.objective``, ``method.reprompt``, ``rollout``, ``optim``,
   ``data`` and ``checkpoint``, with the closest known key. Where a section is splatted into a settings
   dataclass (``DistillationConfig`` / ``GRPOConfig``, ``RepromptConfig``, ``SamplingConfig``, ``OptimConfig``)
   its fields are the accepted keys; otherwise the keys conf/ composes for the same group choices are;
-* the values of those dataclasses, by building them (their own ``__post_init__`` rules, each error turned
-  into the key-prefixed form, then the next one found by resetting the offending field to its default);
+* the values of those dataclasses, by building them (each reports all its broken rules at once, as
+  :class:`~demopsd.config.settings.SettingError` entries of field, value and what is accepted);
 * the rules no dataclass holds: method kind, teacher, EMA rate, rollouts per prompt for the method,
   learning rate and betas, batch size, ``trainer.max_steps``, ``logger.wandb.mode``, the data source.
 
@@ -21,31 +22,33 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from demopsd.config.objectives import DistillationConfig, GRPOConfig
+from demopsd.config.run import MethodSettings, TrainSettings
 from demopsd.config.settings import (
     METHOD_KINDS,
     REWARD_RULES,
+    ROLLOUT_BACKENDS,
     TEACHER_KINDS,
     WANDB_MODES,
     EngineConfig,
     OptimConfig,
+    PromptConfig,
     RepromptConfig,
     SamplingConfig,
+    SettingError,
     ShardingConfig,
 )
-from demopsd.objectives.config import DistillationConfig, GRPOConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR.parents[2] / "conf"
 
 _REPROMPT_SET_ELSEWHERE = ("seed",)  # RepromptConfig.seed is the top-level `seed`
-_MISSING = object()
 
 
 class ConfigError(ValueError):
@@ -56,8 +59,8 @@ class ConfigError(ValueError):
         self.problems = list(problems)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem of the composed train config ``cfg``; else return."""
+def validate_config(cfg: DictConfig) -> TrainSettings:
+    """The typed settings of the composed train config ``cfg``, or :class:`ConfigError` listing every problem."""
     problems: list[str] = []
     reported: set[str] = set()
 
@@ -67,7 +70,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     sections = {}
     for key in ("method", "method.objective", "method.reprompt", "rollout", "optim", "data", "checkpoint",
-                "trainer", "logger", "fsdp"):
+                "trainer", "logger", "fsdp", "model"):
         sections[key] = _section(cfg, key, report)
     reference = _reference_config(cfg)
 
@@ -81,11 +84,13 @@ def validate_config(cfg: DictConfig) -> None:
     distills, grpo = kind == "distill", kind == "grpo"
     _unknown_keys("method", method, _keys(reference, "method"), report)
 
+    objective = reprompt = None
     if distills or grpo:
-        _check_dataclass(DistillationConfig if distills else GRPOConfig, "method.objective", sections["method.objective"], report)
+        objective = _check_dataclass(DistillationConfig if distills else GRPOConfig, "method.objective",
+                                     sections["method.objective"], report)
     if distills:
-        _check_dataclass(RepromptConfig, "method.reprompt", sections["method.reprompt"], report,
-                         set_elsewhere=_REPROMPT_SET_ELSEWHERE)
+        reprompt = _check_dataclass(RepromptConfig, "method.reprompt", sections["method.reprompt"], report,
+                                    set_elsewhere=_REPROMPT_SET_ELSEWHERE)
         teachers = TEACHER_KINDS
         teacher = method.get("teacher")
         if teacher not in teachers:
@@ -99,9 +104,13 @@ def validate_config(cfg: DictConfig) -> None:
     rollout = sections["rollout"]
     # without a reference (a config from another search path), the keys any conf/rollout option defines
     extra_rollout_keys = _keys(reference, "rollout") or _option_keys("rollout")
-    _check_dataclass(SamplingConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
-    if rollout.get("backend") == "vllm":
-        _check_dataclass(EngineConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
+    sampling = _check_dataclass(SamplingConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
+    backend = rollout.get("backend", "hf")
+    if backend not in ROLLOUT_BACKENDS:
+        report("rollout.backend", backend, f"one of {ROLLOUT_BACKENDS}")
+    engine = EngineConfig()
+    if backend == "vllm":
+        engine = _check_dataclass(EngineConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
         trainer = sections["trainer"]
         several = trainer.get("devices", 1) not in (1, "1") or trainer.get("num_nodes", 1) != 1
         if several and rollout.get("tensor_parallel_size", 1) != 1:
@@ -110,16 +119,17 @@ def validate_config(cfg: DictConfig) -> None:
                    "process samples its own prompts with an engine on its own device")
     n = rollout.get("n")
     if n == 1 and "rollout.n" not in reported:
-        reprompt = sections["method.reprompt"]
+        reprompt_keys = sections["method.reprompt"]
         if grpo:
             report("rollout.n", n, "an integer >= 2 for GRPO (advantages are normalised within each prompt's group)")
-        elif distills and (reprompt.get("use_demonstrations", True) or not reprompt.get("use_reference_answer")):
+        elif distills and (reprompt_keys.get("use_demonstrations", True)
+                           or not reprompt_keys.get("use_reference_answer")):
             report("rollout.n", n, f"an integer >= 2 for method {method.get('name')!r} (demonstrations come from "
                                    "sibling rollouts; 1 only with method.reprompt.use_demonstrations=false and "
                                    "method.reprompt.use_reference_answer=true)")
 
-    _check_dataclass(OptimConfig, "optim", sections["optim"], report)
-    _check_dataclass(ShardingConfig, "fsdp", sections["fsdp"], report)
+    optim = _check_dataclass(OptimConfig, "optim", sections["optim"], report)
+    sharding = _check_dataclass(ShardingConfig, "fsdp", sections["fsdp"], report)
 
     # -- data and checkpoints: keys from conf/ for that data source
     data = sections["data"]
@@ -145,8 +155,30 @@ def validate_config(cfg: DictConfig) -> None:
         if wandb.get("mode") not in modes:
             report("logger.wandb.mode", wandb.get("mode"), f"one of {modes}")
 
+    max_prompt_tokens = data.get("max_prompt_tokens")
+    if not (_is_int(max_prompt_tokens) and max_prompt_tokens >= 1):
+        report("data.max_prompt_tokens", max_prompt_tokens, "an integer >= 1 (longer prompts are an error)")
+    if not _is_int(cfg.get("seed")):
+        report("seed", cfg.get("seed"), "an integer")
+
     if problems:
         raise ConfigError(problems)
+    return TrainSettings(
+        seed=cfg.seed,
+        method=MethodSettings(
+            name=method.get("name", kind),
+            objective=objective,
+            reprompt=dataclasses.replace(reprompt, seed=cfg.seed) if reprompt else None,
+            teacher=method.get("teacher", "ema"),
+            ema_rate=method.get("ema_rate", 0.05),
+        ),
+        sampling=sampling,
+        backend=backend,
+        engine=engine,
+        optim=optim,
+        prompts=PromptConfig(max_prompt_tokens, sections["model"].get("chat_template_kwargs") or {}),
+        sharding=sharding,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -177,14 +209,10 @@ def _unknown_keys(prefix: str, values: Mapping, accepted: set[str] | None, repor
                    f"not a key of {prefix}; {hint}accepted keys: {', '.join(sorted(accepted))}")
 
 
-def _check_dataclass(cls: type, prefix: str, values: Mapping, report, *, extra_keys=(),
-                     set_elsewhere=()) -> None:
-    """Build the dataclass ``cls`` from the keys of ``values`` that are its fields; report every problem.
-
-    Unknown keys and wrongly typed values are reported, then left out. The dataclass's own ``__post_init__``
-    stops at its first failed rule: that field is reported and reset to its default, and the build is tried
-    again, so that every failed rule is found.
-    """
+def _check_dataclass(cls: type, prefix: str, values: Mapping, report, *, extra_keys=(), set_elsewhere=()):
+    """The settings dataclass ``cls`` built from the keys of ``values`` that are its fields, or None; every
+    problem is reported: unknown keys and wrongly typed values (then left out), and each rule the dataclass
+    finds broken (its :class:`SettingError` lists them all)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in set_elsewhere}
     _unknown_keys(prefix, values, set(fields) | set(extra_keys), report)
     kwargs = {}
@@ -196,41 +224,12 @@ def _check_dataclass(cls: type, prefix: str, values: Mapping, report, *, extra_k
             report(f"{prefix}.{name}", value, expected)
         else:
             kwargs[name] = value
-    reset: set[str] = set()
-    while True:
-        try:
-            cls(**kwargs)
-            return
-        except (ValueError, TypeError) as error:
-            message = str(error)
-            match = re.match(r"(?:\w+\.)*(\w+)", message)
-            name = match.group(1) if match else ""
-            if name not in fields or name in reset:
-                report(prefix, values, message.replace("\n", " "))
-                return
-            report(f"{prefix}.{name}", kwargs.get(name, _default(fields[name])), _accepted_part(message))
-            reset.add(name)
-            default = _default(fields[name])
-            if default is _MISSING:
-                return
-            kwargs[name] = default
-
-
-def _accepted_part(message: str) -> str:
-    """What a dataclass's error message says is accepted: ``x=1 is invalid: A is accepted`` → ``A``."""
-    for pattern in (r"is invalid: (.*?),? is accepted\.?$", r"is not (one of .*)$"):
-        match = re.search(pattern, message, re.S)
-        if match:
-            return match.group(1)
-    return re.sub(r"^\S+\s*", "", message)  # `template must contain ...` → `must contain ...`
-
-
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return _MISSING
+    try:
+        return cls(**kwargs)
+    except SettingError as error:
+        for name, value, accepted in error.problems:
+            report(f"{prefix}.{name}", value, accepted)
+    return None
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",

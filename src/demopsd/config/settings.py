@@ -1,12 +1,14 @@
 """Run settings that need no torch: read and checked before anything heavy is imported.
 
-Field names are the Hydra keys of their config section (``rollout``, ``optim``); each dataclass checks its
-values on construction and names the key, the value and what is accepted.
+Field names are the Hydra keys of their config section (``SECTION``: ``rollout``, ``optim`` ...); each dataclass
+checks every rule on construction and raises one :class:`SettingError` listing each broken rule as
+``(field, value, what is accepted)``, so callers never parse messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 METHOD_KINDS = ("distill", "grpo")
 TEACHER_KINDS = ("ema", "live")
@@ -17,44 +19,62 @@ REWARD_RULES = ("answer_tag", "last_letter", "strict")
 """Accepted values of ``data.reward`` (see :mod:`demopsd.data.rewards`)."""
 
 
+class SettingError(ValueError):
+    """The broken rules of one settings object of config section ``section``: ``problems`` holds
+    ``(field, value, what is accepted)``; the message has one ``<section>.<field>=<value>`` clause per problem."""
+
+    def __init__(self, section: str, problems: list[tuple[str, Any, str]]) -> None:
+        super().__init__("; ".join(f"{section}.{name}={value!r} is invalid: {accepted} is accepted"
+                                   for name, value, accepted in problems))
+        self.section, self.problems = section, problems
+
+
+def check_rules(section: str, *rules: tuple[bool, str, Any, str]) -> None:
+    """Raise :class:`SettingError` for the rules ``(holds, field, value, accepted)`` that do not hold, if any."""
+    problems = [(name, value, accepted) for holds, name, value, accepted in rules if not holds]
+    if problems:
+        raise SettingError(section, problems)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """What to sample: ``n`` rollouts per prompt, at this temperature / top-p, up to ``max_new_tokens``."""
 
+    SECTION: ClassVar[str] = "rollout"
     n: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"rollout.n={self.n} is invalid: at least 1 rollout per prompt is accepted")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature={self.temperature} is invalid: a positive temperature is accepted")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p={self.top_p} is invalid: a value in (0, 1] is accepted")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} is invalid: at least 1 is accepted")
+        check_rules(
+            self.SECTION,
+            (self.n >= 1, "n", self.n, "at least 1 rollout per prompt"),
+            (self.temperature > 0, "temperature", self.temperature, "a positive temperature"),
+            (0 < self.top_p <= 1, "top_p", self.top_p, "a value in (0, 1]"),
+            (self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1"),
+        )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a linear learning-rate warm-up over ``warmup_steps`` optimizer steps."""
 
+    SECTION: ClassVar[str] = "optim"
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr} is invalid: a positive learning rate is accepted")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay={self.weight_decay} is invalid: a value >= 0 is accepted")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas={list(self.betas)} is invalid: two numbers in [0, 1) are accepted")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} is invalid: an integer >= 0 is accepted")
+        check_rules(
+            self.SECTION,
+            (self.lr > 0, "lr", self.lr, "a positive learning rate"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "a value >= 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
+             "two numbers in [0, 1)"),
+            (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0"),
+        )
 
 
 @dataclass(frozen=True)
@@ -71,26 +91,21 @@ class EngineConfig:
     for weights and KV cache (of RAM on vLLM's CPU backend), unless ``kv_cache_memory_bytes`` sizes the KV
     cache directly; ``tensor_parallel_size`` GPUs hold one copy of the model."""
 
+    SECTION: ClassVar[str] = "rollout"
     gpu_memory_utilization: float = 0.3
     kv_cache_memory_bytes: int | None = None
     tensor_parallel_size: int = 1
     enforce_eager: bool = True  # no CUDA-graph / torch.compile warm-up at start
 
     def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} is invalid: a fraction in (0, 1] "
-                "is accepted"
-            )
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
-            raise ValueError(
-                f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes} is invalid: null or a positive number "
-                "of bytes is accepted"
-            )
-        if self.tensor_parallel_size < 1:
-            raise ValueError(
-                f"rollout.tensor_parallel_size={self.tensor_parallel_size} is invalid: at least 1 is accepted"
-            )
+        check_rules(
+            self.SECTION,
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", self.gpu_memory_utilization,
+             "a fraction in (0, 1]"),
+            (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes",
+             self.kv_cache_memory_bytes, "null or a positive number of bytes"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "at least 1"),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,16 +115,16 @@ class ShardingConfig:
     sharded master weights and optimizer state keep ``model.dtype``. ``activation_checkpointing`` recomputes
     each decoder layer in backward instead of keeping its activations."""
 
+    SECTION: ClassVar[str] = "fsdp"
     param_dtype: str = "bfloat16"
     reduce_dtype: str = "float32"
     activation_checkpointing: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("param_dtype", "reduce_dtype"):
-            if getattr(self, key) not in DTYPE_NAMES:
-                raise ValueError(
-                    f"fsdp.{key}={getattr(self, key)!r} is invalid: one of {', '.join(DTYPE_NAMES)} is accepted"
-                )
+        check_rules(self.SECTION, *(
+            (getattr(self, key) in DTYPE_NAMES, key, getattr(self, key), f"one of {', '.join(DTYPE_NAMES)}")
+            for key in ("param_dtype", "reduce_dtype")
+        ))
 
 
 SELECTIONS = ("first", "random")
@@ -120,6 +135,7 @@ class RepromptConfig:
     """How the teacher's privileged contexts are chosen and rendered (``method.reprompt``; see
     :mod:`demopsd.training.reprompt`)."""
 
+    SECTION: ClassVar[str] = "method.reprompt"
     template: str = "{prompt}\n{context}\n\nCorrectly solve the original question."
     """The teacher's user message; needs ``{prompt}`` and ``{context}``."""
     demonstration_template: str = "Correct solution:\n\n{solution}"
@@ -136,13 +152,11 @@ class RepromptConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection={self.selection!r} is not one of {SELECTIONS}")
-        for key, placeholders in (
-            ("template", ("{prompt}", "{context}")),
-            ("demonstration_template", ("{solution}",)),
-            ("answer_template", ("{answer}",)),
-        ):
-            missing = [p for p in placeholders if p not in getattr(self, key)]
-            if missing:
-                raise ValueError(f"{key} must contain {' and '.join(placeholders)}; missing {', '.join(missing)}")
+        placeholders = {"template": ("{prompt}", "{context}"), "demonstration_template": ("{solution}",),
+                        "answer_template": ("{answer}",)}
+        check_rules(
+            self.SECTION,
+            (self.selection in SELECTIONS, "selection", self.selection, f"one of {SELECTIONS}"),
+            *((all(p in getattr(self, key) for p in needed), key, getattr(self, key),
+               f"a text containing {' and '.join(needed)}") for key, needed in placeholders.items()),
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from demopsd.objectives.config import AGGREGATIONS
+from demopsd.config.objectives import AGGREGATIONS
 
 
 def aggregation_weights(mask: torch.Tensor, mode: str) -> torch.Tensor:

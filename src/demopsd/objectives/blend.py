@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from demopsd.objectives.config import BLEND_RULES, DISCREPANCIES, DistillationConfig
+from demopsd.config.objectives import BLEND_RULES, DISCREPANCIES, DistillationConfig
 from demopsd.objectives.divergence import divergence, kl
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from demopsd.objectives.config import DistillationConfig
+from demopsd.config.objectives import DistillationConfig
 from demopsd.objectives.distill import TOKEN_STATS, summarize, token_losses, upcast
 
 

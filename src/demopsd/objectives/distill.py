@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from demopsd.config.objectives import DistillationConfig
 from demopsd.objectives.aggregation import importance_weight
 from demopsd.objectives.blend import blend_weight, discrepancy
-from demopsd.objectives.config import DistillationConfig
 from demopsd.objectives.divergence import divergence, kl
 from demopsd.objectives.support import support_log_probs
 from demopsd.objectives.target import barycenter_log_probs

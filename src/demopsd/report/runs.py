@@ -220,6 +220,10 @@ def _last(values: pd.Series) -> float:
     return float(values.iloc[-1]) if len(values) else math.nan
 
 
+def _first(values: pd.Series) -> float:
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
 def _max(values: pd.Series) -> float:
     return float(values.max()) if len(values) else math.nan
 
@@ -366,7 +370,7 @@ class LeakageQuantity:
     """One per-seed number of the leakage table: its column, how a run's values reduce to it, header, legend."""
 
     column: str
-    reduce: Callable[[pd.Series], float]  # _last (final logged value) or _mean (mean over steps)
+    reduce: Callable[[pd.Series], float]  # _first / _last logged value, or _mean over steps
     header: str
     legend: str
 
@@ -388,6 +392,16 @@ LEAKAGE_QUANTITIES = {
         UNINFERABLE + "letter_accuracy_change", _last, "uninferable accuracy Δ",
         "change in how often the preferred letter is correct on those questions — their correct letter is "
         "random, so this should stay near 0"),
+    "inferable_sampled_accuracy": LeakageQuantity(
+        INFERABLE + "acc_avg@1", _last, "inferable accuracy (sampled)",
+        "share of correct sampled answers (one per question, the laptop job's `eval.k=1`) to the inferable held-out "
+        "questions at the last evaluation"),
+    "inferable_sampled_accuracy_start": LeakageQuantity(
+        INFERABLE + "acc_avg@1", _first, "inferable accuracy at step 0",
+        "the same for the starting model"),
+    "inferable_format_rate": LeakageQuantity(
+        INFERABLE + "format_rate", _last, "inferable well-formed",
+        "share of those sampled answers that are well-formed (scorable) at the last evaluation"),
     "inferable_accuracy_change": LeakageQuantity(
         INFERABLE + "letter_accuracy_change", _last, "inferable accuracy Δ",
         "the same on held-out questions whose answer follows from the question text — real learning shows here"),
@@ -400,6 +414,16 @@ LEAKAGE_QUANTITIES = {
     "entropy_final": LeakageQuantity(
         "train/entropy", _last, "final train entropy",
         "last logged `train/entropy`: the policy's token entropy on its own training rollouts"),
+    "reward_mean": LeakageQuantity(
+        "train/reward_mean", _mean, "mean train reward",
+        "mean over steps of the training rollouts' reward (their accuracy)"),
+    "demonstration_fraction_mean": LeakageQuantity(
+        "distill/demonstration_fraction", _mean, "context a successful sibling",
+        "mean over steps of the share of rollouts whose teacher context is a successful sibling's answer (the rest "
+        f"get the reference answer; {MISSING} for GRPO)"),
+    "varied_group_fraction_mean": LeakageQuantity(
+        "grpo/varied_group_fraction", _mean, "GRPO groups with varied rewards",
+        "mean over steps of the share of prompts whose rollouts got different rewards, the only ones GRPO learns from"),
     "kl_teacher_student_mean": LeakageQuantity(
         "leakage/kl_teacher_student", _mean, "mean KL(teacher ‖ student)",
         "mean over steps of KL(teacher ‖ student) per token, on the objective's support: how far the privileged "

@@ -8,20 +8,27 @@ import pandas as pd
 
 PROBE = (("letter_confidence", "letter confidence"), ("overconfidence", "overconfidence"),
          ("letter_entropy", "letter entropy"), ("letter_accuracy", "letter accuracy"), ("entropy", "response entropy"))
+ROLLOUTS = (("train/reward_mean", "reward"), ("train/format_rate", "well-formed"),
+            ("distill/demonstration_fraction", "context a successful sibling"),
+            ("grpo/varied_group_fraction", "groups with varied rewards"))
 LEAKAGE = (("leakage/kl_teacher_student", "KL(teacher‖student)"), ("leakage/kl_target_student", "KL(target‖student)"),
            ("leakage/attenuation", "attenuation"))
 
 
 def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str:
-    """What the run measured: for each evaluated dataset the answer-probe metrics at the first and the last
-    evaluation (and the difference), the training entropy at the first and last step, and the mean leakage
-    per token over training; then where the plots are. Empty when ``metrics_csv`` has none of these."""
+    """What the run measured: for each evaluated dataset the accuracy, the share of well-formed answers and the
+    answer-probe metrics at the first and the last evaluation (and the difference), the training entropy at the
+    first and last step, the rollouts' reward, well-formed share and (per method) share of contexts that are a
+    successful sibling or of groups with varied rewards, and the mean leakage per token over training; then where
+    the plots are. Empty when ``metrics_csv`` has none of these."""
     metrics = pd.read_csv(metrics_csv)
     lines = []
     datasets = sorted({c.split("/")[1] for c in metrics.columns if c.startswith("eval/") and c.count("/") == 2})
     for dataset in datasets:
         parts = []
-        for key, label in PROBE:
+        accuracy = sorted(c.rsplit("/", 1)[1] for c in metrics.columns
+                          if c.startswith(f"eval/{dataset}/acc_avg@") and not c.endswith("_change"))
+        for key, label in (*((key, "accuracy") for key in accuracy[:1]), ("format_rate", "well-formed"), *PROBE):
             values = _values(metrics, f"eval/{dataset}/{key}")
             if len(values) > 1:
                 first, last = values.iloc[0], values.iloc[-1]
@@ -32,6 +39,9 @@ def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str
     entropy = _values(metrics, "train/entropy")
     if len(entropy):
         lines.append(f"  training entropy: {entropy.iloc[0]:.3f} at the first step → {entropy.iloc[-1]:.3f} at the last")
+    rollouts = [f"{label} {_values(metrics, key).mean():.3f}" for key, label in ROLLOUTS if len(_values(metrics, key))]
+    if rollouts:
+        lines.append("  rollouts, mean over training: " + ", ".join(rollouts))
     leakage = [f"{label} {_values(metrics, key).mean():.4f}" for key, label in LEAKAGE if len(_values(metrics, key))]
     if leakage:
         lines.append("  mean per token over training: " + ", ".join(leakage))

@@ -14,18 +14,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from demopsd.config.settings import (
-    METHOD_KINDS,
-    EngineConfig,
-    OptimConfig,
-    PromptConfig,
-    RepromptConfig,
-    SamplingConfig,
-    ShardingConfig,
-)
+from demopsd.config.check import validate_config
+from demopsd.config.run import TrainSettings
 from demopsd.data.datamodule import PromptDataModule
 from demopsd.evaluation.runner import periodic_evaluation
-from demopsd.objectives import DistillationConfig, GRPOConfig
 from demopsd.report.runs import write_report
 from demopsd.report.summary import run_summary
 from demopsd.rollout.backends import engine_factory
@@ -48,50 +40,28 @@ from demopsd.training.warmup import build_warmed_model
 
 log = logging.getLogger(__name__)
 
-def build_module(cfg: DictConfig, policy, tokenizer) -> SelfDistillationModule:
-    """The LightningModule for ``cfg.method``, around the step of its ``kind``."""
-    method = cfg.method
-    if method.kind not in METHOD_KINDS:
-        raise ValueError(f"method.kind={method.kind!r} is invalid: one of {METHOD_KINDS} is accepted")
-    rollout = cfg.rollout
-    sampling = SamplingConfig(
-        n=rollout.n, temperature=rollout.temperature, top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens
-    )
-    prompts = PromptConfig(
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
-    )
-    if method.kind != "grpo" and sampling.n < 2 and not method.reprompt.use_reference_answer:
-        raise ValueError(
-            f"rollout.n={sampling.n} is invalid for method={method.name}: demonstrations come from sibling "
-            "rollouts, so at least 2 are accepted (or set method.reprompt.use_reference_answer=true)"
-        )
-    if method.kind == "grpo":
-        step = GRPOStep(policy, GRPOConfig(**method.objective), sampling)
-    else:
+def build_module(settings: TrainSettings, policy, tokenizer) -> SelfDistillationModule:
+    """The LightningModule of ``settings``, around the step of its method."""
+    method = settings.method
+    if method.distills:
         step = DistillationStep(
-            policy,
-            tokenizer,
-            DistillationConfig(**method.objective),
-            sampling,
-            RepromptConfig(**method.reprompt, seed=cfg.seed),
-            teacher_kind=method.teacher,
-            ema_rate=method.ema_rate,
-            prompts=prompts,
+            policy, tokenizer, method.objective, settings.sampling, method.reprompt,
+            teacher_kind=method.teacher, ema_rate=method.ema_rate, prompts=settings.prompts,
         )
-    engine = EngineConfig(**{key: rollout[key] for key in EngineConfig.__dataclass_fields__ if key in rollout})
+    else:
+        step = GRPOStep(policy, method.objective, settings.sampling)
     return SelfDistillationModule(
         policy,
         tokenizer,
         step,
-        sampling,
-        optim=OptimConfig(**OmegaConf.to_container(cfg.optim)),
-        prompts=prompts,
+        settings.sampling,
+        optim=settings.optim,
+        prompts=settings.prompts,
         make_rollout_engine=engine_factory(
-            rollout.backend, policy, tokenizer, engine,
-            max_model_len=cfg.data.max_prompt_tokens + rollout.max_new_tokens, seed=cfg.seed,
+            settings.backend, policy, tokenizer, settings.engine, max_model_len=settings.max_model_len,
+            seed=settings.seed,
         ),
-        sharding=ShardingConfig(**OmegaConf.to_container(cfg.fsdp)),
+        sharding=settings.sharding,
     )
 
 
@@ -122,8 +92,10 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resumed_state: dict | None 
     return loggers
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the last logged value of every training and evaluation metric."""
+def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, float]:
+    """Train as ``cfg`` says (``settings``: its typed settings, built from ``cfg`` when not given); returns the
+    last logged value of every training and evaluation metric."""
+    settings = settings or validate_config(cfg)
     resume = None
     if cfg.ckpt_path is not None:
         resume = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg.run_name)
@@ -138,7 +110,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     policy, tokenizer = load_model_and_tokenizer(
         cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype
     )
-    module = build_module(cfg, policy, tokenizer)
+    module = build_module(settings, policy, tokenizer)
     datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
     evaluation = periodic_evaluation(cfg, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(

@@ -16,13 +16,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.config.settings import TEACHER_KINDS, PromptConfig, RepromptConfig, SamplingConfig
+from demopsd.config.objectives import DistillationConfig, GRPOConfig
+from demopsd.config.settings import PromptConfig, RepromptConfig, SamplingConfig
 from demopsd.data.rewards import MCQScore
 from demopsd.data.types import MCQExample
 from demopsd.objectives import (
     DiscrepancyNormalizer,
-    DistillationConfig,
-    GRPOConfig,
     aggregation_weights,
     chunked_distillation_loss,
     chunked_token_log_probs,
@@ -140,8 +139,6 @@ class DistillationStep:
         prompts: PromptConfig | None = None,
         chunk_size: int = 512,
     ) -> None:
-        if teacher_kind not in TEACHER_KINDS:
-            raise ValueError(f"method.teacher={teacher_kind!r} is invalid: one of {TEACHER_KINDS} is accepted")
         self.policy, self.tokenizer, self.objective, self.sampling = policy, tokenizer, objective, sampling
         self.reprompt, self.ema_rate = reprompt, ema_rate
         self.prompts, self.chunk_size = prompts or PromptConfig(), chunk_size

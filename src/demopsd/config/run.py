@@ -1,0 +1,51 @@
+"""The typed settings of a training run, built once from the composed config by
+:func:`demopsd.config.check.validate_config`, which owns every rule across sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from demopsd.config.objectives import DistillationConfig, GRPOConfig
+from demopsd.config.settings import (
+    EngineConfig,
+    OptimConfig,
+    PromptConfig,
+    RepromptConfig,
+    SamplingConfig,
+    ShardingConfig,
+)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """``method``: its ``name`` and objective; for a distillation objective also how the teacher's contexts are
+    built (``reprompt``), which teacher (``"ema"``: a moving average moved ``ema_rate`` per step; ``"live"``)."""
+
+    name: str
+    objective: DistillationConfig | GRPOConfig
+    reprompt: RepromptConfig | None = None
+    teacher: str = "ema"
+    ema_rate: float = 0.05
+
+    @property
+    def distills(self) -> bool:
+        return isinstance(self.objective, DistillationConfig)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the training step is built from; ``backend`` names the rollout engine (``engine`` sizes vLLM's)."""
+
+    seed: int
+    method: MethodSettings
+    sampling: SamplingConfig
+    backend: str
+    engine: EngineConfig
+    optim: OptimConfig
+    prompts: PromptConfig
+    sharding: ShardingConfig
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence a rollout can be: the prompt limit plus the response budget."""
+        return self.prompts.max_prompt_tokens + self.sampling.max_new_tokens
