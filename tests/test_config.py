@@ -118,3 +118,27 @@ def test_cfg_job_prints_the_composed_config():
     ).stdout
     cfg = OmegaConf.create(out)
     assert cfg.method.name == "grpo" and cfg.data.domain == "physics"
+
+
+def callbacks_of(*overrides: str, tmp_path) -> list:
+    from demopsd.training.run import build_callbacks
+
+    cfg = compose_train(["experiment=leakage_laptop", *overrides])
+    return build_callbacks(cfg, tmp_path, evaluation=None)
+
+
+def test_the_progress_bar_is_a_callback_of_the_config_that_can_be_dropped_or_turned_off(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+
+    def bars(callbacks):
+        return [c for c in callbacks if isinstance(c, ProgressBar)]
+
+    assert [type(c) for c in bars(callbacks_of(tmp_path=tmp_path))] == [RichProgressBar]
+    for overrides in (["trainer.enable_progress_bar=false"], ["~callbacks.progress_bar"], ["callbacks=none"]):
+        callbacks = callbacks_of(*overrides, tmp_path=tmp_path)
+        assert bars(callbacks) == [], overrides
+        L.Trainer(callbacks=[c for c in callbacks if c is not None], enable_progress_bar=False, logger=False)
+    added = callbacks_of("+callbacks.lr_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+                         tmp_path=tmp_path)
+    assert sum(isinstance(c, LearningRateMonitor) for c in added) == 1 and len(bars(added)) == 1

@@ -9,7 +9,7 @@ import hydra
 import lightning as L
 import numpy as np
 from lightning.fabric.utilities.seed import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from demopsd.config.check import validate_config
 from demopsd.config.run import TrainSettings
 from demopsd.data.datamodule import PromptDataModule
-from demopsd.evaluation.runner import periodic_evaluation
+from demopsd.evaluation.runner import PeriodicEvaluation, periodic_evaluation
 from demopsd.report.runs import write_report
 from demopsd.report.summary import run_summary
 from demopsd.rollout.backends import engine_factory
@@ -116,14 +116,7 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=build_loggers(cfg, output_dir, run_state),
-        callbacks=[
-            *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / CHECKPOINT_DIR, cfg.checkpoint.keep),
-            evaluation,
-            NumericalGuard(**cfg.get("guards", {})),
-            ProcessSeeds(cfg.seed),
-            RunStateCheckpoint(output_dir / "metrics.csv"),
-            RichProgressBar(),
-        ],
+        callbacks=build_callbacks(cfg, output_dir, evaluation),
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=cfg.checkpoint.every_n_train_steps > 0,
         default_root_dir=output_dir,
@@ -146,6 +139,21 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
         ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
     )
     return final
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path, evaluation: PeriodicEvaluation) -> list[L.Callback]:
+    """The callbacks every run needs (checkpoints, ``evaluation``, numerical guards, process seeds, resume state),
+    then the optional ones of ``cfg.callbacks`` (the progress bar only while ``trainer.enable_progress_bar``)."""
+    required = [
+        *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / CHECKPOINT_DIR, cfg.checkpoint.keep),
+        evaluation,
+        NumericalGuard(**cfg.get("guards", {})),
+        ProcessSeeds(cfg.seed),
+        RunStateCheckpoint(output_dir / "metrics.csv"),
+    ]
+    progress = cfg.trainer.get("enable_progress_bar", True)
+    optional = [hydra.utils.instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
+    return required + [c for c in optional if progress or not isinstance(c, ProgressBar)]
 
 
 @rank_zero_only
