@@ -124,3 +124,25 @@ def test_changes_from_the_untrained_model():
     now = {"eval/u/letter_entropy": 1.0, "eval/u/acc_avg@2": 0.5, "eval/u/entropy": 2.5, "eval/v/entropy": 1.0}
     changes = changes_from(baseline, now)
     assert changes == pytest.approx({"eval/u/letter_entropy_change": -0.3, "eval/u/entropy_change": 0.5})
+
+
+def test_each_dataset_says_what_it_evaluates_and_how_long_it_took(tmp_path, caplog):
+    import logging
+
+    from demopsd.data.synthetic import generate_synthetic
+    from demopsd.evaluation.evaluate import EvalConfig
+    from demopsd.evaluation.runner import run_all
+    from tests.fixed_step import default_tokenizer
+    from tests.helpers import tiny_policy
+
+    tokenizer = default_tokenizer()
+    datasets = {"synthetic-inferable": generate_synthetic("inferable", "test", size=3),
+                "synthetic-uninferable": generate_synthetic("uninferable", "test", size=3)}
+    config = EvalConfig(k=2, max_new_tokens=2, greedy=False, probe=False, max_examples=2)
+    with caplog.at_level(logging.INFO, logger="demopsd.evaluation.runner"):
+        metrics = run_all(tiny_policy(tokenizer), tokenizer, datasets, config, tmp_path, seed=0, progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    for name in datasets:
+        assert f"Evaluating {name}: 2 questions × 2 sampled answers" in messages
+        assert any(m.startswith(f"Evaluated {name} in ") and m.endswith(" s") for m in messages)
+        assert metrics[f"eval/{name}/num_questions"] == 2
