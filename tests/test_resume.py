@@ -142,7 +142,18 @@ def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
     log_dir = tmp_path_factory.mktemp("uninterrupted")
     result = train_tiny(log_dir, tiny_model_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir_of(log_dir)
+    run_dir = run_dir_of(log_dir)
+    (run_dir.parent / f"{run_dir.name}.console.txt").write_text(result.stdout + result.stderr)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_run_prints_none_of_the_notices_it_raises_by_design_and_lightnings_lines_once(uninterrupted):
+    console = (uninterrupted.parent / f"{uninterrupted.name}.console.txt").read_text()
+    for notice in ("Tip:", "litlogger", "LeafSpec", "in eval mode", "transfer_batch_to_device",
+                   "Previous log files in this directory will be deleted"):
+        assert notice not in console, notice
+    assert console.count("GPU available:") == 1
 
 
 @pytest.mark.slow

@@ -456,3 +456,4 @@ def test_run_group_job_type_and_tags_default_to_method_and_dataset():
     wandb = compose_train(["method=sdpo", "data=sciknoweval/chemistry"]).logger.wandb
     assert (wandb.group, wandb.job_type, list(wandb.tags)) == (
         "sdpo_sciknoweval-chemistry", "train", ["sdpo", "sciknoweval-chemistry"])
+

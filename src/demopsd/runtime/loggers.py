@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
@@ -18,6 +19,39 @@ STEPPED_METRICS = ("train/*", "distill/*", "leakage/*", "perf/*", "eval/*")
 METRIC_SUMMARIES = {"eval/*": "last", "train/entropy": "last", "leakage/*": "mean"}
 """Run summaries: the final evaluation (what Optuna's ``optimized_metric`` reads too; a maximum of overconfidence
 or of a noisy accuracy would mislead), the final entropy, leakage averaged over training."""
+
+
+KNOWN_NOTICES = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of an old torch name
+    r"Found \d+ module\(s\) in eval mode",  # the EMA teacher is frozen in eval mode on purpose
+    r"You have overridden `transfer_batch_to_device`",  # the module keeps examples as plain objects on purpose
+    r"Experiment logs directory .* exists and is not empty",  # a resumed run keeps its metrics.csv rows itself
+)
+"""Warnings a run raises by design, each a regular expression matched at the start of the message."""
+ADVERTS = ("💡 Tip:",)
+"""Starts of Lightning's log lines that advertise rather than inform."""
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(ADVERTS)
+
+
+DROP_ADVERTS = _DropAdverts()
+
+def quiet_known_notices() -> None:
+    """Silence what a run prints by design (:data:`KNOWN_NOTICES`, :data:`ADVERTS`) and print Lightning's own log
+    lines once: through the root logger's handlers (Hydra's console and ``train.log``) when there are any, not a
+    second time through Lightning's."""
+    for pattern in KNOWN_NOTICES:
+        warnings.filterwarnings("ignore", message=pattern)
+    root_has_handlers = bool(logging.getLogger().handlers)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if root_has_handlers:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DROP_ADVERTS)  # added once however often
 
 
 def has_wandb_credentials() -> bool:

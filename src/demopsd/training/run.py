@@ -22,7 +22,7 @@ from demopsd.report.runs import write_report
 from demopsd.report.summary import run_summary
 from demopsd.rollout.backends import engine_factory
 from demopsd.runtime.checkpoints import CHECKPOINT_DIR, FINAL_MODEL_DIR, AtomicCheckpointIO
-from demopsd.runtime.loggers import finish_wandb, make_wandb_logger
+from demopsd.runtime.loggers import finish_wandb, make_wandb_logger, quiet_known_notices
 from demopsd.runtime.models import WARMED_MODEL, load_model_and_tokenizer
 from demopsd.runtime.provenance import write_provenance
 from demopsd.runtime.resume import (
@@ -96,6 +96,7 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
     """Train as ``cfg`` says (``settings``: its typed settings, built from ``cfg`` when not given); returns the
     last logged value of every training and evaluation metric."""
     settings = settings or validate_config(cfg)
+    quiet_known_notices()
     resume = None
     if cfg.ckpt_path is not None:
         resume = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg.run_name)
