@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 EVAL_ONLY_KEYS = ("in_domain", "ood", "every_n_steps", "at_start", "at_end")
 CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer",
                   "overconfidence")
-"""Logged also as ``<metric>_change`` from the untrained model (step 0), when it was evaluated."""
+"""Logged also as ``<metric>_change`` from the starting model (step 0), when it was evaluated."""
 
 
 def eval_config(cfg: DictConfig) -> EvalConfig:
@@ -92,10 +92,10 @@ def run_all(
 class PeriodicEvaluation(L.Callback):
     """Evaluates the policy before training, every ``every_n_steps`` optimizer steps and after the last one.
 
-    Metrics go to every logger at the optimizer step they describe (0 = the untrained model); the
+    Metrics go to every logger at the optimizer step they describe (0 = the starting model); the
     per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` on
     a forked random state, so evaluating or not leaves the training run unchanged. With ``at_start`` the
-    :data:`CHANGE_METRICS` are also logged as changes from the untrained model (its own biases are not
+    :data:`CHANGE_METRICS` are also logged as changes from the starting model (its own biases are not
     what training did); that baseline is kept in checkpoints.
     """
 

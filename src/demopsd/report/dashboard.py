@@ -34,13 +34,13 @@ SECTIONS: dict[str, tuple[Panel, ...]] = {
         Panel("KL(teacher ‖ student), full vocabulary", ("leakage/kl_teacher_student_full",)),
         Panel("probability of the correct letter at the answer, teacher and student",
               ("leakage/teacher_p_answer", "leakage/student_p_answer")),
-        *(Panel(f"held-out {name.replace('_', ' ')}, change from the untrained model", regex=rf"^eval/[^/]+/{name}_change$")
+        *(Panel(f"held-out {name.replace('_', ' ')}, change from the starting model", regex=rf"^eval/[^/]+/{name}_change$")
           for name in PROBE),
     ),
     "Entropy": (
         Panel("training token entropy (student, own rollouts)", ("train/entropy",)),
         Panel("held-out response entropy", regex=r"^eval/[^/]+/entropy$"),
-        Panel("held-out response entropy, change from the untrained model", regex=r"^eval/[^/]+/entropy_change$"),
+        Panel("held-out response entropy, change from the starting model", regex=r"^eval/[^/]+/entropy_change$"),
     ),
     "Blending": (
         Panel("λ: mean and quantiles over distilled tokens",

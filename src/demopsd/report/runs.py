@@ -13,7 +13,7 @@ under the given paths and writes, into one output folder:
 * ``runs.csv``: those per-seed scalars, one row per run;
 * for runs evaluated on the held-out synthetic sets (``eval/synthetic-uninferable/...`` and
   ``eval/synthetic-inferable/...``, the leakage task): ``leakage.md`` / ``leakage.csv``, one row per
-  (dataset, method) of answer-probe changes from the untrained model, entropies and mean leakage,
+  (dataset, method) of answer-probe changes from the starting model, entropies and mean leakage,
   with a legend; ``leakage_runs.csv``, their per-seed values, one row per run; and
   ``heldout_probe.png``, the uninferable confidence and overconfidence changes over steps.
 
@@ -378,7 +378,7 @@ class LeakageQuantity:
 LEAKAGE_QUANTITIES = {
     "uninferable_confidence_change": LeakageQuantity(
         UNINFERABLE + "letter_confidence_change", _last, "uninferable confidence Δ",
-        "change from the untrained model in the mean probability of the preferred answer letter on held-out "
+        "change from the starting model in the mean probability of the preferred answer letter on held-out "
         "questions whose answer cannot be inferred — a rise without an accuracy rise is leakage"),
     "uninferable_overconfidence_change": LeakageQuantity(
         UNINFERABLE + "overconfidence_change", _last, "uninferable overconfidence Δ",
@@ -466,7 +466,7 @@ def leakage_markdown(summary: pd.DataFrame) -> str:
     intro = [
         "# Leakage on the synthetic task",
         "",
-        f"{MEAN_SE_NOTE} Δ: the value at the last evaluation minus the untrained model's (step 0).",
+        f"{MEAN_SE_NOTE} Δ: the value at the last evaluation minus the starting model's (step 0).",
         "",
     ]
     headers = {key: q.header for key, q in LEAKAGE_QUANTITIES.items()}
@@ -532,7 +532,7 @@ def probe_curve_specs(runs: Sequence[Run]) -> list[CurveSpec]:
     spec = CurveSpec(
         "heldout_probe",
         "Answer probe on held-out uninferable questions",
-        "change from the untrained model",
+        "change from the starting model",
         (LEAKAGE_QUANTITIES["uninferable_confidence_change"].column,
          LEAKAGE_QUANTITIES["uninferable_overconfidence_change"].column),
         ("letter confidence Δ", "overconfidence Δ"),
