@@ -28,7 +28,8 @@ def rss_mib() -> float:
 def measure(path: str, tokens: int, vocab: int, hidden: int, chunk: int) -> dict:
     import torch
 
-    from demopsd.objectives import DistillationConfig, chunked_distillation_loss, distillation_loss
+    from demopsd.config.objectives import DistillationConfig
+    from demopsd.objectives import chunked_distillation_loss, distillation_loss
 
     torch.manual_seed(0)
     student_hidden = torch.randn(tokens, hidden, requires_grad=True)

@@ -59,8 +59,9 @@ def worker(rank: int, args, mode: str, store_path: str, out_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
+    from demopsd.config.objectives import DistillationConfig
     from demopsd.config.settings import ShardingConfig
-    from demopsd.objectives import DistillationConfig, chunked_distillation_loss
+    from demopsd.objectives import chunked_distillation_loss
     from demopsd.rollout.batch import PromptBatch
     from demopsd.rollout.forward import lm_head_weight, response_hidden_states
     from demopsd.runtime.models import DEFAULT_MODEL, load_model_and_tokenizer
