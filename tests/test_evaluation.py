@@ -139,7 +139,7 @@ def test_each_dataset_says_what_it_evaluates_and_how_long_it_took(tmp_path, capl
     datasets = {"synthetic-inferable": generate_synthetic("inferable", "test", size=3),
                 "synthetic-uninferable": generate_synthetic("uninferable", "test", size=3)}
     config = EvalConfig(k=2, max_new_tokens=2, greedy=False, probe=False, max_examples=2)
-    with caplog.at_level(logging.INFO, logger="demopsd.evaluation.runner"):
+    with caplog.at_level(logging.INFO, logger="demopsd.evaluation.evaluate"):
         metrics = run_all(tiny_policy(tokenizer), tokenizer, datasets, config, tmp_path, seed=0, progress=False)
     messages = [r.getMessage() for r in caplog.records]
     for name in datasets:

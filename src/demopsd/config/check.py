@@ -10,8 +10,9 @@ Checked:
   its fields are the accepted keys; otherwise the keys conf/ composes for the same group choices are;
 * the values of those dataclasses, by building them (each reports all its broken rules at once, as
   :class:`~demopsd.config.settings.SettingError` entries of field, value and what is accepted);
-* the rules no dataclass holds: method kind, teacher, EMA rate, rollouts per prompt for the method,
-  learning rate and betas, batch size, ``trainer.max_steps``, ``logger.wandb.mode``, the data source.
+* the rules no dataclass holds: method kind, teacher, EMA rate, rollouts per prompt for the method, the
+  rollout backend, batch size, prompt limit, reward rule, ``trainer.max_steps``, ``logger.wandb.mode``, the
+  data source and the seed.
 
 Only omegaconf, hydra and the torch-free settings modules are imported: a bad value stops
 ``python src/train.py`` within seconds, before torch, transformers or Lightning load.

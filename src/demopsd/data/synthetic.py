@@ -37,7 +37,7 @@ import random
 import string
 from collections.abc import Callable
 
-from demopsd.data.types import SYSTEM_PROMPT, MCQExample
+from demopsd.data.types import SYSTEM_PROMPT, MCQExample, option_texts
 
 KINDS = ("mixed", "inferable", "uninferable")
 SPLITS = ("train", "test")
@@ -129,7 +129,7 @@ def split_of(seed: int, kind: str, key: str) -> str:
 def held_out_by(seed: int, example: MCQExample) -> bool:
     """Whether ``example`` (of any generator seed) is a question the task of ``seed`` keeps for its test split."""
     question, body = example.prompt.split("\n\n", 1)
-    options = [line[3:] for line in body.splitlines() if line[:1] in LETTERS and line[1:3] == ": "]
+    options = list(option_texts(body).values())
     kind = kind_of(example)
     return split_of(seed, kind, content_key(kind, question, options)) == "test"
 

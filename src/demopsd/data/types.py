@@ -26,6 +26,7 @@ A
 </answer>
 """
 OPTION_LINE = re.compile(r"^([A-Z]): ", re.MULTILINE)
+OPTION_TEXT_LINE = re.compile(r"^([A-Z]): (.*)$", re.MULTILINE)
 ON_BAD_ROW = ("error", "skip")
 """Accepted values of ``data.on_bad_row``: stop at the first bad row, or skip (and count) bad rows."""
 _REASONS_SHOWN = 5  # bad rows listed in the warning of a skip, the rest only counted
@@ -109,6 +110,11 @@ def check_on_bad_row(on_bad_row: str) -> str:
 def student_conversation(example: MCQExample) -> list[dict[str, str]]:
     """The chat the policy answers: the task's system prompt, then the question."""
     return [{"role": "system", "content": example.system}, {"role": "user", "content": example.prompt}]
+
+
+def option_texts(prompt: str) -> dict[str, str]:
+    """Letter → text of each ``X: ...`` option line of ``prompt``, in order."""
+    return {letter: text for letter, text in OPTION_TEXT_LINE.findall(prompt)}
 
 
 def option_letters(prompt: str) -> str:

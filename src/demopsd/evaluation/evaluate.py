@@ -16,8 +16,10 @@ memorisation; ``overconfidence`` is confidence minus accuracy.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from demopsd.objectives import chunked_token_log_probs
 from demopsd.rollout.batch import PromptBatch, RolloutBatch, encode_prompts
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,9 @@ def evaluate(
         examples = examples[: config.max_examples]
     if not examples:
         raise ValueError(f"no examples to evaluate for dataset {dataset!r}")
+    log.info("Evaluating %s: %d questions × %d sampled answer%s%s", dataset, len(examples), config.k,
+             "s" if config.k > 1 else "", ", plus a greedy one" if config.greedy else "")
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     samples: list[dict] = []
@@ -127,6 +134,7 @@ def evaluate(
                 record["letter_probs"] = letter_probs[i]
             samples.append(record)
     model.train(was_training)
+    log.info("Evaluated %s in %.0f s", dataset, time.perf_counter() - started)
     return EvalResult(dataset, summarize(dataset, samples, config.k, entropy_sum / max(token_count, 1)), samples)
 
 

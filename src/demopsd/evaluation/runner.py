@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
@@ -74,17 +73,13 @@ def run_all(
     Sampling starts from ``torch.manual_seed(seed)``: the same weights, settings and seed give the same answers.
     """
     torch.manual_seed(seed)
-    results: list[EvalResult] = []
-    for name, examples in datasets.items():
-        count = len(examples) if config.max_examples is None else min(len(examples), config.max_examples)
-        log.info("Evaluating %s: %d questions × %d sampled answer%s%s", name, count, config.k,
-                 "s" if config.k > 1 else "", ", plus a greedy one" if config.greedy else "")
-        started = time.perf_counter()
-        results.append(evaluate(
+    results: list[EvalResult] = [
+        evaluate(
             policy, tokenizer, examples, name, config,
             chat_template_kwargs=chat_template_kwargs, progress=progress, rollout_engine=rollout_engine,
-        ))
-        log.info("Evaluated %s in %.0f s", name, time.perf_counter() - started)
+        )
+        for name, examples in datasets.items()
+    ]
     write_results(results, out_dir, config, **context)
     return {name: value for result in results for name, value in result.metrics.items()}
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.data.synthetic import generate_synthetic, held_out_by
-from demopsd.data.types import MCQExample, student_conversation
+from demopsd.data.types import MCQExample, option_texts, student_conversation
 from demopsd.runtime.models import (
     DEFAULT_MODEL,
     WARMED_MODEL,
@@ -73,7 +73,7 @@ def warmup_questions(config: WarmupConfig) -> list[MCQExample]:
 
 def well_formed_answer(example: MCQExample) -> str:
     """The answer the warm-up teaches: the chosen option's text as the reasoning, then its letter."""
-    option = next(line[3:] for line in example.prompt.splitlines() if line.startswith(f"{example.answer}: "))
+    option = option_texts(example.prompt)[example.answer]
     return f"<reasoning>\nThe answer is {option}.\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
 
 
