@@ -20,17 +20,21 @@ import demopsd.training.module
 from demopsd.data.rewards import MCQScore
 from demopsd.runtime.models import load_model_and_tokenizer
 from demopsd.training.run import run
+from demopsd.training.timing import PHASES
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 COMMON_COLUMNS = [
     "train/reward_mean", "train/accuracy", "train/format_rate", "train/entropy", "train/response_length",
-    "perf/rollout_tokens_per_s", "perf/step_seconds",
+    "perf/rollout_tokens_per_s", "perf/step_seconds", "perf/rollout_seconds", "perf/student_forward_seconds",
+    "perf/loss_seconds", "perf/backward_seconds", "perf/optimizer_seconds", "perf/ema_seconds",
+    "perf/checkpoint_seconds",
 ]
 DISTILL_COLUMNS = [
     "distill/loss", "distill/lambda_mean", "distill/discrepancy_mean", "distill/mask_fraction",
     "leakage/kl_teacher_student", "leakage/kl_target_student", "leakage/attenuation", "leakage/kl_teacher_student_full",
+    "perf/teacher_forward_seconds",
 ]
 # A random model never answers a SciKnowEval question, so the smoke runs take their learning signal from
 # the reference-answer context (distillation) or from an alternating reward (GRPO).
@@ -152,8 +156,12 @@ def test_cli_train_with_evaluation_then_eval_of_its_checkpoint(tmp_path, cache_d
     assert str(run_dir) in last_line and "metrics.csv" in last_line
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
+    step = metrics.dropna(subset=["perf/step_seconds"]).iloc[0]
+    phases = [f"perf/{phase}_seconds" for phase in PHASES]
+    assert sum(step[phases].dropna()) == pytest.approx(step["perf/step_seconds"], rel=0.05), step[phases]
     accuracy = metrics.dropna(subset=["eval/sciknoweval-physics/acc_avg@2"])
     assert accuracy["step"].tolist() == [1]
+    assert accuracy["perf/eval_seconds"].iloc[0] > 0
     during_training = json.loads((run_dir / "eval" / "step000001" / "summary.json").read_text())
     assert during_training["metrics"]["eval/sciknoweval-physics/num_questions"] == 3
     assert during_training["metrics"]["eval/sciknoweval-physics/acc_avg@2"] == pytest.approx(accuracy.iloc[0][

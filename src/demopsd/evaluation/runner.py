@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -128,18 +129,21 @@ class PeriodicEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The first process evaluates; under ``trainer=fsdp`` every process first helps gather the weights."""
+        """The first process evaluates; under ``trainer=fsdp`` every process first helps gather the weights.
+        Its seconds are logged as ``perf/eval_seconds`` and left out of the training step's time."""
         step = trainer.global_step
         self.last_step = step
         if not self.datasets:
             return
+        started = time.perf_counter()
         engine = pl_module.rollout_engine
         engine.sync()
         with gathered(pl_module.policy):
             if trainer.is_global_zero:
-                self._evaluate(trainer, pl_module, engine)
+                self._evaluate(trainer, pl_module, engine, started)
+        pl_module.clock.exclude(time.perf_counter() - started)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, engine: RolloutEngine) -> None:
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, engine: RolloutEngine, started: float) -> None:
         step = trainer.global_step
         out_dir = self.out_dir / f"step{step:06d}"
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
@@ -150,7 +154,7 @@ class PeriodicEvaluation(L.Callback):
             )
         if step == 0 and self.baseline is None:
             self.baseline = metrics
-        metrics = {**metrics, **changes_from(self.baseline or {}, metrics)}
+        metrics = {**metrics, **changes_from(self.baseline or {}, metrics), "perf/eval_seconds": time.perf_counter() - started}
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

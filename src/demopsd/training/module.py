@@ -6,7 +6,6 @@ teacher and student states, objective) → optimizer step (Lightning) → the st
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -22,6 +21,7 @@ from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.runtime.sharding import fsdp_units, gathered, shard_model
 from demopsd.training.guards import step_was_skipped
 from demopsd.training.steps import MethodStep
+from demopsd.training.timing import StepClock
 
 
 class SelfDistillationModule(L.LightningModule):
@@ -32,6 +32,7 @@ class SelfDistillationModule(L.LightningModule):
     ``make_rollout_engine``: builds, given the process's ``local_rank``, the engine that samples the rollouts; it
     is called in :meth:`setup`, once the training processes are connected (default: ``generate`` on the policy).
     ``sharding``: how :meth:`configure_model` shards the policy and the teacher under ``trainer=fsdp``.
+    ``clock`` times the phases of each step (:mod:`demopsd.training.timing`), logged as ``perf/*_seconds``.
     """
 
     def __init__(
@@ -57,23 +58,23 @@ class SelfDistillationModule(L.LightningModule):
         self.make_rollout_engine = make_rollout_engine or (lambda local_rank=0: GenerateEngine(policy, tokenizer))
         self.rollout_engine: RolloutEngine | None = None
         self.sharding = sharding or ShardingConfig()
-        self._step_started = 0.0
+        self.clock = StepClock()
         self._loss_nonfinite = False  # this step's loss was NaN/inf: no optimizer, EMA or scheduler step
 
     # ------------------------------------------------------------------ training step
     def training_step(self, batch: list[MCQExample], batch_idx: int) -> torch.Tensor | None:
         """The loss of one batch; ``None`` (Lightning skips backward and the update) when it is not finite."""
-        self._step_started = time.perf_counter()
         self._loss_nonfinite = False
-        prompts = encode_prompts(
-            self.tokenizer,
-            [student_conversation(e) for e in batch],
-            max_tokens=self.prompts.max_prompt_tokens,
-            chat_template_kwargs=self.prompts.chat_template_kwargs,
-        )
-        rollouts = self._rollouts(prompts)
-        examples = [e for e in batch for _ in range(self.sampling.n)]
-        scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
+        with self.clock.phase("rollout"):
+            prompts = encode_prompts(
+                self.tokenizer,
+                [student_conversation(e) for e in batch],
+                max_tokens=self.prompts.max_prompt_tokens,
+                chat_template_kwargs=self.prompts.chat_template_kwargs,
+            )
+            rollouts = self._rollouts(prompts)
+            examples = [e for e in batch for _ in range(self.sampling.n)]
+            scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
 
         metrics = {
@@ -81,10 +82,9 @@ class SelfDistillationModule(L.LightningModule):
             "train/accuracy": torch.tensor([s.correct for s in scores], dtype=torch.float32).mean(),
             "train/format_rate": torch.tensor([s.well_formed for s in scores], dtype=torch.float32).mean(),
             "train/response_length": rollouts.response_mask.sum(-1).float().mean(),
-            "perf/rollout_seconds": torch.tensor(rollouts.seconds),
             "perf/rollout_tokens_per_s": torch.tensor(rollouts.num_tokens / max(rollouts.seconds, 1e-9)),
         }
-        loss, step_metrics = self.method_step(rollouts, examples, scores, self.global_step)
+        loss, step_metrics = self.method_step(rollouts, examples, scores, self.global_step, self.clock)
         metrics.update(step_metrics)
         distributed = self._trainer is not None and self.trainer.world_size > 1
         self.log_dict(  # under DDP each metric is the mean over the ranks
@@ -109,6 +109,7 @@ class SelfDistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.rollout_engine is None:
             self.rollout_engine = self.make_rollout_engine(local_rank=self.trainer.local_rank)
+        self.clock = StepClock(self.device)
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning then provides a device mesh), shard the policy and the EMA teacher
@@ -132,12 +133,25 @@ class SelfDistillationModule(L.LightningModule):
         ``on_train_batch_end``, which Lightning calls after the callbacks', so a checkpoint of this step already
         holds the update."""
         super().optimizer_step(*args, **kwargs)
+        self.clock.end("optimizer")
         self.rollout_engine.policy_updated()
         if not self._step_skipped():
-            self.method_step.after_optimizer_step()
+            with self.clock.phase("ema"):
+                self.method_step.after_optimizer_step()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.clock.start_step()
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.clock.begin("backward")
+
+    def on_after_backward(self) -> None:
+        self.clock.end("backward")
+        self.clock.begin("optimizer")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.log("perf/step_seconds", time.perf_counter() - self._step_started, on_step=True, batch_size=1)
+        """Log the step's timings; the checkpoint callback, which Lightning runs last, has run by now."""
+        self.log_dict(self.clock.metrics(), on_step=True, batch_size=1)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(

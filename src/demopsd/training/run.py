@@ -9,7 +9,7 @@ import hydra
 import lightning as L
 import numpy as np
 from lightning.fabric.utilities.seed import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +36,7 @@ from demopsd.runtime.sharding import save_pretrained
 from demopsd.training.guards import NumericalGuard
 from demopsd.training.module import SelfDistillationModule
 from demopsd.training.steps import DistillationStep, GRPOStep
+from demopsd.training.timing import TimedModelCheckpoint
 from demopsd.training.warmup import build_warmed_model
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,10 @@ def process_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
-def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> list[ModelCheckpoint]:
+def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> list[TimedModelCheckpoint]:
     """A checkpoint every ``every_n_train_steps`` optimizer steps and at the end, with ``last.ckpt`` linking the
-    newest; none at all for 0 (the run then cannot be resumed). ``keep``: how many stay on disk, the newest
+    newest; none at all for 0 (the run then cannot be resumed). Their work is timed as each step's
+    ``checkpoint`` phase. ``keep``: how many stay on disk, the newest
     (``-1``: all)."""
     if every_n_train_steps < 0:
         raise ValueError(
@@ -201,7 +203,7 @@ def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> li
     if every_n_train_steps == 0:
         return []
     return [
-        ModelCheckpoint(
+        TimedModelCheckpoint(
             dirpath=dirpath,
             filename="step{step:06d}",
             auto_insert_metric_name=False,

@@ -9,7 +9,6 @@ Both follow :class:`MethodStep`, so the LightningModule never asks which method 
 from __future__ import annotations
 
 import math
-import time
 from typing import Protocol
 
 import torch
@@ -34,6 +33,7 @@ from demopsd.rollout.forward import lm_head_weight, response_hidden_states
 from demopsd.runtime.sharding import reshard
 from demopsd.training.reprompt import build_contexts, demonstration_fraction, teacher_prompt
 from demopsd.training.teacher import ema_update, make_ema_teacher
+from demopsd.training.timing import StepClock
 
 
 class MethodStep(Protocol):
@@ -45,9 +45,15 @@ class MethodStep(Protocol):
     """Short name on the progress bar → metric key of :meth:`__call__`."""
 
     def __call__(
-        self, rollouts: RolloutBatch, examples: list[MCQExample], scores: list[MCQScore], global_step: int
+        self,
+        rollouts: RolloutBatch,
+        examples: list[MCQExample],
+        scores: list[MCQScore],
+        global_step: int,
+        clock: StepClock,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss to minimise and the step's metrics; row ``r`` of ``rollouts`` answers ``examples[r]``."""
+        """The loss to minimise and the step's metrics; row ``r`` of ``rollouts`` answers ``examples[r]``. The
+        forward passes and the loss are timed on ``clock`` (:mod:`demopsd.training.timing`)."""
 
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step that updated the policy."""
@@ -150,24 +156,46 @@ class DistillationStep:
         return self.teacher if self.teacher is not None else self.policy
 
     def __call__(
-        self, rollouts: RolloutBatch, examples: list[MCQExample], scores: list[MCQScore], global_step: int
+        self,
+        rollouts: RolloutBatch,
+        examples: list[MCQExample],
+        scores: list[MCQScore],
+        global_step: int,
+        clock: StepClock,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        config = self.objective
         rewards = [s.reward for s in scores]
         n = self.sampling.n
-        contexts = build_contexts(
-            rollouts.texts, rewards, n, self.reprompt, answers=[e.answer for e in examples[::n]], step=global_step
-        )
         response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
-        has_context = torch.tensor([c is not None for c in contexts], device=response_ids.device)
+        with clock.phase("student_forward"):
+            student_hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
+        with clock.phase("teacher_forward"):
+            contexts = build_contexts(
+                rollouts.texts, rewards, n, self.reprompt, answers=[e.answer for e in examples[::n]], step=global_step
+            )
+            has_context = torch.tensor([c is not None for c in contexts], device=response_ids.device)
+            teacher_hidden = self.teacher_hidden(student_hidden, rollouts, examples, contexts)
+        with clock.phase("loss"):
+            loss, metrics = self.distill(
+                student_hidden, teacher_hidden, rollouts, examples, scores, has_context, global_step
+            )
+        metrics["distill/demonstration_fraction"] = torch.tensor(demonstration_fraction(rewards, n, self.reprompt))
+        return loss, metrics
+
+    def distill(
+        self,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        rollouts: RolloutBatch,
+        examples: list[MCQExample],
+        scores: list[MCQScore],
+        has_context: torch.Tensor,
+        global_step: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective on the rollouts with a context (``has_context`` ``[B*n]``) from the student's and the
+        teacher's hidden states ``[B*n, R, H]``, and its metrics."""
+        config = self.objective
+        response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
         distill_mask = response_mask * has_context[:, None]
-
-        started = time.perf_counter()
-        student_hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
-        teacher_hidden = self.teacher_hidden(student_hidden, rollouts, examples, contexts)
-        teacher_seconds = time.perf_counter() - started
-
-        started = time.perf_counter()
         valid = response_mask.bool()
         token_weights = aggregation_weights(distill_mask, config.aggregation)[valid]
         temperature = self.sampling.temperature
@@ -200,7 +228,6 @@ class DistillationStep:
             "distill/lambda_q90": stats["lambda_q90"],
             "distill/discrepancy_mean": stats["discrepancy_mean"],
             "distill/mask_fraction": has_context.float().mean(),
-            "distill/demonstration_fraction": torch.tensor(demonstration_fraction(rewards, n, self.reprompt)),
             "distill/is_weight_mean": stats["is_weight_mean"],
             "distill/is_clip_fraction": stats["is_clip_fraction"],
             "leakage/kl_teacher_student": kl_ts,
@@ -210,8 +237,6 @@ class DistillationStep:
             "leakage/teacher_p_answer": teacher_p_answer,
             "leakage/student_p_answer": student_p_answer,
             "train/entropy": stats["entropy"],
-            "perf/teacher_seconds": torch.tensor(teacher_seconds),
-            "perf/student_seconds": torch.tensor(time.perf_counter() - started),
         }
         return loss, metrics
 
@@ -294,14 +319,28 @@ class GRPOStep:
         self.policy, self.objective, self.sampling, self.chunk_size = policy, objective, sampling, chunk_size
 
     def __call__(
-        self, rollouts: RolloutBatch, examples: list[MCQExample], scores: list[MCQScore], global_step: int
+        self,
+        rollouts: RolloutBatch,
+        examples: list[MCQExample],
+        scores: list[MCQScore],
+        global_step: int,
+        clock: StepClock,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with clock.phase("student_forward"):
+            hidden = response_hidden_states(
+                self.policy, rollouts.prompt, rollouts.response_ids, rollouts.response_mask
+            )
+        with clock.phase("loss"):
+            return self.policy_gradient(hidden, rollouts, scores)
+
+    def policy_gradient(
+        self, hidden: torch.Tensor, rollouts: RolloutBatch, scores: list[MCQScore]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The GRPO loss from the policy's hidden states ``[B*n, R, H]`` on its rollouts, and its metrics."""
         config = self.objective
-        started = time.perf_counter()
         response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=response_ids.device)
         valid = response_mask.bool()
-        hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
         log_probs, entropy = chunked_token_log_probs(
             tempered(hidden[valid], self.sampling.temperature), lm_head_weight(self.policy), response_ids[valid],
             chunk_size=self.chunk_size,
@@ -326,7 +365,6 @@ class GRPOStep:
             "grpo/advantage_abs_mean": advantages.abs().mean(),
             "grpo/varied_group_fraction": (rewards.view(-1, self.sampling.n).std(-1, correction=0) > 0).float().mean(),
             "train/entropy": entropy.mean(),
-            "perf/student_seconds": torch.tensor(time.perf_counter() - started),
         }
         return loss, metrics
 

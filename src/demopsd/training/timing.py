@@ -1,0 +1,94 @@
+"""Where a training step's time goes: the seconds of each phase, logged as ``perf/<phase>_seconds``.
+
+The phases of one step, in order (each logged only in the steps where it ran):
+
+- ``rollout``: encode the prompts, sample the responses (with vLLM, after pushing the newest weights), score them;
+- ``student_forward``: the policy's hidden states on its own responses;
+- ``teacher_forward``: the privileged contexts, their prompts and the teacher's hidden states (distillation only);
+- ``loss``: the objective from the hidden states, in chunks of positions (it already back-propagates each chunk
+  to the hidden states), and the step's diagnostics;
+- ``backward``: from the hidden states through the policy;
+- ``optimizer``: after the backward pass up to the updated weights (gradient checks, clipping, AdamW);
+- ``ema``: the EMA teacher's update;
+- ``checkpoint``: the checkpoint callback's work after the batch (saving a checkpoint on the steps that save one).
+
+``perf/step_seconds`` runs from the start of the batch to its end, less the time of any evaluation in between
+(``perf/eval_seconds``, logged with the evaluation's own metrics). What the phases leave out of the step is
+Lightning's bookkeeping, the logging and the progress bar.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+PHASES = ("rollout", "student_forward", "teacher_forward", "loss", "backward", "optimizer", "ema", "checkpoint")
+
+
+class StepClock:
+    """The seconds of each phase of the current step, and of the step itself.
+
+    ``device``: on CUDA, the device is synchronised at every phase's edges, so that a phase counts the work it
+    launched rather than the launches.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.excluded = 0.0
+        self._open: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start_step(self) -> None:
+        """Forget the previous step's phases and start timing a new step."""
+        self.seconds, self._open, self.excluded = {}, {}, 0.0
+        self.started = self._now()
+
+    def begin(self, phase: str) -> None:
+        """Start ``phase``, which :meth:`end` closes (for phases that start and end in different hooks)."""
+        self._open[phase] = self._now()
+
+    def end(self, phase: str) -> None:
+        """Add the time since :meth:`begin` of ``phase`` to its total; nothing if it was not begun."""
+        if phase in self._open:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + self._now() - self._open.pop(phase)
+
+    @contextmanager
+    def phase(self, phase: str) -> Iterator[None]:
+        """Time the block as ``phase`` (added to what that phase already took in this step)."""
+        self.begin(phase)
+        try:
+            yield
+        finally:
+            self.end(phase)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent on other work (an evaluation) out of the step's time."""
+        self.excluded += seconds
+
+    def step_seconds(self) -> float:
+        """Seconds since :meth:`start_step`, less what was excluded."""
+        return self._now() - self.started - self.excluded
+
+    def metrics(self) -> dict[str, float]:
+        """``perf/<phase>_seconds`` of every phase that ran, and ``perf/step_seconds``."""
+        return {**{f"perf/{name}_seconds": s for name, s in self.seconds.items()}, "perf/step_seconds": self.step_seconds()}
+
+
+class TimedModelCheckpoint(ModelCheckpoint):
+    """Lightning's :class:`ModelCheckpoint`, its work after each batch timed as the step's ``checkpoint`` phase on
+    the module's :class:`StepClock` (``pl_module.clock``)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        with pl_module.clock.phase("checkpoint"):
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)

@@ -1,0 +1,112 @@
+"""Where a training step's time goes: the step clock's arithmetic, and the phases a real module logs."""
+
+import time
+
+import lightning as L
+import pandas as pd
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+import demopsd.training.steps
+import demopsd.training.timing
+from demopsd.training.timing import PHASES, StepClock, TimedModelCheckpoint
+from tests.fixed_step import example, setup_step
+
+
+class FakeTime:
+    """``time.perf_counter`` that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_time(monkeypatch) -> FakeTime:
+    fake = FakeTime()
+    monkeypatch.setattr(demopsd.training.timing.time, "perf_counter", fake)
+    return fake
+
+
+def test_clock_adds_up_each_phase_and_leaves_excluded_time_out_of_the_step(fake_time):
+    clock = StepClock()
+    clock.start_step()
+    with clock.phase("rollout"):
+        fake_time.now += 2.0
+    fake_time.now += 0.5  # between phases: in the step, in no phase
+    with clock.phase("loss"):
+        fake_time.now += 1.0
+    with clock.phase("loss"):  # a phase that runs twice adds up
+        fake_time.now += 0.25
+    clock.begin("backward")
+    fake_time.now += 3.0
+    clock.end("backward")
+    clock.end("optimizer")  # never begun: nothing
+    clock.exclude(4.0)
+    fake_time.now += 4.0  # an evaluation
+    assert clock.metrics() == {
+        "perf/rollout_seconds": 2.0, "perf/loss_seconds": 1.25, "perf/backward_seconds": 3.0,
+        "perf/step_seconds": 6.75,
+    }
+    clock.start_step()
+    assert clock.metrics() == {"perf/step_seconds": 0.0}
+
+
+def test_a_phase_that_raises_is_still_counted(fake_time):
+    clock = StepClock()
+    clock.start_step()
+    with pytest.raises(RuntimeError), clock.phase("rollout"):
+        fake_time.now += 1.5
+        raise RuntimeError
+    assert clock.seconds == {"rollout": 1.5}
+
+
+RESPONSES = [f"Reasoning {i}. <answer>A</answer>" for i in range(4)]
+
+
+def slowed(function, seconds: float):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+
+    return slow
+
+
+@pytest.mark.parametrize("method", ["demopsd", "grpo"])
+def test_each_phase_is_logged_where_its_work_happens_and_the_phases_fit_in_the_step(method, tmp_path, monkeypatch):
+    """Known delays put into the rollouts (0.9 s), the loss (1.4 s) and the EMA update (0.4 s) show up in their
+    own phase and nowhere else; the phases never add up to more than the step."""
+    step = setup_step(monkeypatch, method, RESPONSES, [1.0, 0.0, 1.0, 0.0], "rollout.n=4")
+    step.rollouts.generate = slowed(step.rollouts.generate, 0.9)
+    monkeypatch.setattr(demopsd.training.steps, "ema_update", slowed(demopsd.training.steps.ema_update, 0.4))
+    loss = "chunked_distillation_loss" if method == "demopsd" else "grpo_loss"
+    monkeypatch.setattr(demopsd.training.steps, loss, slowed(getattr(demopsd.training.steps, loss), 1.4))
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="", version=""),
+        callbacks=[TimedModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1)],
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+    )
+    trainer.fit(step.module, train_dataloaders=DataLoader([[example("Q?", "A")]] * 2, batch_size=None,
+                                                          collate_fn=list))
+
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    logged = {c.removeprefix("perf/").removesuffix("_seconds") for c in metrics if c.endswith("_seconds")}
+    ran = set(PHASES) - ({"teacher_forward"} if method == "grpo" else set())
+    assert logged == ran | {"step"}
+    rows = metrics.dropna(subset=["perf/step_seconds"])
+    assert len(rows) == 2
+    phases = rows[[f"perf/{p}_seconds" for p in ran]]
+    assert (phases >= 0).all().all()
+    assert (phases.sum(axis=1) <= rows["perf/step_seconds"]).all()
+    # each delay is in its own phase, and no phase holds another's (the delays differ by 0.4 s or more)
+    assert rows["perf/rollout_seconds"].between(0.9, 1.3).all()
+    assert rows["perf/loss_seconds"].between(1.4, 1.8).all()
+    if method == "demopsd":
+        assert rows["perf/ema_seconds"].between(0.4, 0.8).all()
+    else:
+        assert (rows["perf/ema_seconds"] < 0.4).all()
+    others = phases.drop(columns=["perf/rollout_seconds", "perf/loss_seconds", "perf/ema_seconds"])
+    assert (others < 0.4).all().all(), others
