@@ -1,12 +1,15 @@
-"""Token layout of rollouts: EOS masking, and hidden states aligned with the tokens they predict."""
+"""Token layout of rollouts: EOS masking, hidden states aligned with the tokens they predict, and ``generate``
+from prompts read once."""
 
 import pytest
 import torch
 
 from demopsd.config.settings import SamplingConfig
-from demopsd.rollout.batch import PromptBatch, response_mask
+from demopsd.rollout.batch import PromptBatch, encode_prompts, eos_token_ids, repeat_prompts, response_mask
+from demopsd.rollout.engine import generate_rollouts
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
-from tests.helpers import tiny_llama
+from tests.fixed_step import default_tokenizer
+from tests.helpers import tiny_llama, tiny_policy
 
 
 def test_response_mask_keeps_tokens_through_the_first_eos():
@@ -42,3 +45,34 @@ def test_hidden_states_predict_the_response_tokens_despite_left_padding():
 def test_bad_sampling_settings_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_generate_reads_each_prompt_once_and_samples_what_plain_generate_samples(greedy):
+    """Rollouts from the shared prompt cache are token for token those of ``generate`` on the repeated prompts
+    (same seed), for left-padded prompts of different lengths; the prompts pass through the model once each."""
+    tokenizer = default_tokenizer()
+    model = tiny_policy(tokenizer).eval()
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "Which letter? A or B."}],
+                                         [{"role": "user", "content": "Name a colour, any colour you like best."}]])
+    assert (prompts.mask == 0).any(), "the prompts should need padding"
+    sampling = SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=12)
+    copies = 1 if greedy else sampling.n
+    rows_seen = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: rows_seen.append(tuple(args[0].shape)))
+
+    torch.manual_seed(7)
+    ours = generate_rollouts(model, tokenizer, prompts, sampling, greedy=greedy)
+    assert rows_seen[0] == (2, prompts.ids.shape[1] - 1)  # the prompts, once each, all but their last token
+    assert all(shape == (2 * copies, 1) for shape in rows_seen[1:])  # then one token per row per step
+
+    repeated = repeat_prompts(prompts, copies)
+    decoding = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0}
+    torch.manual_seed(7)
+    with torch.no_grad():
+        plain = model.generate(input_ids=repeated.ids, attention_mask=repeated.mask, max_new_tokens=12,
+                               eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               **decoding)[:, repeated.ids.shape[1]:]
+    plain = plain.masked_fill(response_mask(plain, eos_token_ids(model, tokenizer)) == 0, tokenizer.pad_token_id)
+    assert ours.response_ids.shape[0] == 2 * copies
+    assert torch.equal(ours.response_ids, plain)

@@ -12,7 +12,7 @@ import time
 from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.settings import SamplingConfig
 from demopsd.rollout.batch import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts, response_mask
@@ -66,6 +66,7 @@ def generate_rollouts(
     """Sample ``sampling.n`` responses per prompt with Hugging Face ``generate`` on the live weights.
 
     ``greedy``: one deterministic response per prompt (``n``, temperature and top-p are ignored).
+    Each prompt is read once, not once per response: ``generate`` starts from :func:`shared_prompt_cache`.
     """
     device = model.device
     copies = 1 if greedy else sampling.n
@@ -82,6 +83,7 @@ def generate_rollouts(
     sequences = model.generate(
         input_ids=prompt.ids,
         attention_mask=prompt.mask,
+        past_key_values=shared_prompt_cache(model, repeat_prompts(prompts, 1, device), copies),
         **decoding,
         max_new_tokens=sampling.max_new_tokens,
         eos_token_id=eos_ids,
@@ -95,3 +97,21 @@ def generate_rollouts(
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds)
+
+
+def shared_prompt_cache(model: PreTrainedModel, prompts: PromptBatch, copies: int) -> DynamicCache | None:
+    """The key/value cache of every prompt but its last token, computed once per prompt and repeated for each of
+    its ``copies`` rows: ``generate`` on the repeated prompts ``[B*copies, P]`` then reads only their last column.
+
+    ``prompts``: left-padded ``[B, P]``; positions count from each prompt's first real token, as ``generate``
+    counts them. The padded positions hold states that the attention mask hides. None for one-token prompts.
+    """
+    if prompts.ids.shape[1] < 2:
+        return None
+    cache = DynamicCache(config=model.config)
+    mask = prompts.mask[:, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    model(input_ids=prompts.ids[:, :-1], attention_mask=mask, position_ids=positions, past_key_values=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(copies)
+    return cache

