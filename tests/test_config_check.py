@@ -93,6 +93,11 @@ BAD = [
     (["trainer.max_steps=0"], "trainer.max_steps", 0, "an integer >= 1, or -1"),
     (["trainer.max_steps=-2"], "trainer.max_steps", -2, "an integer >= 1, or -1"),
     (["logger.wandb.mode=on"], "logger.wandb.mode", "on", WANDB_MODES),
+    (["eval.k=0"], "eval.k", 0, "at least 1"),
+    (["eval.temperature=0"], "eval.temperature", 0, "a positive temperature"),
+    (["eval.max_examples=0"], "eval.max_examples", 0, "null or at least 1"),
+    (["eval.every_n_steps=-1"], "eval.every_n_steps", -1, "0 (never) or a positive number"),
+    (["eval.at_end=maybe"], "eval.at_end", "maybe", "true or false"),
 ]
 
 
@@ -113,6 +118,7 @@ TYPOS = [
     ("+optim.weightdecay=0.1", "optim.weightdecay", "optim.weight_decay"),
     ("+data.batchsize=8", "data.batchsize", "data.batch_size"),
     ("+checkpoint.every_n_steps=10", "checkpoint.every_n_steps", "checkpoint.every_n_train_steps"),
+    ("+eval.every_n_step=10", "eval.every_n_step", "eval.every_n_steps"),
 ]
 
 

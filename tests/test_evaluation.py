@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from demopsd.config.settings import EvalConfig, SettingError
 from demopsd.data.types import MCQExample
 from demopsd.evaluation.evaluate import (
-    EvalConfig,
     EvalResult,
     answer_letter_probs,
     letter_metrics,
@@ -65,11 +65,18 @@ def test_results_are_written_as_json(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"k": 0}, "eval.k=0"), ({"batch_size": 0}, "eval.batch_size=0"), ({"max_examples": 0}, "eval.max_examples=0"),
-     ({"temperature": 0.0}, "temperature=0.0"), ({"top_p": 1.5}, "top_p=1.5")],
+     ({"temperature": 0.0}, "eval.temperature=0.0"), ({"top_p": 1.5}, "eval.top_p=1.5")],
 )
 def test_bad_settings_name_the_value(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SettingError, match=message):
         EvalConfig(**kwargs)
+
+
+def test_every_broken_setting_is_reported_at_once_under_the_eval_keys():
+    with pytest.raises(SettingError) as caught:
+        EvalConfig(k=0, top_p=2.0, batch_size=0, chunk_size=0)
+    assert caught.value.section == "eval"
+    assert [name for name, _, _ in caught.value.problems] == ["k", "top_p", "batch_size", "chunk_size"]
 
 
 def test_letter_metrics_by_hand():
@@ -130,7 +137,6 @@ def test_each_dataset_says_what_it_evaluates_and_how_long_it_took(tmp_path, capl
     import logging
 
     from demopsd.data.synthetic import generate_synthetic
-    from demopsd.evaluation.evaluate import EvalConfig
     from demopsd.evaluation.runner import run_all
     from tests.fixed_step import default_tokenizer
     from tests.helpers import tiny_policy

@@ -5,9 +5,10 @@ import math
 import pytest
 from scipy.stats import binomtest
 
+from demopsd.config.settings import EvalConfig
 from demopsd.data.synthetic import generate_synthetic
 from demopsd.data.types import student_conversation
-from demopsd.evaluation.evaluate import EvalConfig, answer_letter_probs
+from demopsd.evaluation.evaluate import answer_letter_probs
 from demopsd.rollout.batch import encode_prompts
 from demopsd.runtime.models import load_model_and_tokenizer
 

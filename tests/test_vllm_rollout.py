@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from demopsd.config.settings import EngineConfig, SamplingConfig
+from demopsd.config.settings import EngineConfig, EvalConfig, SamplingConfig
 from demopsd.data.synthetic import generate_synthetic
 from demopsd.data.types import student_conversation
-from demopsd.evaluation.evaluate import EvalConfig, evaluate
+from demopsd.evaluation.evaluate import evaluate
 from demopsd.objectives import chunked_token_log_probs
 from demopsd.rollout.batch import RolloutBatch, encode_prompts
 from demopsd.rollout.engine import generate_rollouts

@@ -5,14 +5,15 @@
 Checked:
 
 * unknown keys (typos) in ``method``, ``method.objective``, ``method.reprompt``, ``rollout``, ``optim``,
-  ``data`` and ``checkpoint``, with the closest known key. Where a section is splatted into a settings
-  dataclass (``DistillationConfig`` / ``GRPOConfig``, ``RepromptConfig``, ``SamplingConfig``, ``OptimConfig``)
+  ``data``, ``checkpoint`` and ``eval``, with the closest known key. Where a section is splatted into a settings
+  dataclass (``DistillationConfig`` / ``GRPOConfig``, ``RepromptConfig``, ``SamplingConfig``, ``OptimConfig``,
+  ``EvalConfig``)
   its fields are the accepted keys; otherwise the keys conf/ composes for the same group choices are;
 * the values of those dataclasses, by building them (each reports all its broken rules at once, as
   :class:`~demopsd.config.settings.SettingError` entries of field, value and what is accepted);
 * the rules no dataclass holds: method kind, teacher, EMA rate, rollouts per prompt for the method, the
-  rollout backend, batch size, prompt limit, reward rule, ``trainer.max_steps``, ``logger.wandb.mode``, the
-  data source and the seed.
+  rollout backend, batch size, prompt limit, reward rule, when to evaluate, ``trainer.max_steps``,
+  ``logger.wandb.mode``, the data source and the seed.
 
 Only omegaconf, hydra and the torch-free settings modules are imported: a bad value stops
 ``python src/train.py`` within seconds, before torch, transformers or Lightning load.
@@ -30,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from demopsd.config.objectives import DistillationConfig, GRPOConfig
-from demopsd.config.run import MethodSettings, TrainSettings
+from demopsd.config.run import EvalSettings, MethodSettings, TrainSettings
 from demopsd.config.settings import (
     METHOD_KINDS,
     REWARD_RULES,
@@ -38,6 +39,7 @@ from demopsd.config.settings import (
     TEACHER_KINDS,
     WANDB_MODES,
     EngineConfig,
+    EvalConfig,
     OptimConfig,
     PromptConfig,
     RepromptConfig,
@@ -71,7 +73,7 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
 
     sections = {}
     for key in ("method", "method.objective", "method.reprompt", "rollout", "optim", "data", "checkpoint",
-                "trainer", "logger", "fsdp", "model"):
+                "trainer", "logger", "fsdp", "model", "eval"):
         sections[key] = _section(cfg, key, report)
     reference = _reference_config(cfg)
 
@@ -156,6 +158,17 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
         if wandb.get("mode") not in modes:
             report("logger.wandb.mode", wandb.get("mode"), f"one of {modes}")
 
+    raw_eval = OmegaConf.select(cfg, "eval", default=None, throw_on_resolution_failure=False)
+    raw_eval = OmegaConf.to_container(raw_eval, resolve=False) if isinstance(raw_eval, DictConfig) else {}
+
+    def report_unless_inherited(key: str, value: Any, accepted: str) -> None:
+        """Report an ``eval`` key unless its value is ``${<key>}`` of a key already reported (rollout.top_p ...)."""
+        source = raw_eval.get(key.removeprefix("eval."))
+        if not (isinstance(source, str) and source.startswith("${") and source[2:-1] in reported):
+            report(key, value, accepted)
+
+    evaluation = _check_evaluation(sections["eval"], report_unless_inherited)
+
     max_prompt_tokens = data.get("max_prompt_tokens")
     if not (_is_int(max_prompt_tokens) and max_prompt_tokens >= 1):
         report("data.max_prompt_tokens", max_prompt_tokens, "an integer >= 1 (longer prompts are an error)")
@@ -179,10 +192,28 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
         optim=optim,
         prompts=PromptConfig(max_prompt_tokens, sections["model"].get("chat_template_kwargs") or {}),
         sharding=sharding,
+        evaluation=evaluation,
     )
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+EVAL_SCHEDULE = {"every_n_steps": 0, "at_start": False, "at_end": True}
+EVAL_DATASETS = ("in_domain", "ood")
+"""Keys of ``eval`` that name what is evaluated (read with the data sections) rather than how or when."""
+
+
+def _check_evaluation(values: Mapping, report) -> EvalSettings | None:
+    """The ``eval`` section's settings: :class:`EvalConfig` from its keys, and when to evaluate."""
+    config = _check_dataclass(EvalConfig, "eval", values, report, extra_keys=(*EVAL_SCHEDULE, *EVAL_DATASETS))
+    schedule = {key: values.get(key, default) for key, default in EVAL_SCHEDULE.items()}
+    if not (_is_int(schedule["every_n_steps"]) and schedule["every_n_steps"] >= 0):
+        report("eval.every_n_steps", schedule["every_n_steps"], "0 (never) or a positive number of optimizer steps")
+    for key in ("at_start", "at_end"):
+        if not isinstance(schedule[key], bool):
+            report(f"eval.{key}", schedule[key], "true or false")
+    return EvalSettings(config, **schedule) if config is not None else None
+
+
 def _section(cfg: DictConfig, key: str, report) -> dict:
     """``cfg``'s section ``key`` as a plain, resolved dict ({} when absent; reported when not a mapping)."""
     node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)

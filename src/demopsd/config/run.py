@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.config.settings import (
     EngineConfig,
+    EvalConfig,
     OptimConfig,
     PromptConfig,
     RepromptConfig,
@@ -33,6 +34,21 @@ class MethodSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """``eval``: how to evaluate (``config``) and when: before training (``at_start``), every ``every_n_steps``
+    optimizer steps (0: never), after the last one (``at_end``)."""
+
+    config: EvalConfig
+    every_n_steps: int = 0
+    at_start: bool = False
+    at_end: bool = True
+
+    @property
+    def scheduled(self) -> bool:
+        return bool(self.every_n_steps or self.at_start or self.at_end)
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """Everything the training step is built from; ``backend`` names the rollout engine (``engine`` sizes vLLM's)."""
 
@@ -44,6 +60,7 @@ class TrainSettings:
     optim: OptimConfig
     prompts: PromptConfig
     sharding: ShardingConfig
+    evaluation: EvalSettings
 
     @property
     def max_model_len(self) -> int:

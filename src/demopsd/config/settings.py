@@ -57,6 +57,49 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate: ``k`` samples per question at ``temperature`` / ``top_p`` (the :class:`SamplingConfig` of
+    :attr:`sampling`, under the same rules), plus a greedy answer."""
+
+    SECTION: ClassVar[str] = "eval"
+    k: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    greedy: bool = True
+    batch_size: int = 8
+    """Questions per ``generate`` call (each with ``k`` samples)."""
+    max_examples: int | None = None
+    """Evaluate the first this many questions of each dataset; ``None``: all."""
+    probe: bool = True
+    """Also read the policy's distribution over the option letters (see :mod:`demopsd.evaluation.evaluate`)."""
+    probe_prefix: str = "<reasoning>\n</reasoning>\n<answer>\n"
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        try:
+            sampling_problems = []
+            self.sampling
+        except SettingError as error:  # SamplingConfig's rules, under this section's names
+            sampling_problems = [(False, "k" if name == "n" else name, value, accepted)
+                                 for name, value, accepted in error.problems]
+        check_rules(
+            self.SECTION,
+            *sampling_problems,
+            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.max_examples is None or self.max_examples >= 1, "max_examples", self.max_examples,
+             "null or at least 1"),
+            (self.chunk_size >= 1, "chunk_size", self.chunk_size, "at least 1"),
+        )
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            n=self.k, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens
+        )
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a linear learning-rate warm-up over ``warmup_steps`` optimizer steps."""
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.config.settings import SamplingConfig
+from demopsd.config.settings import EvalConfig
 from demopsd.data.rewards import score_mcq
 from demopsd.data.types import MCQExample, student_conversation
 from demopsd.evaluation.metrics import summarize_samples
@@ -37,40 +37,6 @@ from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How to evaluate: ``k`` samples per question at ``temperature`` / ``top_p``, plus a greedy answer."""
-
-    k: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    greedy: bool = True
-    batch_size: int = 8
-    """Questions per ``generate`` call (each with ``k`` samples)."""
-    max_examples: int | None = None
-    """Evaluate the first this many questions of each dataset; ``None``: all."""
-    probe: bool = True
-    """Also read the policy's distribution over the option letters (see the module docstring)."""
-    probe_prefix: str = "<reasoning>\n</reasoning>\n<answer>\n"
-    chunk_size: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"eval.k={self.k} is invalid: at least 1 sample per question is accepted")
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size={self.batch_size} is invalid: at least 1 is accepted")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"eval.max_examples={self.max_examples} is invalid: null or at least 1 is accepted")
-        self.sampling  # validates temperature, top_p and max_new_tokens
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            n=self.k, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens
-        )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -12,9 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from demopsd.config.run import TrainSettings
+from demopsd.config.settings import EvalConfig
 from demopsd.data.loading import load_split
 from demopsd.data.types import MCQExample
-from demopsd.evaluation.evaluate import EvalConfig, EvalResult, evaluate, write_results
+from demopsd.evaluation.evaluate import EvalResult, evaluate, write_results
 from demopsd.rollout.engine import RolloutEngine
 from demopsd.runtime.checkpoints import (
     CHECKPOINT_DIR,
@@ -30,15 +33,16 @@ from demopsd.runtime.sharding import gathered
 
 log = logging.getLogger(__name__)
 
-EVAL_ONLY_KEYS = ("in_domain", "ood", "every_n_steps", "at_start", "at_end")
 CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer",
                   "overconfidence")
 """Logged also as ``<metric>_change`` from the starting model (step 0), when it was evaluated."""
 
 
 def eval_config(cfg: DictConfig) -> EvalConfig:
+    """``python src/eval.py``'s :class:`EvalConfig`, from the keys of ``cfg.eval`` that are its fields (a training
+    run's comes with its :class:`TrainSettings`)."""
     settings = OmegaConf.to_container(cfg.eval, resolve=True)
-    return EvalConfig(**{k: v for k, v in settings.items() if k not in EVAL_ONLY_KEYS})
+    return EvalConfig(**{f.name: settings[f.name] for f in dataclasses.fields(EvalConfig) if f.name in settings})
 
 
 def eval_datasets(cfg: DictConfig) -> dict[str, list[MCQExample]]:
@@ -107,8 +111,6 @@ class PeriodicEvaluation(L.Callback):
         chat_template_kwargs: dict | None = None,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"eval.every_n_steps={every_n_steps} is invalid: 0 (never) or a positive number")
         self.datasets, self.config, self.out_dir = datasets, config, Path(out_dir)
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
         self.chat_template_kwargs, self.seed = chat_template_kwargs, seed
@@ -199,18 +201,19 @@ def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[
             if name in baseline and name.rsplit("/", 1)[-1] in CHANGE_METRICS}
 
 
-def periodic_evaluation(cfg: DictConfig, out_dir: Path) -> PeriodicEvaluation:
-    """The training run's evaluation callback; its datasets are read now, so a missing file fails fast."""
-    scheduled = cfg.eval.every_n_steps or cfg.eval.at_start or cfg.eval.at_end
+def periodic_evaluation(settings: TrainSettings, cfg: DictConfig, out_dir: Path) -> PeriodicEvaluation:
+    """The training run's evaluation callback, as ``settings.evaluation`` says; the datasets ``cfg``'s data sections
+    name are read now, so a missing file fails fast."""
+    evaluation = settings.evaluation
     return PeriodicEvaluation(
-        eval_datasets(cfg) if scheduled else {},
-        eval_config(cfg),
+        eval_datasets(cfg) if evaluation.scheduled else {},
+        evaluation.config,
         out_dir,
-        every_n_steps=cfg.eval.every_n_steps,
-        at_start=cfg.eval.at_start,
-        at_end=cfg.eval.at_end,
-        chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
-        seed=cfg.seed,
+        every_n_steps=evaluation.every_n_steps,
+        at_start=evaluation.at_start,
+        at_end=evaluation.at_end,
+        chat_template_kwargs=settings.prompts.chat_template_kwargs,
+        seed=settings.seed,
     )
 
 

@@ -114,7 +114,7 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
     )
     module = build_module(settings, policy, tokenizer)
     datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
-    evaluation = periodic_evaluation(cfg, output_dir / "eval")
+    evaluation = periodic_evaluation(settings, cfg, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=build_loggers(cfg, output_dir, run_state),
