@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import lightning as L
 import torch
@@ -87,8 +87,9 @@ class StepClock:
 
 class TimedModelCheckpoint(ModelCheckpoint):
     """Lightning's :class:`ModelCheckpoint`, its work after each batch timed as the step's ``checkpoint`` phase on
-    the module's :class:`StepClock` (``pl_module.clock``)."""
+    the module's :class:`StepClock` (``pl_module.clock``; a module without one is not timed)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
-        with pl_module.clock.phase("checkpoint"):
+        clock = getattr(pl_module, "clock", None)
+        with clock.phase("checkpoint") if isinstance(clock, StepClock) else nullcontext():
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
