@@ -2,7 +2,7 @@
 (the shared prompt cache, attention without copied key/value heads), beside the same phase measured alone.
 
     python bench/step_breakdown.py                                  # the default job (experiment=leakage_laptop)
-    python bench/step_breakdown.py --steps 3 debug=smoke data=synthetic/mixed     # any training overrides
+    python bench/step_breakdown.py --steps 3 debug=smoke           # any training overrides
     python bench/step_breakdown.py rollout=vllm rollout.kv_cache_memory_bytes=1000000000
 
 The job runs twice in this process from the same weights and seed, ``--steps`` optimizer steps each, with nothing
@@ -12,7 +12,9 @@ does); *after*, the code as it is. Each column is the mean of ``perf/<phase>_sec
 after the first (:mod:`demopsd.training.timing`). *alone* is each phase run outside Lightning, ``--repeats`` times
 with the job's first batch, the median: the rollouts, then the method's step (forwards and loss), ``loss.backward()``,
 AdamW, the EMA update, and ``torch.save`` of what a checkpoint holds. The last lines give the ratio of the step to the
-sum of the phases alone, and the rollout speed-up.
+sum of the phases alone, the rollout speed-up, and how long the rollout engine took to start. Under
+``rollout=vllm`` both runs sample through vLLM (its start-up is then the figure to weigh against the rollouts'
+seconds saved); only the trainer's attention differs between them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -63,14 +66,17 @@ def logged_phases(cfg) -> dict[str, float]:
 
 
 def phases_alone(cfg, repeats: int) -> dict[str, float]:
-    """The median seconds of each phase run on its own, outside Lightning, with the job's first batch."""
+    """The median seconds of each phase run on its own, outside Lightning, with the job's first batch; and under
+    ``start-up``, the seconds the rollout engine took to start (vLLM's; next to nothing for ``generate``)."""
     if cfg.model.name_or_path == WARMED_MODEL:
         build_warmed_model(cfg.paths.cache_dir)
     settings = validate_config(cfg)
     policy, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir,
                                                  dtype=cfg.model.dtype)
     module = build_module(settings, policy, tokenizer)
+    started = time.perf_counter()
     engine = module.make_rollout_engine(local_rank=0)
+    startup = time.perf_counter() - started
     data = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -101,7 +107,7 @@ def phases_alone(cfg, repeats: int) -> dict[str, float]:
                            Path(scratch) / "step.ckpt")
             for phase, seconds in clock.seconds.items():
                 times.setdefault(phase, []).append(seconds)
-    return {phase: statistics.median(values) for phase, values in times.items()}
+    return {"start-up": startup, **{phase: statistics.median(values) for phase, values in times.items()}}
 
 
 def table(before: dict[str, float], after: dict[str, float], alone: dict[str, float]) -> str:
@@ -138,11 +144,12 @@ def main() -> None:
           f"rollout={settings.backend}: {config.data.batch_size} prompts x {sampling.n} rollouts of up to "
           f"{sampling.max_new_tokens} tokens; {platform.machine()} CPU, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; means over steps 2-{args.steps}, alone: median of {args.repeats}")
+    startup = alone.pop("start-up")
     print(table(before, after, alone))
     floor = sum(alone.values())
     print(f"step / sum of the phases alone: before {before['step'] / floor:.2f}x, after {after['step'] / floor:.2f}x")
     print(f"rollout speed-up (before / after): {before['rollout'] / after['rollout']:.2f}x; "
-          f"step: {before['step'] / after['step']:.2f}x")
+          f"step: {before['step'] / after['step']:.2f}x; the rollout engine started in {startup:.1f} s")
 
 
 if __name__ == "__main__":
