@@ -452,6 +452,20 @@ def test_wandb_logger_defines_the_metrics_on_an_offline_run(offline_wandb, monke
     assert sync_dir.is_dir() and sync_dir.name.startswith("offline-run-")
 
 
+def test_an_offline_run_starts_without_wandbs_warning_about_the_retired_anonymous_setting(offline_wandb, monkeypatch,
+                                                                                         capfd):
+    monkeypatch.delenv("WANDB_SILENT")  # W&B prints its own warnings to the terminal
+    wandb_cfg = OmegaConf.create({"mode": "offline", "project": "demopsd-test", "entity": None, "group": None,
+                                  "job_type": "train", "tags": []})
+    logger = logging_setup.make_wandb_logger(wandb_cfg, save_dir=offline_wandb / "run", run_name="t", config={})
+    try:
+        assert logger is not None and logger.experiment.offline
+    finally:
+        logging_setup.finish_wandb([logger])
+    printed = capfd.readouterr()
+    assert "anonymous" not in printed.out + printed.err
+
+
 def test_run_group_job_type_and_tags_default_to_method_and_dataset():
     wandb = compose_train(["method=sdpo", "data=sciknoweval/chemistry"]).logger.wandb
     assert (wandb.group, wandb.job_type, list(wandb.tags)) == (

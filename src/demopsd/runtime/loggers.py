@@ -102,6 +102,8 @@ def make_wandb_logger(
                 resume="allow" if run_id else None,
                 settings=wandb.Settings(init_timeout=60, silent=True),
             )
+            # Lightning hands W&B its retired `anonymous` setting on every run, which W&B then warns about.
+            logger._wandb_init.pop("anonymous", None)
             define_metrics(logger.experiment)  # `.experiment` starts the run now, so that failures surface here
             if attempt == "online":
                 log.info("W&B run: %s", logger.experiment.url)
