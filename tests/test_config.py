@@ -129,12 +129,14 @@ def callbacks_of(*overrides: str, tmp_path) -> list:
 
 def test_the_progress_bar_is_a_callback_of_the_config_that_can_be_dropped_or_turned_off(tmp_path):
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+
+    from demopsd.training.progress import StepProgressBar
 
     def bars(callbacks):
         return [c for c in callbacks if isinstance(c, ProgressBar)]
 
-    assert [type(c) for c in bars(callbacks_of(tmp_path=tmp_path))] == [RichProgressBar]
+    assert [type(c) for c in bars(callbacks_of(tmp_path=tmp_path))] == [StepProgressBar]
     for overrides in (["trainer.enable_progress_bar=false"], ["~callbacks.progress_bar"], ["callbacks=none"]):
         callbacks = callbacks_of(*overrides, tmp_path=tmp_path)
         assert bars(callbacks) == [], overrides
@@ -142,3 +144,21 @@ def test_the_progress_bar_is_a_callback_of_the_config_that_can_be_dropped_or_tur
     added = callbacks_of("+callbacks.lr_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor",
                          tmp_path=tmp_path)
     assert sum(isinstance(c, LearningRateMonitor) for c in added) == 1 and len(bars(added)) == 1
+
+
+def test_the_progress_bar_counts_optimizer_steps_and_shows_no_run_id():
+    """Lightning's own bar reads "Epoch 0/-2" for a run limited by steps, and shows the logger's run id."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from demopsd.training.progress import StepProgressBar
+
+    trainer = SimpleNamespace(max_epochs=-1, loggers=[SimpleNamespace(version="e2uc")],
+                              progress_bar_metrics={"reward": 0.375, "λ": 0.93})
+    lightnings = RichProgressBar()
+    lightnings._trainer = trainer
+    assert "/-2" in lightnings._get_train_description(0) and "v_num" in lightnings.get_metrics(trainer, None)
+    ours = StepProgressBar()
+    assert ours._get_train_description(0) == "optimizer steps"
+    assert ours.get_metrics(trainer, None) == {"reward": 0.375, "λ": 0.93}
