@@ -26,8 +26,8 @@ no tokenizer. Each figure follows one untimed warm-up call; on CUDA the clock st
    the way ``VLLMEngine.load_weights`` does it. vLLM's start-up and the push are timed too.
 
 The default shapes are sized for one 80 GB H100 (the step's activations, weights, gradients, AdamW moments and
-teacher: about 45 GB at 4 rows, by an estimate from the saved tensors); a part that runs out of memory is recorded as such and
-the others still run (``--rows`` makes the step smaller). Writes ``gpu.json`` and ``gpu.md`` to ``--out`` and
+teacher: about 45 GB at 4 rows, by an estimate from the saved tensors); a part that runs out of memory is recorded as
+such and the others still run (``--rows`` makes the step smaller). Writes ``gpu.json`` and ``gpu.md`` to ``--out`` and
 prints the Markdown.
 """
 
@@ -87,8 +87,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756), ("NVL", None), ("H200", 989), ("H100", 989), 
 (H100 and H200 SXM: 989; NVL parts run at lower clocks and are not in the table). Others: no MFU."""
 LIGER_ANCHOR = ("Liger-Kernel's fused linear JSD vs the torch path, same shape class (N = 8,192, H = 4,096, "
                 "V = 151,936, bf16) on an H100: 11.1 GB vs 68.9 GB, 60.7 ms vs 213 ms")
-FLOPS_FORMULA = ("6·P·T + 6·V·H·R + 12·L·(heads·head_dim)·S·T: P the parameters without the embedding and the LM "
-                 "head, T = rows·S tokens through the model, S = prompt + response tokens of a row, R = rows·response "
+FLOPS_FORMULA = ("6·P·T + 6·V·H·R + 12·L·(heads·head_dim)·S·T: P the parameters without the embedding and the "
+                 "LM head, T = rows·S tokens through the model, S = prompt + response tokens of a row, R = rows·response "
                  "tokens through the LM head (in the loss; the teacher's logits there are not counted), L layers, "
                  "H hidden size; the attention term is PaLM's, not halved for the causal mask")
 

@@ -145,7 +145,9 @@ class PeriodicEvaluation(L.Callback):
                 self._evaluate(trainer, pl_module, engine, started)
         pl_module.clock.exclude(time.perf_counter() - started)
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, engine: RolloutEngine, started: float) -> None:
+    def _evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, engine: RolloutEngine, started: float
+    ) -> None:
         step = trainer.global_step
         out_dir = self.out_dir / f"step{step:06d}"
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
@@ -156,7 +158,11 @@ class PeriodicEvaluation(L.Callback):
             )
         if step == 0 and self.baseline is None:
             self.baseline = metrics
-        metrics = {**metrics, **changes_from(self.baseline or {}, metrics), "perf/eval_seconds": time.perf_counter() - started}
+        metrics = {
+            **metrics,
+            **changes_from(self.baseline or {}, metrics),
+            "perf/eval_seconds": time.perf_counter() - started,
+        }
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

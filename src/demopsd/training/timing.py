@@ -82,7 +82,8 @@ class StepClock:
 
     def metrics(self) -> dict[str, float]:
         """``perf/<phase>_seconds`` of every phase that ran, and ``perf/step_seconds``."""
-        return {**{f"perf/{name}_seconds": s for name, s in self.seconds.items()}, "perf/step_seconds": self.step_seconds()}
+        phases = {f"perf/{name}_seconds": seconds for name, seconds in self.seconds.items()}
+        return {**phases, "perf/step_seconds": self.step_seconds()}
 
 
 class TimedModelCheckpoint(ModelCheckpoint):
