@@ -35,9 +35,6 @@ import demopsd.rollout.engine
 import demopsd.runtime.models
 from demopsd.config.check import validate_config
 from demopsd.data.datamodule import PromptDataModule
-from demopsd.data.rewards import score_mcq
-from demopsd.data.types import student_conversation
-from demopsd.rollout.batch import encode_prompts
 from demopsd.runtime.models import WARMED_MODEL, load_model_and_tokenizer
 from demopsd.training.run import build_module, run
 from demopsd.training.timing import PHASES, StepClock
@@ -75,7 +72,7 @@ def phases_alone(cfg, repeats: int) -> dict[str, float]:
                                                  dtype=cfg.model.dtype)
     module = build_module(settings, policy, tokenizer)
     started = time.perf_counter()
-    engine = module.make_rollout_engine(local_rank=0)
+    module.rollout_engine = engine = module.make_rollout_engine(local_rank=0)
     startup = time.perf_counter() - started
     data = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
     data.setup("fit")
@@ -87,12 +84,7 @@ def phases_alone(cfg, repeats: int) -> dict[str, float]:
             clock = StepClock()
             clock.start_step()
             with clock.phase("rollout"):
-                prompts = encode_prompts(tokenizer, [student_conversation(e) for e in batch],
-                                         chat_template_kwargs=settings.prompts.chat_template_kwargs)
-                engine.sync()
-                rollouts = engine.generate(prompts, settings.sampling)
-                examples = [e for e in batch for _ in range(settings.sampling.n)]
-                scores = [score_mcq(t, e.answer, e.letters, e.reward_rule) for t, e in zip(rollouts.texts, examples)]
+                rollouts, examples, scores = module.scored_rollouts(batch)
             loss, _ = module.method_step(rollouts, examples, scores, 0, clock)
             with clock.phase("backward"):
                 loss.backward()

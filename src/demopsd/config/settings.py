@@ -77,8 +77,8 @@ class EvalConfig:
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
+        sampling_problems = []
         try:
-            sampling_problems = []
             self.sampling
         except SettingError as error:  # SamplingConfig's rules, under this section's names
             sampling_problems = [(False, "k" if name == "n" else name, value, accepted)

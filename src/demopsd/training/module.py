@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.settings import OptimConfig, PromptConfig, SamplingConfig, ShardingConfig
-from demopsd.data.rewards import score_mcq
+from demopsd.data.rewards import MCQScore, score_mcq
 from demopsd.data.types import MCQExample, student_conversation
 from demopsd.rollout.batch import RolloutBatch, encode_prompts
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
@@ -66,15 +66,7 @@ class SelfDistillationModule(L.LightningModule):
         """The loss of one batch; ``None`` (Lightning skips backward and the update) when it is not finite."""
         self._loss_nonfinite = False
         with self.clock.phase("rollout"):
-            prompts = encode_prompts(
-                self.tokenizer,
-                [student_conversation(e) for e in batch],
-                max_tokens=self.prompts.max_prompt_tokens,
-                chat_template_kwargs=self.prompts.chat_template_kwargs,
-            )
-            rollouts = self._rollouts(prompts)
-            examples = [e for e in batch for _ in range(self.sampling.n)]
-            scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
+            rollouts, examples, scores = self.scored_rollouts(batch)
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
 
         metrics = {
@@ -100,10 +92,21 @@ class SelfDistillationModule(L.LightningModule):
             return loss if distributed else None
         return loss
 
-    def _rollouts(self, prompts) -> RolloutBatch:
+    def scored_rollouts(self, batch: list[MCQExample]) -> tuple[RolloutBatch, list[MCQExample], list[MCQScore]]:
+        """``sampling.n`` rollouts per question of ``batch`` from the rollout engine, the question each row answers,
+        and each row's score."""
+        prompts = encode_prompts(
+            self.tokenizer,
+            [student_conversation(e) for e in batch],
+            max_tokens=self.prompts.max_prompt_tokens,
+            chat_template_kwargs=self.prompts.chat_template_kwargs,
+        )
         engine = self.rollout_engine
         with gathered(self.policy) if engine.uses_policy_weights else nullcontext():
-            return engine.generate(prompts, self.sampling)
+            rollouts = engine.generate(prompts, self.sampling)
+        examples = [e for e in batch for _ in range(self.sampling.n)]
+        scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
+        return rollouts, examples, scores
 
     # ------------------------------------------------------------------ around the step
     def setup(self, stage: str) -> None:
