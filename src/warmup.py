@@ -15,7 +15,7 @@ import logging
 import sys
 
 from demopsd.runtime.models import WARMED_MODEL, cached_model_path
-from demopsd.training.warmup import build_warmed_model
+from demopsd.training.warmup import WarmupConfig, build_warmed_model, stale_build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     target = cached_model_path(WARMED_MODEL, args.cache_dir)
-    if target.is_dir():
+    if target.is_dir() and not stale_build(target, WarmupConfig()):
         print(f"{WARMED_MODEL} is already built: {target} (delete it to build it again)")
         return 0
     print(f"{WARMED_MODEL} written to {build_warmed_model(args.cache_dir)}")
