@@ -52,7 +52,7 @@ def load_model_and_tokenizer(
         if not source.is_dir():
             raise FileNotFoundError(
                 f"model {WARMED_MODEL!r} is not built yet (no {source}): `python src/warmup.py` builds it, in "
-                "about 20 minutes on a laptop CPU (a training run that names it builds it first)"
+                "about 10 minutes on a laptop CPU (a training run that names it builds it first)"
             )
     else:
         source, hub_cache = name_or_path, cache_dir

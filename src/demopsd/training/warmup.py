@@ -2,14 +2,13 @@
 
 Untrained, the 135M default model never closes an ``<answer>`` block within the laptop job's 48 tokens, so
 every reward is 0: no rollout is ever a successful sibling, and GRPO's advantages are all zero. The warm-up
-fine-tunes it on well-formed answers (``<reasoning>`` with one worked step, then ``<answer>`` with the letter)
-to synthetic questions drawn with another generator seed, none of which is a question of the task's train
-split or may fall in its test split. Every method of the laptop job and its benchmark starts from the warmed
-model (:data:`demopsd.runtime.models.WARMED_MODEL`), so none is favoured.
+fine-tunes it on well-formed answers (``<reasoning>`` naming the chosen option's text, then ``<answer>`` with
+its letter) to synthetic questions drawn with another generator seed, none of which is a question of the
+task's train split or may fall in its test split. Every method of the laptop job and its benchmark starts
+from the warmed model (:data:`demopsd.runtime.models.WARMED_MODEL`), so none is favoured.
 
-On uninferable questions the reasoning only names the option of a random letter, so nothing about their
-answers is learnt; on inferable ones the model sees the same templates worked out ("17 + 16 = 33."), which is
-what makes it right more often than chance.
+On uninferable questions the trained letters are random draws, so nothing about their answers is learnt;
+on inferable ones the model sees worked examples of the same templates, which is what makes it sometimes right.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +36,9 @@ from demopsd.runtime.models import (
 
 log = logging.getLogger(__name__)
 
-RECIPE = 2
-"""The version of what the warm-up teaches, recorded in ``warmup.json``: 1 named the chosen option only, 2 works
-inferable questions out in one step (:func:`worked_step`)."""
+RECIPE = 1
+"""The version of what the warm-up teaches (:func:`well_formed_answer`), recorded in ``warmup.json``; a change of
+what it teaches raises it, so that cached builds of the old recipe are built again."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +46,9 @@ class WarmupConfig:
     """``steps`` AdamW steps of ``batch_size`` questions at learning rate ``lr``; the questions are the synthetic
     mix of ``generator_seed``, leaving out those of the task generated with ``task_seed``."""
 
-    steps: int = 60
+    steps: int = 30
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: float = 3e-5
     generator_seed: int = 1
     task_seed: int = 0
     seed: int = 0
@@ -79,39 +77,9 @@ def warmup_questions(config: WarmupConfig) -> list[MCQExample]:
 
 
 def well_formed_answer(example: MCQExample) -> str:
-    """The answer the warm-up teaches: as reasoning the :func:`worked_step` of an inferable question, or "The
-    answer is" and the chosen option's text; then its letter."""
-    options = option_texts(example.prompt)
-    correct = options[example.answer]
-    reasoning = worked_step(example.prompt.split("\n", 1)[0], list(options.values()), correct)
-    reasoning = reasoning or f"The answer is {correct}."
-    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
-
-
-def worked_step(question: str, options: list[str], correct: str) -> str:
-    """One sentence that works an inferable question out from its text and ``options`` (in prompt order), ending
-    at ``correct``; "" for a question of no inferable template (the uninferable ones: nothing to work out)."""
-    listed = ", ".join(options[:-1]) + f" and {options[-1]}"
-    if match := re.fullmatch(r"Which of these numbers is the (largest|smallest)\?", question):
-        return f"Of {listed}, the {match[1]} is {correct}."
-    if question == "Which of these numbers is even?":
-        return f"Of {listed}, {correct} is even."
-    if match := re.fullmatch(r"Which option is the sum of (\d+) and (\d+)\?", question):
-        return f"{match[1]} + {match[2]} = {correct}."
-    if match := re.fullmatch(r"Which option is (\d+) minus (\d+)\?", question):
-        return f"{match[1]} - {match[2]} = {correct}."
-    if match := re.fullmatch(r"Which number comes next in the sequence (.+)\?", question):
-        terms = [int(t) for t in match[1].split(", ")]
-        return f"The terms go up by {terms[1] - terms[0]}, so {terms[-1]} + {terms[1] - terms[0]} = {correct}."
-    if match := re.fullmatch(r"Which word has the (most|fewest) letters\?", question):
-        lengths = ", ".join(str(len(word)) for word in options)
-        return f"Lengths {lengths}, so the {'longest' if match[1] == 'most' else 'shortest'} is {correct}."
-    if question == "Which word comes first in alphabetical order?":
-        return f"First letters: {', '.join(word[0] for word in options)}; the first is {correct}."
-    if match := re.fullmatch(r"Which (?:animal|of these) is a (.+)\?", question):
-        article = "An" if correct[0] in "aeiou" else "A"
-        return f"{article} {correct} is a {match[1]}."
-    return ""
+    """The answer the warm-up teaches: the chosen option's text as the reasoning, then its letter."""
+    option = option_texts(example.prompt)[example.answer]
+    return f"<reasoning>\nThe answer is {option}.\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
 
 
 def supervised_batch(
@@ -162,7 +130,7 @@ def format_warmup(
 
 def build_warmed_model(cache_dir: str | Path | None = None, config: WarmupConfig | None = None) -> Path:
     """The warmed default model at :func:`cached_model_path` of :data:`WARMED_MODEL`, trained on first use
-    (about 20 minutes on a 2-core CPU); ``warmup.json`` beside the weights records the recipe, settings and
+    (about 10 minutes on a 2-core CPU); ``warmup.json`` beside the weights records the recipe, settings and
     losses. A build of another recipe or other settings is replaced."""
     target = cached_model_path(WARMED_MODEL, cache_dir)
     config = config or WarmupConfig()
@@ -181,13 +149,13 @@ def build_warmed_model(cache_dir: str | Path | None = None, config: WarmupConfig
 
 
 def stale_build(target: Path, config: WarmupConfig) -> str:
-    """Why the build in ``target`` is not this recipe with ``config`` ("" when it is, or when ``target`` has no
-    ``warmup.json`` to say: a model put there by hand is used as it is)."""
+    """Why the build in ``target`` is not :data:`RECIPE` with ``config`` ("" when it is, or when ``target`` has
+    no ``warmup.json`` to say: a model put there by hand is used as it is)."""
     record = target / "warmup.json"
     if not record.is_file():
         return ""
     built = json.loads(record.read_text(encoding="utf-8"))
-    if built.get("recipe") != RECIPE:
+    if built.get("recipe", 1) != RECIPE:
         return f"by recipe {built.get('recipe', 1)}, the current one is {RECIPE}"
     if built.get("config") != asdict(config):
         return f"with {built.get('config')}, the current settings are {asdict(config)}"
