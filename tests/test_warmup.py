@@ -2,6 +2,7 @@
 that falls, and a model built once into the cache."""
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -20,7 +21,7 @@ from demopsd.training.warmup import (
     well_formed_answer,
 )
 from tests.fixed_step import default_tokenizer
-from tests.helpers import tiny_policy
+from tests.helpers import REPO_ROOT, tiny_policy
 
 CONFIG = WarmupConfig()
 
@@ -67,7 +68,7 @@ def test_labels_cover_the_answer_and_its_eos_only():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(steps=0), "steps=0"), (dict(batch_size=0), "batch_size=0"), (dict(lr=0.0), "lr=0.0"),
-    (dict(generator_seed=0, task_seed=0), "other questions"),
+    (dict(generator_seed=0, task_seed=0), "other questions"), (dict(kind="uninferable"), "kind='uninferable'"),
 ])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -100,3 +101,41 @@ def test_a_build_of_another_recipe_or_other_settings_is_stale(tmp_path):
     record.write_text(json.dumps({"recipe": RECIPE, "config": dataclasses.asdict(CONFIG)}))
     assert stale_build(tmp_path, CONFIG) == ""
     assert "'steps': 5" in stale_build(tmp_path, dataclasses.replace(CONFIG, steps=5))
+
+
+def test_an_inferable_warmup_trains_on_inferable_questions_only():
+    config = WarmupConfig(kind="inferable")
+    questions = warmup_questions(config)
+    assert len(questions) == config.steps * config.batch_size
+    assert {kind_of(e) for e in questions} == {"inferable"}
+    assert not any(held_out_by(config.task_seed, e) for e in questions)
+
+
+def test_settings_added_since_a_build_take_their_defaults(tmp_path):
+    recorded = {k: v for k, v in dataclasses.asdict(CONFIG).items() if k != "kind"}
+    (tmp_path / "warmup.json").write_text(json.dumps({"recipe": RECIPE, "config": recorded}))
+    assert stale_build(tmp_path, CONFIG) == ""
+    assert "'kind': 'inferable'" in stale_build(tmp_path, dataclasses.replace(CONFIG, kind="inferable"))
+
+
+def load_warmup_script():
+    spec = importlib.util.spec_from_file_location("warmup_script", REPO_ROOT / "src" / "warmup.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_command_builds_variants_outside_the_cache_only(tmp_path, capsys):
+    parse = load_warmup_script().parse
+    assert parse([])[1] == CONFIG
+    args, config = parse(["--kind", "inferable", "--lr", "1e-4", "--out", str(tmp_path / "v")])
+    assert config == dataclasses.replace(CONFIG, kind="inferable", lr=1e-4) and args.out == tmp_path / "v"
+    for argv, message in [
+        (["--steps", "60"], "needs --out DIR"),
+        (["--kind", "uninferable", "--out", str(tmp_path / "v")], "invalid choice: 'uninferable'"),
+        (["--lr", "0", "--out", str(tmp_path / "v")], "lr=0.0 is invalid"),
+        (["--out", str(tmp_path)], "exists"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert message in capsys.readouterr().err

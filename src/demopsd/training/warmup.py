@@ -36,6 +36,7 @@ from demopsd.runtime.models import (
 
 log = logging.getLogger(__name__)
 
+WARMUP_KINDS = ("mixed", "inferable")
 RECIPE = 1
 """The version of what the warm-up teaches (:func:`well_formed_answer`), recorded in ``warmup.json``; a change of
 what it teaches raises it, so that cached builds of the old recipe are built again."""
@@ -44,11 +45,13 @@ what it teaches raises it, so that cached builds of the old recipe are built aga
 @dataclass(frozen=True)
 class WarmupConfig:
     """``steps`` AdamW steps of ``batch_size`` questions at learning rate ``lr``; the questions are the synthetic
-    mix of ``generator_seed``, leaving out those of the task generated with ``task_seed``."""
+    questions of ``kind`` ("mixed", or "inferable" only) of ``generator_seed``, leaving out those of the task
+    generated with ``task_seed``."""
 
     steps: int = 30
     batch_size: int = 8
     lr: float = 3e-5
+    kind: str = "mixed"
     generator_seed: int = 1
     task_seed: int = 0
     seed: int = 0
@@ -59,17 +62,19 @@ class WarmupConfig:
                 raise ValueError(f"warmup {key}={getattr(self, key)} is invalid: an integer >= 1 is accepted")
         if not self.lr > 0:
             raise ValueError(f"warmup lr={self.lr} is invalid: a positive learning rate is accepted")
+        if self.kind not in WARMUP_KINDS:
+            raise ValueError(f"warmup kind={self.kind!r} is invalid: accepted: {', '.join(WARMUP_KINDS)}")
         if self.generator_seed == self.task_seed:
             raise ValueError(f"warmup generator_seed={self.generator_seed} is invalid: it must differ from "
                              f"task_seed={self.task_seed}, so that the warm-up questions are other questions")
 
 
 def warmup_questions(config: WarmupConfig) -> list[MCQExample]:
-    """``steps * batch_size`` questions of the ``generator_seed`` mix that are neither in the task's train split
-    nor in the part of the question space its test split is drawn from."""
+    """``steps * batch_size`` questions of ``config.kind`` and ``config.generator_seed`` that are neither in the
+    task's train split nor in the part of the question space its test split is drawn from."""
     needed = config.steps * config.batch_size
     task_train = {e.prompt for e in generate_synthetic("mixed", "train", seed=config.task_seed)}
-    pool = generate_synthetic("mixed", "train", seed=config.generator_seed, size=3 * needed)
+    pool = generate_synthetic(config.kind, "train", seed=config.generator_seed, size=3 * needed)
     kept = [e for e in pool if e.prompt not in task_train and not held_out_by(config.task_seed, e)]
     if len(kept) < needed:  # pragma: no cover - a fifth of the pool is held out, on average
         raise RuntimeError(f"only {len(kept)} warm-up questions left of {len(pool)}; {needed} needed")
@@ -130,8 +135,7 @@ def format_warmup(
 
 def build_warmed_model(cache_dir: str | Path | None = None, config: WarmupConfig | None = None) -> Path:
     """The warmed default model at :func:`cached_model_path` of :data:`WARMED_MODEL`, trained on first use
-    (about 10 minutes on a 2-core CPU); ``warmup.json`` beside the weights records the recipe, settings and
-    losses. A build of another recipe or other settings is replaced."""
+    (about 10 minutes on a 2-core CPU). A build of another recipe or other settings is replaced."""
     target = cached_model_path(WARMED_MODEL, cache_dir)
     config = config or WarmupConfig()
     if target.is_dir():
@@ -141,6 +145,12 @@ def build_warmed_model(cache_dir: str | Path | None = None, config: WarmupConfig
         log.warning("%s in %s was built %s; building it again", WARMED_MODEL, target, stale)
         shutil.rmtree(target)
     log.info("Building %s once: %d supervised steps on the answer format (%s)", WARMED_MODEL, config.steps, target)
+    return warm_up(target, config, cache_dir)
+
+
+def warm_up(target: Path, config: WarmupConfig, cache_dir: str | Path | None = None) -> Path:
+    """The default model after the warm-up of ``config``, saved to ``target`` with ``warmup.json`` beside the
+    weights (the recipe, the settings and the loss of every step)."""
     policy, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL, cache_dir=cache_dir)
     losses = format_warmup(policy, tokenizer, config)
     save_atomically(policy.eval(), tokenizer, target, extra={"warmup.json": json.dumps(
@@ -157,6 +167,10 @@ def stale_build(target: Path, config: WarmupConfig) -> str:
     built = json.loads(record.read_text(encoding="utf-8"))
     if built.get("recipe", 1) != RECIPE:
         return f"by recipe {built.get('recipe', 1)}, the current one is {RECIPE}"
-    if built.get("config") != asdict(config):
+    try:  # settings added since the build take their defaults
+        same = WarmupConfig(**built.get("config", {})) == config
+    except (TypeError, ValueError):
+        same = False
+    if not same:
         return f"with {built.get('config')}, the current settings are {asdict(config)}"
     return ""
