@@ -32,8 +32,8 @@ def logged_names() -> set[str]:
     record = {"idx": 0, "answer": "B", "letter_probs": {"A": 0.1, "B": 0.6, "C": 0.2, "D": 0.1},
               "samples": [{"correct": True, "well_formed": True, "length": 9}],
               "greedy": {"correct": True}}
-    for dataset in dataset_names():
-        metrics = summarize(dataset, [record], k=1, entropy=1.0)
+    for dataset in dataset_names():  # two questions: one has no standard error over questions
+        metrics = summarize(dataset, [record, {**record, "idx": 1}], k=1, entropy=1.0)
         names |= set(metrics) | set(changes_from(metrics, metrics))
     return names
 
@@ -58,7 +58,8 @@ def test_every_panel_shows_logged_metrics(section, panel, logged_names):
 def test_the_collected_names_hold_what_the_sections_are_about(logged_names):
     """The collection itself reaches the trainer and the evaluator (else the test above proves nothing)."""
     for name in ("leakage/attenuation", "distill/lambda_q90", "grpo/loss", "perf/step_seconds",
-                 "eval/synthetic-uninferable/overconfidence_change", "eval/gpqa-diamond/acc_avg@1"):
+                 "eval/synthetic-uninferable/overconfidence_change", "eval/gpqa-diamond/acc_avg@1",
+                 "eval/gpqa-diamond/acc_avg_se@1"):
         assert name in logged_names
 
 

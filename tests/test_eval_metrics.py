@@ -1,8 +1,10 @@
 """Tests for pass@k and the per-question sample summary, against hand-computed values and brute force."""
 
 import itertools
+import math
 from math import comb
 
+import numpy as np
 import pytest
 
 from demopsd.evaluation.metrics import pass_at_k, summarize_samples
@@ -73,14 +75,16 @@ def test_pass_at_k_rejects_non_integers():
 def test_summary_by_hand():
     correct = [[True, False, False, False], [True, True, False, False], [False] * 4]
     # acc: (1/4 + 2/4 + 0) / 3 = 0.25; pass@2: (0.5 + 5/6 + 0) / 3 = 4/9; pass@4: (1 + 1 + 0) / 3
-    assert summarize_samples(correct, k=2) == pytest.approx({"acc_avg@2": 0.25, "pass@2": 4 / 9})
-    assert summarize_samples(correct) == pytest.approx({"acc_avg@4": 0.25, "pass@4": 2 / 3})
-    assert summarize_samples(correct, k=1) == pytest.approx({"acc_avg@1": 0.25, "pass@1": 0.25})
+    # acc s.e.: fractions 1/4, 1/2, 0 around 1/4: variance (1/16 + 1/16) / 2 = 1/16, s.e. sqrt(1/16 / 3)
+    se = math.sqrt(1 / 48)
+    assert summarize_samples(correct, k=2) == pytest.approx({"acc_avg@2": 0.25, "pass@2": 4 / 9, "acc_avg_se@2": se})
+    assert summarize_samples(correct) == pytest.approx({"acc_avg@4": 0.25, "pass@4": 2 / 3, "acc_avg_se@4": se})
+    assert summarize_samples(correct, k=1) == pytest.approx({"acc_avg@1": 0.25, "pass@1": 0.25, "acc_avg_se@1": se})
 
 
 def test_summary_keys_name_k_and_accept_zero_one():
     correct = [[1, 0] * 8, [0] * 16]
-    assert set(summarize_samples(correct)) == {"acc_avg@16", "pass@16"}
+    assert set(summarize_samples(correct)) == {"acc_avg@16", "pass@16", "acc_avg_se@16"}
     assert summarize_samples(correct)["pass@16"] == 0.5
     assert summarize_samples(correct, k=3) == summarize_samples([[bool(x) for x in q] for q in correct], k=3)
 
@@ -109,3 +113,20 @@ def test_summary_matches_enumeration(n):
 def test_summary_rejects_bad_input(correct, k, message):
     with pytest.raises(ValueError, match=message):
         summarize_samples(correct, k=k)
+
+
+def test_accuracy_standard_error_is_over_questions_not_answers():
+    """Against numpy: the s.e. of the per-question means. Four answers that agree on each question are one
+    measurement of it, so the s.e. is that of the questions, larger than a binomial over all the answers."""
+    rng = np.random.default_rng(0)
+    correct = (rng.random((40, 1)) < 0.3).repeat(4, axis=1).tolist()  # each question all right or all wrong
+    fractions = np.array(correct, dtype=float).mean(axis=1)
+    summary = summarize_samples(correct)
+    assert summary["acc_avg_se@4"] == pytest.approx(fractions.std(ddof=1) / np.sqrt(40), rel=1e-12)
+    binomial = np.sqrt(summary["acc_avg@4"] * (1 - summary["acc_avg@4"]) / 160)
+    assert summary["acc_avg_se@4"] > 1.9 * binomial  # about 2x: four answers per question, all alike
+    assert summarize_samples([[True, False, True], [True, True, True]])["acc_avg_se@3"] == pytest.approx(1 / 6)
+
+
+def test_one_question_has_no_standard_error():
+    assert set(summarize_samples([[True, False]])) == {"acc_avg@2", "pass@2"}

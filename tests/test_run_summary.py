@@ -30,3 +30,13 @@ def test_summary_reports_first_and_last_evaluation_training_entropy_and_mean_lea
 def test_a_run_without_evaluation_or_distillation_prints_nothing(tmp_path):
     pd.DataFrame([{"step": 0, "perf/step_seconds": 3.0}]).to_csv(tmp_path / "metrics.csv", index=False)
     assert run_summary(tmp_path / "metrics.csv") == ""
+
+
+def test_accuracy_carries_its_standard_error_over_questions_when_logged(tmp_path):
+    rows = [
+        {"step": 0, "eval/synthetic-inferable/acc_avg@4": 0.25, "eval/synthetic-inferable/acc_avg_se@4": 0.04},
+        {"step": 12, "eval/synthetic-inferable/acc_avg@4": 0.375, "eval/synthetic-inferable/acc_avg_se@4": 0.05},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    line = run_summary(tmp_path / "metrics.csv").splitlines()[1]
+    assert line == "  synthetic-inferable (step 0 → 12): accuracy 0.250 ± 0.040 → 0.375 ± 0.050 (+0.125)"

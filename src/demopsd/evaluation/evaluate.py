@@ -1,7 +1,8 @@
 """Held-out evaluation: k sampled answers and one greedy answer per question, scored and summarised.
 
 Per dataset it reports, under ``eval/<dataset>/``: ``acc_avg@k`` (mean accuracy over the k samples,
-SDPO's avg@16 when k = 16), ``pass@k`` (unbiased estimator), ``greedy_accuracy``, ``format_rate``
+SDPO's avg@16 when k = 16) and ``acc_avg_se@k`` (its standard error over questions), ``pass@k`` (unbiased
+estimator), ``greedy_accuracy``, ``format_rate``
 (share of well-formed sampled answers), ``entropy`` (mean full-vocabulary token entropy of the policy
 on its own sampled answers) and ``response_length``; and, per question, every sampled text with its
 parsed letter, for inspection.

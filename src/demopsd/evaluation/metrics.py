@@ -4,10 +4,15 @@ Each question is answered ``n`` times and every answer is marked correct or not.
 the mean over questions of the fraction of correct samples; ``pass@k`` is the mean over questions of
 the probability that at least one of ``k`` samples drawn without replacement from the ``n`` is correct
 (the unbiased estimator of Chen et al., 2021, "Evaluating Large Language Models Trained on Code").
+``acc_avg_se@k`` is the standard error of ``acc_avg@k`` over questions: the sample standard deviation
+(``ddof=1``) of the per-question fractions over the square root of the number of questions. It treats the
+questions as the random draw and a question's ``n`` answers as one measurement of it, so answers to the same
+question are not counted as independent evidence.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from numbers import Integral
 
@@ -34,11 +39,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def summarize_samples(correct: Sequence[Sequence[bool]], k: int | None = None) -> dict[str, float]:
-    """``{"acc_avg@<k>": ..., "pass@<k>": ...}`` over questions, each with the same number ``n`` of samples.
+    """``{"acc_avg@<k>": ..., "pass@<k>": ..., "acc_avg_se@<k>": ...}`` over questions, each with the same number
+    ``n`` of samples.
 
     ``correct[q][s]`` tells whether sample ``s`` of question ``q`` is correct (a bool, or 0/1).
     ``k`` defaults to ``n``. ``acc_avg@k`` is the mean correctness over all samples (it does not
-    depend on ``k``; the key names the sampling budget it was reported with).
+    depend on ``k``; the key names the sampling budget it was reported with). ``acc_avg_se@k``, its
+    standard error over questions, needs two questions or more and is left out for one.
     """
     if len(correct) == 0:
         raise ValueError("correct is empty: at least one question is required")
@@ -53,7 +60,10 @@ def summarize_samples(correct: Sequence[Sequence[bool]], k: int | None = None) -
         raise ValueError("questions have no samples: at least one per question is required")
     k = n if k is None else k
     counts = [sum(bool(value) for value in samples) for samples in correct]
-    return {
-        f"acc_avg@{k}": sum(c / n for c in counts) / len(counts),
-        f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts),
-    }
+    fractions = [c / n for c in counts]
+    mean = sum(fractions) / len(fractions)
+    summary = {f"acc_avg@{k}": mean, f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts)}
+    if len(fractions) > 1:
+        variance = sum((f - mean) ** 2 for f in fractions) / (len(fractions) - 1)
+        summary[f"acc_avg_se@{k}"] = math.sqrt(variance / len(fractions))
+    return summary

@@ -56,6 +56,7 @@ SECTIONS: dict[str, tuple[Panel, ...]] = {
         Panel("well-formed answers", ("train/format_rate",)),
         Panel("response length (tokens)", ("train/response_length",)),
         Panel("held-out accuracy, avg@k", regex=r"^eval/[^/]+/acc_avg@\d+$"),
+        Panel("held-out accuracy, standard error over questions", regex=r"^eval/[^/]+/acc_avg_se@\d+$"),
         Panel("held-out pass@k", regex=r"^eval/[^/]+/pass@\d+$"),
         Panel("GPQA accuracy, avg@k (out of distribution)", regex=r"^eval/gpqa[^/]*/acc_avg@\d+$"),
         Panel("GRPO: loss, advantage, groups with varied rewards, clipping, sampler weight",

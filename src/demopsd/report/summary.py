@@ -16,8 +16,9 @@ LEAKAGE = (("leakage/kl_teacher_student", "KL(teacher‖student)"), ("leakage/kl
 
 
 def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str:
-    """What the run measured: for each evaluated dataset the accuracy, the share of well-formed answers and the
-    answer-probe metrics at the first and the last evaluation (and the difference), the training entropy at the
+    """What the run measured: for each evaluated dataset the accuracy (± its standard error over questions, where
+    logged), the share of well-formed answers and the answer-probe metrics at the first and the last evaluation
+    (and the difference), the training entropy at the
     first and last step, the rollouts' reward, well-formed share and (per method) share of contexts that are a
     successful sibling or of groups with varied rewards, and the mean leakage per token over training; then where
     the plots are. Empty when ``metrics_csv`` has none of these."""
@@ -25,16 +26,19 @@ def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str
     lines = []
     datasets = sorted({c.split("/")[1] for c in metrics.columns if c.startswith("eval/") and c.count("/") == 2})
     for dataset in datasets:
-        parts = []
+        parts, steps = [], None
         accuracy = sorted(c.rsplit("/", 1)[1] for c in metrics.columns
                           if c.startswith(f"eval/{dataset}/acc_avg@") and not c.endswith("_change"))
         for key, label in (*((key, "accuracy") for key in accuracy[:1]), ("format_rate", "well-formed"), *PROBE):
             values = _values(metrics, f"eval/{dataset}/{key}")
             if len(values) > 1:
-                first, last = values.iloc[0], values.iloc[-1]
-                parts.append(f"{label} {first:.3f} → {last:.3f} ({last - first:+.3f})")
-        if parts:
-            steps = _values(metrics, f"eval/{dataset}/{PROBE[0][0]}", index="step")
+                steps = _values(metrics, f"eval/{dataset}/{key}", index="step") if steps is None else steps
+                first, last = (f"{v:.3f}" for v in (values.iloc[0], values.iloc[-1]))
+                errors = _values(metrics, f"eval/{dataset}/acc_avg_se@{key.split('@')[-1]}")
+                if key.startswith("acc_avg@") and len(errors) == len(values):  # runs from before it was logged: none
+                    first, last = f"{first} ± {errors.iloc[0]:.3f}", f"{last} ± {errors.iloc[-1]:.3f}"
+                parts.append(f"{label} {first} → {last} ({values.iloc[-1] - values.iloc[0]:+.3f})")
+        if parts:  # evaluations are logged together, so any reported metric's steps are theirs
             lines.append(f"  {dataset} (step {steps.iloc[0]:g} → {steps.iloc[-1]:g}): " + ", ".join(parts))
     entropy = _values(metrics, "train/entropy")
     if len(entropy):
