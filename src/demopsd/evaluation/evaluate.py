@@ -2,10 +2,9 @@
 
 Per dataset it reports, under ``eval/<dataset>/``: ``acc_avg@k`` (mean accuracy over the k samples,
 SDPO's avg@16 when k = 16) and ``acc_avg_se@k`` (its standard error over questions), ``pass@k`` (unbiased
-estimator), ``greedy_accuracy``, ``format_rate``
-(share of well-formed sampled answers), ``entropy`` (mean full-vocabulary token entropy of the policy
-on its own sampled answers) and ``response_length``; and, per question, every sampled text with its
-parsed letter, for inspection.
+estimator), ``greedy_accuracy``, ``format_rate`` (share of well-formed sampled answers), ``entropy`` (mean
+full-vocabulary token entropy of the policy on its own sampled answers) and ``response_length``; and, per
+question, every sampled text with its parsed letter, for inspection.
 
 The *answer probe* reads the policy's belief over the option letters directly: after the question it
 appends ``probe_prefix`` (an empty reasoning block and ``<answer>``) and takes the next-token

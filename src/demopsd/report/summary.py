@@ -18,10 +18,9 @@ LEAKAGE = (("leakage/kl_teacher_student", "KL(teacher‖student)"), ("leakage/kl
 def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str:
     """What the run measured: for each evaluated dataset the accuracy (± its standard error over questions, where
     logged), the share of well-formed answers and the answer-probe metrics at the first and the last evaluation
-    (and the difference), the training entropy at the
-    first and last step, the rollouts' reward, well-formed share and (per method) share of contexts that are a
-    successful sibling or of groups with varied rewards, and the mean leakage per token over training; then where
-    the plots are. Empty when ``metrics_csv`` has none of these."""
+    (and the difference), the training entropy at the first and last step, the rollouts' reward, well-formed share
+    and (per method) share of contexts that are a successful sibling or of groups with varied rewards, and the mean
+    leakage per token over training; then where the plots are. Empty when ``metrics_csv`` has none of these."""
     metrics = pd.read_csv(metrics_csv)
     lines = []
     datasets = sorted({c.split("/")[1] for c in metrics.columns if c.startswith("eval/") and c.count("/") == 2})
