@@ -13,6 +13,7 @@ question are not counted as independent evidence.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from numbers import Integral
 
@@ -61,9 +62,8 @@ def summarize_samples(correct: Sequence[Sequence[bool]], k: int | None = None) -
     k = n if k is None else k
     counts = [sum(bool(value) for value in samples) for samples in correct]
     fractions = [c / n for c in counts]
-    mean = sum(fractions) / len(fractions)
-    summary = {f"acc_avg@{k}": mean, f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts)}
+    summary = {f"acc_avg@{k}": statistics.fmean(fractions),
+               f"pass@{k}": statistics.fmean(pass_at_k(n, c, k) for c in counts)}
     if len(fractions) > 1:
-        variance = sum((f - mean) ** 2 for f in fractions) / (len(fractions) - 1)
-        summary[f"acc_avg_se@{k}"] = math.sqrt(variance / len(fractions))
+        summary[f"acc_avg_se@{k}"] = statistics.stdev(fractions) / math.sqrt(len(fractions))
     return summary

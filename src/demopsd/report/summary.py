@@ -33,9 +33,10 @@ def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str
             if len(values) > 1:
                 steps = _values(metrics, f"eval/{dataset}/{key}", index="step") if steps is None else steps
                 first, last = (f"{v:.3f}" for v in (values.iloc[0], values.iloc[-1]))
-                errors = _values(metrics, f"eval/{dataset}/acc_avg_se@{key.split('@')[-1]}")
-                if key.startswith("acc_avg@") and len(errors) == len(values):  # runs from before it was logged: none
-                    first, last = f"{first} ± {errors.iloc[0]:.3f}", f"{last} ± {errors.iloc[-1]:.3f}"
+                if key in accuracy:
+                    errors = _values(metrics, f"eval/{dataset}/{key.replace('acc_avg@', 'acc_avg_se@')}")
+                    if len(errors) == len(values):  # runs from before it was logged have none
+                        first, last = f"{first} ± {errors.iloc[0]:.3f}", f"{last} ± {errors.iloc[-1]:.3f}"
                 parts.append(f"{label} {first} → {last} ({values.iloc[-1] - values.iloc[0]:+.3f})")
         if parts:  # evaluations are logged together, so any reported metric's steps are theirs
             lines.append(f"  {dataset} (step {steps.iloc[0]:g} → {steps.iloc[-1]:g}): " + ", ".join(parts))
