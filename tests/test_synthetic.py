@@ -10,9 +10,15 @@ import pytest
 from demopsd.data.loading import load_split
 from demopsd.data.rewards import score_mcq
 from demopsd.data.synthetic import (
+    ANIMAL_SOUNDS,
     ANIMALS,
+    CAPITALS,
+    COLOUR_OF,
+    COLOURS,
     DEFAULT_SIZES,
+    INFERABLE_TEMPLATES,
     KINDS,
+    OPPOSITES,
     THINGS,
     UNINFERABLE_TEMPLATES,
     generate_synthetic,
@@ -123,36 +129,39 @@ CATEGORIES = {**ANIMALS, **THINGS}
 
 
 def recompute(question, options):
-    """The letters whose text answers ``question``, computed from the text alone, and the template's name."""
-    numbers = {k: int(v) for k, v in options.items() if re.fullmatch(r"\d+", v)}
-    if question == "Which of these numbers is the largest?":
-        return "largest", [k for k, v in numbers.items() if v == max(numbers.values())]
-    if question == "Which of these numbers is the smallest?":
-        return "smallest", [k for k, v in numbers.items() if v == min(numbers.values())]
-    if question == "Which of these numbers is even?":
-        return "even", [k for k, v in numbers.items() if v % 2 == 0]
-    if m := re.fullmatch(r"Which option is the sum of (\d+) and (\d+)\?", question):
-        return "sum", [k for k, v in numbers.items() if v == int(m[1]) + int(m[2])]
-    if m := re.fullmatch(r"Which option is (\d+) minus (\d+)\?", question):
-        return "difference", [k for k, v in numbers.items() if v == int(m[1]) - int(m[2])]
-    if m := re.fullmatch(r"Which number comes next in the sequence ([\d, ]+)\?", question):
-        terms = [int(t) for t in m[1].split(", ")]
-        steps = {b - a for a, b in zip(terms, terms[1:])}
-        assert len(terms) == 4 and len(steps) == 1
-        (step,) = steps
-        return "next", [k for k, v in numbers.items() if v == terms[-1] + step]
-    lengths = {k: len(v) for k, v in options.items()}
-    if question == "Which word has the most letters?":
-        return "longest", [k for k, n in lengths.items() if n == max(lengths.values())]
-    if question == "Which word has the fewest letters?":
-        return "shortest", [k for k, n in lengths.items() if n == min(lengths.values())]
+    """The letters whose text answers ``question`` (from the text and the fact lists), and the template's name."""
+    texts = set(options.values())
+    if m := re.fullmatch(r"What is the capital of (.+)\?", question):
+        assert texts <= set(CAPITALS.values())
+        return "capital", [k for k, v in options.items() if v == CAPITALS[m[1]]]
+    if m := re.fullmatch(r"What colour is (.+)\?", question):
+        assert texts <= set(COLOURS)
+        return "colour", [k for k, v in options.items() if v == COLOUR_OF[m[1]]]
+    if m := re.fullmatch(r"Which animal says '(.+)'\?", question):
+        assert texts <= set(ANIMAL_SOUNDS)
+        return "sound", [k for k, v in options.items() if ANIMAL_SOUNDS[v] == m[1]]
+    if m := re.fullmatch(r"Which word means the opposite of '(.+)'\?", question):
+        opposite = {a: b for pair in OPPOSITES for a, b in (pair, pair[::-1])}
+        assert texts <= set(opposite) and m[1] not in texts
+        return "opposite", [k for k, v in options.items() if opposite[v] == m[1]]
     if question == "Which word comes first in alphabetical order?":
+        assert len({v[0] for v in texts}) == 4  # distinct initials: the first letter decides
         return "alphabetical", [k for k, v in options.items() if v == min(options.values())]
     if m := re.fullmatch(r"Which (?:animal|of these) is an? (.+)\?", question):
         members = CATEGORIES[m[1]]
         assert all(any(v in words for words in CATEGORIES.values()) for v in options.values())
         return "category", [k for k, v in options.items() if v in members]
     raise AssertionError(f"no template matches {question!r}")
+
+
+def test_fact_lists_are_unambiguous():
+    """Each fact has one answer among any options: no two countries share a capital, no two animals a sound, no
+    word is in two pairs of opposites, and every colour answer is one of the colour options."""
+    assert len(set(CAPITALS.values())) == len(CAPITALS)
+    assert len(set(ANIMAL_SOUNDS.values())) == len(ANIMAL_SOUNDS)
+    words = [w for pair in OPPOSITES for w in pair]
+    assert len(words) == len(set(words))
+    assert set(COLOUR_OF.values()) <= set(COLOURS)
 
 
 def test_category_lists_do_not_overlap():
@@ -167,7 +176,7 @@ def test_inferable_answers_follow_from_the_text():
             template, right = recompute(*parse(e.prompt))
             assert right == [e.answer], (template, e.prompt, e.answer)
             seen[template] += 1
-    assert len(seen) == 10 and min(seen.values()) >= 100, seen
+    assert len(seen) == len(INFERABLE_TEMPLATES) and min(seen.values()) >= 150, seen
 
 
 # ------------------------------------------------------------------------------------------ letters
@@ -228,10 +237,8 @@ def test_simple_text_features_do_not_predict_the_uninferable_letter():
 def test_the_heuristics_do_find_signal_where_there_is_some():
     """Positive control: on inferable items the matching heuristic is right (the checks above can fail)."""
     examples = synthetic("inferable", "test", 0, N)
-    largest = [e for e in examples if parse(e.prompt)[0].endswith("the largest?")]
-    assert heuristic_accuracies(largest)["largest number"] == 1.0
-    longest = [e for e in examples if parse(e.prompt)[0].endswith("the most letters?")]
-    assert heuristic_accuracies(longest)["longest text"] == 1.0
+    alphabetical = [e for e in examples if parse(e.prompt)[0].endswith("in alphabetical order?")]
+    assert len(alphabetical) > 100 and heuristic_accuracies(alphabetical)["smallest text"] == 1.0
 
 
 # -- a bag-of-words Naive Bayes: question words, and option words tagged with their letter

@@ -51,6 +51,13 @@ def test_the_taught_answer_is_well_formed_and_correct_under_every_reward_rule(ru
                          example.letters, rule).reward == 0.0
 
 
+def test_the_taught_reasoning_names_the_chosen_options_letter_and_text():
+    example = next(e for e in warmup_questions(CONFIG) if e.prompt.startswith("What is the capital of France?"))
+    reasoning = well_formed_answer(example).split("</reasoning>")[0]
+    assert reasoning == f"<reasoning>\nThe answer is {example.answer}: Paris.\n"
+    assert f"\n{example.answer}: Paris\n" in example.prompt
+
+
 def test_labels_cover_the_answer_and_its_eos_only():
     tokenizer = default_tokenizer()
     examples = warmup_questions(CONFIG)[:3]

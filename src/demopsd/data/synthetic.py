@@ -4,10 +4,11 @@ Two kinds of question, in the SciKnowEval layout (question, blank line, ``A: ...
 "Please reason step by step."; system prompt ``SYSTEM_PROMPT``; scored by the same answer parser):
 
 ``inferable``
-    The answer follows from the question text by a short step of reasoning (ten templates: the
-    largest / smallest number, the even number, a sum, a difference, the next term of an arithmetic
-    sequence, the longest / shortest word, the word first in alphabetical order, the member of a
-    category such as "Which animal is a mammal?"). A student can learn these.
+    The answer follows from the question and everyday knowledge (six templates: the capital of a country,
+    the colour of a familiar thing, the animal that makes a sound, the opposite of a word, the word first in
+    alphabetical order, the member of a category such as "Which animal is a mammal?"). The facts come from
+    fixed lists, so a held-out question asks about a fact the train split also asks about, among other
+    options: a student can learn these, and the default 135M model knows some of them before any training.
 ``uninferable``
     Facts about fictional places, people and words ("In the catalogue of the fictional observatory
     Vel-Ashar, which code is assigned to the star Korvath?") with four option texts drawn
@@ -73,8 +74,33 @@ CATEGORY_QUESTIONS = {
     **{name: f"Which animal is a {name}?" for name in ANIMALS},
     **{name: f"Which of these is a {name}?" for name in THINGS},
 }
+CAPITALS = {
+    "France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "Germany": "Berlin", "Spain": "Madrid",
+    "the United Kingdom": "London", "Russia": "Moscow", "China": "Beijing", "Egypt": "Cairo", "Greece": "Athens",
+    "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna", "Norway": "Oslo", "Thailand": "Bangkok",
+    "Argentina": "Buenos Aires",
+}
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "brown", "pink", "grey")
+COLOUR_OF = {
+    "grass": "green", "snow": "white", "coal": "black", "a ripe banana": "yellow", "a ripe tomato": "red",
+    "chocolate": "brown", "a lemon": "yellow", "milk": "white", "the sky on a clear day": "blue", "a carrot": "orange",
+    "a flamingo": "pink", "a pumpkin": "orange", "a lime": "green", "an elephant": "grey", "a fire engine": "red",
+    "an aubergine": "purple",
+}
+ANIMAL_SOUNDS = {
+    "cow": "moo", "dog": "woof", "cat": "meow", "sheep": "baa", "duck": "quack", "pig": "oink", "lion": "roar",
+    "owl": "hoot", "horse": "neigh", "bee": "buzz", "mouse": "squeak", "donkey": "hee-haw", "frog": "ribbit",
+    "rooster": "cock-a-doodle-doo",
+}
+OPPOSITES = (
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
+    ("open", "closed"), ("wet", "dry"), ("early", "late"), ("full", "empty"), ("high", "low"), ("rich", "poor"),
+    ("strong", "weak"), ("long", "short"), ("loud", "quiet"), ("day", "night"), ("left", "right"), ("push", "pull"),
+    ("win", "lose"), ("first", "last"), ("old", "young"), ("inside", "outside"), ("buy", "sell"),
+)
+"""Pairs of opposites; no word of one pair is an opposite of a word of another."""
 WORDS = tuple(sorted({w for group in (ANIMALS, THINGS) for words in group.values() for w in words}))
-"""The single words of the category lists: the pool of the word templates."""
+"""The single words of the category lists: the pool of the alphabetical template."""
 
 FICTION_NOUNS = ("river", "lantern", "mountain", "bread", "window", "feather", "stone", "winter", "mirror",
                  "harvest", "thread", "bridge", "candle", "shadow", "garden", "anchor", "forest", "kettle",
@@ -175,63 +201,29 @@ def _draw(kind: str, rng: random.Random) -> tuple[str, str, list[str]]:
 
 
 # -- inferable templates: each returns (question, correct, distractors in a random order)
-def _near(rng: random.Random, value: int, low: int = 1) -> list[str]:
-    """Three distinct integers >= ``low`` near ``value``; the rank of ``value`` among the four is uniform
-    where there is room below it (so the correct number is not always the middle one)."""
-    below = list(range(max(low, value - 8), value))
-    above = list(range(value + 1, value + 9))
-    under = min(rng.randrange(4), len(below))
-    picked = rng.sample(below, under) + rng.sample(above, 3 - under)
-    rng.shuffle(picked)
-    return [str(v) for v in picked]
+def _capital(rng):
+    country = rng.choice(sorted(CAPITALS))
+    others = [city for other, city in sorted(CAPITALS.items()) if other != country]
+    return f"What is the capital of {country}?", CAPITALS[country], rng.sample(others, 3)
 
 
-def _largest(rng):
-    values = rng.sample(range(1, 100), 4)
-    return "Which of these numbers is the largest?", str(max(values)), [str(v) for v in values if v != max(values)]
+def _colour_of(rng):
+    thing = rng.choice(sorted(COLOUR_OF))
+    colour = COLOUR_OF[thing]
+    return f"What colour is {thing}?", colour, rng.sample([c for c in COLOURS if c != colour], 3)
 
 
-def _smallest(rng):
-    values = rng.sample(range(1, 100), 4)
-    return "Which of these numbers is the smallest?", str(min(values)), [str(v) for v in values if v != min(values)]
+def _animal_sound(rng):
+    animal = rng.choice(sorted(ANIMAL_SOUNDS))
+    others = [a for a in sorted(ANIMAL_SOUNDS) if a != animal]
+    return f"Which animal says '{ANIMAL_SOUNDS[animal]}'?", animal, rng.sample(others, 3)
 
 
-def _even(rng):
-    even = rng.randrange(2, 100, 2)
-    odd = rng.sample(range(1, 100, 2), 3)
-    return "Which of these numbers is even?", str(even), [str(v) for v in odd]
-
-
-def _sum(rng):
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
-    return f"Which option is the sum of {a} and {b}?", str(a + b), _near(rng, a + b)
-
-
-def _difference(rng):
-    a = rng.randint(10, 40)
-    b = rng.randint(1, a - 1)
-    return f"Which option is {a} minus {b}?", str(a - b), _near(rng, a - b)
-
-
-def _next_term(rng):
-    start, step = rng.randint(1, 20), rng.randint(1, 9)
-    terms = ", ".join(str(start + i * step) for i in range(4))
-    return f"Which number comes next in the sequence {terms}?", str(start + 4 * step), _near(rng, start + 4 * step)
-
-
-def _by_length(longest: bool) -> Callable:
-    def template(rng):
-        by_length: dict[int, list[str]] = {}
-        for word in WORDS:
-            by_length.setdefault(len(word), []).append(word)
-        lengths = rng.sample(sorted(by_length), 4)
-        words = [rng.choice(by_length[n]) for n in lengths]
-        target = max(lengths) if longest else min(lengths)
-        correct = words[lengths.index(target)]
-        question = "Which word has the most letters?" if longest else "Which word has the fewest letters?"
-        return question, correct, [w for w in words if w != correct]
-
-    return template
+def _opposite(rng):
+    pair = rng.choice(OPPOSITES)
+    word, opposite = pair if rng.random() < 0.5 else pair[::-1]
+    others = [w for other in OPPOSITES if other != pair for w in other]
+    return f"Which word means the opposite of '{word}'?", opposite, rng.sample(others, 3)
 
 
 def _alphabetical(rng):
@@ -251,10 +243,7 @@ def _category(rng):
     return CATEGORY_QUESTIONS[name], rng.choice(group[name]), rng.sample(others, 3)
 
 
-INFERABLE_TEMPLATES = (
-    _largest, _smallest, _even, _sum, _difference, _next_term,
-    _by_length(True), _by_length(False), _alphabetical, _category,
-)
+INFERABLE_TEMPLATES = (_capital, _colour_of, _animal_sound, _opposite, _alphabetical, _category)
 
 
 # -- uninferable templates: each returns (question, four i.i.d. distinct option texts)

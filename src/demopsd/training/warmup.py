@@ -2,8 +2,8 @@
 
 Untrained, the 135M default model never closes an ``<answer>`` block within the laptop job's 48 tokens, so
 every reward is 0: no rollout is ever a successful sibling, and GRPO's advantages are all zero. The warm-up
-fine-tunes it on well-formed answers (``<reasoning>`` naming the chosen option's text, then ``<answer>`` with
-its letter) to synthetic questions drawn with another generator seed, none of which is a question of the
+fine-tunes it on well-formed answers (``<reasoning>`` naming the chosen option's letter and text, then ``<answer>``
+with the letter) to synthetic questions drawn with another generator seed, none of which is a question of the
 task's train split or may fall in its test split. Every method of the laptop job and its benchmark starts
 from the warmed model (:data:`demopsd.runtime.models.WARMED_MODEL`), so none is favoured.
 
@@ -37,9 +37,12 @@ from demopsd.runtime.models import (
 log = logging.getLogger(__name__)
 
 WARMUP_KINDS = ("mixed", "inferable")
-RECIPE = 1
-"""The version of what the warm-up teaches (:func:`well_formed_answer`), recorded in ``warmup.json``; a change of
-what it teaches raises it, so that cached builds of the old recipe are built again."""
+RECIPE = 3
+"""The version of what the warm-up teaches (:func:`well_formed_answer`, on the questions of
+:mod:`demopsd.data.synthetic`), recorded in ``warmup.json``; a change of either raises it, so that cached builds of
+an old recipe are built again. 1: the chosen option's text as the reasoning, on the first ten inferable templates;
+2 (withdrawn): a worked step as the reasoning; 3: the chosen option's line as the reasoning, on the six templates of
+everyday knowledge."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,11 @@ def warmup_questions(config: WarmupConfig) -> list[MCQExample]:
 
 
 def well_formed_answer(example: MCQExample) -> str:
-    """The answer the warm-up teaches: the chosen option's text as the reasoning, then its letter."""
+    """The answer the warm-up teaches: the chosen option's line as the reasoning ("The answer is C: Paris."), then
+    its letter, which the answer block only has to copy."""
     option = option_texts(example.prompt)[example.answer]
-    return f"<reasoning>\nThe answer is {option}.\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
+    return (f"<reasoning>\nThe answer is {example.answer}: {option}.\n</reasoning>\n"
+            f"<answer>\n{example.answer}\n</answer>")
 
 
 def supervised_batch(
