@@ -102,7 +102,7 @@ def test_a_build_of_another_recipe_or_other_settings_is_stale(tmp_path):
     assert stale_build(tmp_path, CONFIG) == ""  # no record: a model put there by hand is used as it is
     record = tmp_path / "warmup.json"
     record.write_text(json.dumps({"config": dataclasses.asdict(CONFIG)}))  # builds before the recipe was recorded
-    assert stale_build(tmp_path, CONFIG) == ""
+    assert stale_build(tmp_path, CONFIG) == f"by recipe 1, the current one is {RECIPE}"
     record.write_text(json.dumps({"recipe": RECIPE + 1, "config": dataclasses.asdict(CONFIG)}))
     assert f"recipe {RECIPE + 1}" in stale_build(tmp_path, CONFIG)
     record.write_text(json.dumps({"recipe": RECIPE, "config": dataclasses.asdict(CONFIG)}))
