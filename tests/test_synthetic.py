@@ -21,8 +21,10 @@ from demopsd.data.synthetic import (
     OPPOSITES,
     THINGS,
     UNINFERABLE_TEMPLATES,
+    fact_sentence,
     generate_synthetic,
     kind_of,
+    with_article,
 )
 from demopsd.data.types import SYSTEM_PROMPT, option_letters
 
@@ -177,6 +179,35 @@ def test_inferable_answers_follow_from_the_text():
             assert right == [e.answer], (template, e.prompt, e.answer)
             seen[template] += 1
     assert len(seen) == len(INFERABLE_TEMPLATES) and min(seen.values()) >= 150, seen
+
+
+def test_the_fact_sentence_names_the_correct_option_and_no_other():
+    seen = Counter()
+    for e in synthetic("inferable", "test", 0, 600):
+        question, options = parse(e.prompt)
+        sentence = fact_sentence(e)
+        named = {letter for letter, text in options.items() if re.search(rf"\b{re.escape(text)}\b", sentence)}
+        assert named == {e.answer}, (e.prompt, sentence)
+        assert re.fullmatch(r"['A-Z].*\.", sentence)
+        seen[recompute(question, options)[0]] += 1
+    assert len(seen) == len(INFERABLE_TEMPLATES), seen
+    assert {fact_sentence(e) for e in synthetic("uninferable", "test", 0, 50)} == {""}
+
+
+def test_fact_sentences_of_known_questions():
+    by_question = {e.prompt.split("\n")[0]: e for e in synthetic("inferable", "train", 0, 1000)}
+    cases = {
+        "What is the capital of France?": "The capital of France is Paris.",
+        "What colour is the sky on a clear day?": "The sky on a clear day is blue.",
+        "Which animal says 'hoot'?": "An owl says 'hoot'.",
+        "Which word means the opposite of 'hot'?": "The opposite of 'hot' is 'cold'.",
+    }
+    for question, sentence in cases.items():
+        assert fact_sentence(by_question[question]) == sentence
+    insect = by_question["Which animal is an insect?"]
+    assert fact_sentence(insect) == f"{with_article(parse(insect.prompt)[1][insect.answer]).capitalize()} is an insect."
+    assert [with_article(w) for w in ("insect", "owl", "bird", "umbrella")] == ["an insect", "an owl", "a bird",
+                                                                             "an umbrella"]
 
 
 # ------------------------------------------------------------------------------------------ letters

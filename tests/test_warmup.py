@@ -9,6 +9,7 @@ import pytest
 
 from demopsd.data.rewards import REWARD_RULES, score_mcq
 from demopsd.data.synthetic import generate_synthetic, held_out_by, kind_of
+from demopsd.data.types import option_texts
 from demopsd.runtime.models import WARMED_MODEL, cached_model_path, load_model_and_tokenizer
 from demopsd.training.warmup import (
     RECIPE,
@@ -51,11 +52,16 @@ def test_the_taught_answer_is_well_formed_and_correct_under_every_reward_rule(ru
                          example.letters, rule).reward == 0.0
 
 
-def test_the_taught_reasoning_names_the_chosen_options_letter_and_text():
-    example = next(e for e in warmup_questions(CONFIG) if e.prompt.startswith("What is the capital of France?"))
+def test_the_taught_reasoning_recalls_the_fact_then_names_the_chosen_options_letter_and_text():
+    questions = warmup_questions(CONFIG)
+    example = next(e for e in questions if e.prompt.startswith("What is the capital of France?"))
     reasoning = well_formed_answer(example).split("</reasoning>")[0]
-    assert reasoning == f"<reasoning>\nThe answer is {example.answer}: Paris.\n"
+    assert reasoning == f"<reasoning>\nThe capital of France is Paris. The answer is {example.answer}: Paris.\n"
     assert f"\n{example.answer}: Paris\n" in example.prompt
+    fictional = next(e for e in questions if kind_of(e) == "uninferable")  # no fact to recall: the option's line only
+    text = option_texts(fictional.prompt)[fictional.answer]
+    assert well_formed_answer(fictional).split("</reasoning>")[0] == (
+        f"<reasoning>\nThe answer is {fictional.answer}: {text}.\n")
 
 
 def test_labels_cover_the_answer_and_its_eos_only():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import string
 from collections.abc import Callable
 
@@ -48,6 +49,12 @@ TEST_FRACTION = 0.2
 """The share of the question space held out for the test split."""
 LETTERS = "ABCD"
 _MAX_DRAWS = 10_000
+
+
+def with_article(noun: str) -> str:
+    """``noun`` after "a", or "an" before a vowel ("an insect")."""
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
 
 # ------------------------------------------------------------------------------------------ word lists
 ANIMALS = {
@@ -71,8 +78,8 @@ THINGS = {
              "trowel"),
 }
 CATEGORY_QUESTIONS = {
-    **{name: f"Which animal is a {name}?" for name in ANIMALS},
-    **{name: f"Which of these is a {name}?" for name in THINGS},
+    **{name: f"Which animal is {with_article(name)}?" for name in ANIMALS},
+    **{name: f"Which of these is {with_article(name)}?" for name in THINGS},
 }
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "Germany": "Berlin", "Spain": "Madrid",
@@ -160,6 +167,19 @@ def held_out_by(seed: int, example: MCQExample) -> bool:
     return split_of(seed, kind, content_key(kind, question, options)) == "test"
 
 
+def fact_sentence(example: MCQExample) -> str:
+    """The fact an inferable question of :func:`generate_synthetic` asks about, stated with its correct option's text
+    ("The capital of Egypt is Cairo."); "" for an uninferable question, whose answer no fact decides."""
+    if kind_of(example) == "uninferable":
+        return ""
+    question = example.prompt.split("\n", 1)[0]
+    answer = option_texts(example.prompt)[example.answer]
+    for pattern, state in FACT_SENTENCES:
+        if match := re.fullmatch(pattern, question):
+            return state(*match.groups(), answer)
+    raise ValueError(f"no fact sentence for the question {question!r}: not one of the inferable templates")
+
+
 def content_key(kind: str, question: str, options: list[str]) -> str:
     """What makes a question distinct: its line, plus the sorted option texts for inferable items."""
     return question if kind == "uninferable" else "\n".join([question, *sorted(options)])
@@ -244,6 +264,17 @@ def _category(rng):
 
 
 INFERABLE_TEMPLATES = (_capital, _colour_of, _animal_sound, _opposite, _alphabetical, _category)
+FACT_SENTENCES = (
+    (r"What is the capital of (.+)\?", lambda country, city: f"The capital of {country} is {city}."),
+    (r"What colour is (.+)\?", lambda thing, colour: f"{thing[0].upper()}{thing[1:]} is {colour}."),
+    (r"Which animal says '(.+)'\?", lambda sound, animal: f"{with_article(animal).capitalize()} says '{sound}'."),
+    (r"Which word means the opposite of '(.+)'\?", lambda word, opposite: f"The opposite of '{word}' is '{opposite}'."),
+    (r"Which word comes first in alphabetical order\?", lambda word: f"'{word}' comes first in alphabetical order."),
+    (r"Which (?:animal|of these) is an? (.+)\?",
+     lambda category, member: f"{with_article(member).capitalize()} is {with_article(category)}."),
+)
+"""(question pattern, its fact as a sentence of the pattern's groups and the correct option's text) for each of
+:data:`INFERABLE_TEMPLATES`, in that order."""
 
 
 # -- uninferable templates: each returns (question, four i.i.d. distinct option texts)

@@ -2,9 +2,9 @@
 
 Untrained, the 135M default model never closes an ``<answer>`` block within the laptop job's 48 tokens, so
 every reward is 0: no rollout is ever a successful sibling, and GRPO's advantages are all zero. The warm-up
-fine-tunes it on well-formed answers (``<reasoning>`` naming the chosen option's letter and text, then ``<answer>``
-with the letter) to synthetic questions drawn with another generator seed, none of which is a question of the
-task's train split or may fall in its test split. Every method of the laptop job and its benchmark starts
+fine-tunes it on well-formed answers (``<reasoning>`` stating the fact the question asks about, then naming the
+chosen option's letter and text; then ``<answer>`` with the letter) to synthetic questions drawn with another
+generator seed, none of which is a question of the task's train split or may fall in its test split. Every method of the laptop job and its benchmark starts
 from the warmed model (:data:`demopsd.runtime.models.WARMED_MODEL`), so none is favoured.
 
 On uninferable questions the trained letters are random draws, so nothing about their answers is learnt;
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.data.synthetic import generate_synthetic, held_out_by
+from demopsd.data.synthetic import fact_sentence, generate_synthetic, held_out_by
 from demopsd.data.types import MCQExample, option_texts, student_conversation
 from demopsd.runtime.models import (
     DEFAULT_MODEL,
@@ -37,12 +37,12 @@ from demopsd.runtime.models import (
 log = logging.getLogger(__name__)
 
 WARMUP_KINDS = ("mixed", "inferable")
-RECIPE = 3
+RECIPE = 4
 """The version of what the warm-up teaches (:func:`well_formed_answer`, on the questions of
 :mod:`demopsd.data.synthetic`), recorded in ``warmup.json``; a change of either raises it, so that cached builds of
 an old recipe are built again. 1: the chosen option's text as the reasoning, on the first ten inferable templates;
 2 (withdrawn): a worked step as the reasoning; 3: the chosen option's line as the reasoning, on the six templates of
-everyday knowledge."""
+everyday knowledge; 4: the fact recalled before the chosen option's line."""
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,12 @@ def warmup_questions(config: WarmupConfig) -> list[MCQExample]:
 
 
 def well_formed_answer(example: MCQExample) -> str:
-    """The answer the warm-up teaches: the chosen option's line as the reasoning ("The answer is C: Paris."), then
-    its letter, which the answer block only has to copy."""
+    """The answer the warm-up teaches: as the reasoning, the fact the question asks about, then the line of the option
+    that states it ("The capital of France is Paris. The answer is C: Paris."; uninferable questions have no fact
+    and keep only the option's line); then its letter, which the answer block only has to copy."""
     option = option_texts(example.prompt)[example.answer]
-    return (f"<reasoning>\nThe answer is {example.answer}: {option}.\n</reasoning>\n"
+    recalled = f"{fact} " if (fact := fact_sentence(example)) else ""
+    return (f"<reasoning>\n{recalled}The answer is {example.answer}: {option}.\n</reasoning>\n"
             f"<answer>\n{example.answer}\n</answer>")
 
 
