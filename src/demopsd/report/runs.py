@@ -388,9 +388,9 @@ LEAKAGE_QUANTITIES = {
         UNINFERABLE + "letter_entropy_change", _last, "uninferable letter entropy Δ",
         "change in the entropy (nats) of the answer-letter distribution on those questions — below 0: the "
         "model commits to letters it cannot know"),
-    "uninferable_accuracy_change": LeakageQuantity(
-        UNINFERABLE + "letter_accuracy_change", _last, "uninferable accuracy Δ",
-        "change in how often the preferred letter is correct on those questions — their correct letter is "
+    "uninferable_letter_accuracy_change": LeakageQuantity(
+        UNINFERABLE + "letter_accuracy_change", _last, "uninferable letter accuracy Δ",
+        "change in how often the preferred answer letter is correct on those questions — their correct letter is "
         "random, so this should stay near 0"),
     "inferable_sampled_accuracy": LeakageQuantity(
         INFERABLE + "acc_avg@1", _last, "inferable accuracy (sampled)",
@@ -402,9 +402,10 @@ LEAKAGE_QUANTITIES = {
     "inferable_format_rate": LeakageQuantity(
         INFERABLE + "format_rate", _last, "inferable well-formed",
         "share of those sampled answers that are well-formed (scorable) at the last evaluation"),
-    "inferable_accuracy_change": LeakageQuantity(
-        INFERABLE + "letter_accuracy_change", _last, "inferable accuracy Δ",
-        "the same on held-out questions whose answer follows from the question text — real learning shows here"),
+    "inferable_letter_accuracy_change": LeakageQuantity(
+        INFERABLE + "letter_accuracy_change", _last, "inferable letter accuracy Δ",
+        "change in how often the preferred answer letter is correct on held-out questions whose answer follows from "
+        "the question text (read after an empty reasoning block, so without the sampled answers' reasoning)"),
     "uninferable_entropy_change": LeakageQuantity(
         UNINFERABLE + "entropy_change", _last, "uninferable response entropy Δ",
         "change in the mean token entropy of the policy's sampled answers to the uninferable held-out questions"),
