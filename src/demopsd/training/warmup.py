@@ -4,8 +4,9 @@ Untrained, the 135M default model never closes an ``<answer>`` block within the 
 every reward is 0: no rollout is ever a successful sibling, and GRPO's advantages are all zero. The warm-up
 fine-tunes it on well-formed answers (``<reasoning>`` stating the fact the question asks about, then naming the
 chosen option's letter and text; then ``<answer>`` with the letter) to synthetic questions drawn with another
-generator seed, none of which is a question of the task's train split or may fall in its test split. Every method of the laptop job and its benchmark starts
-from the warmed model (:data:`demopsd.runtime.models.WARMED_MODEL`), so none is favoured.
+generator seed, none of which is a question of the task's train split or may fall in its test split. Every method
+of the laptop job and its benchmark starts from the warmed model (:data:`demopsd.runtime.models.WARMED_MODEL`), so
+none is favoured.
 
 On uninferable questions the trained letters are random draws, so nothing about their answers is learnt;
 on inferable ones the model sees worked examples of the same templates, which is what makes it sometimes right.
