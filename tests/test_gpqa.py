@@ -1,4 +1,4 @@
-"""Tests for the GPQA loader, on made-up rows written in the official CSV schema."""
+"""Tests for the GPQA loader, on made-up rows written in the official CSV schema, in both prompt layouts."""
 
 import csv
 
@@ -6,7 +6,7 @@ import pytest
 
 from demopsd.data.gpqa import HUB_DATASET, load_gpqa
 from demopsd.data.rewards import score_mcq
-from demopsd.data.types import SYSTEM_PROMPT, option_letters
+from demopsd.data.types import SYSTEM_PROMPT, option_letters, student_conversation
 
 # The official header: the loader must pick its columns out of the others.
 HEADER = [
@@ -71,7 +71,7 @@ def test_correct_letter_points_at_the_correct_text(tmp_path):
     rows = make_rows()
     write_csv(tmp_path, rows)
     for seed in (0, 1, 7):
-        examples = load_gpqa(tmp_path, seed=seed)
+        examples = load_gpqa(tmp_path, seed=seed, prompt_style="sciknoweval")
         assert [e.idx for e in examples] == list(range(len(rows)))
         for e, row in zip(examples, rows):
             texts = options(e.prompt)
@@ -114,14 +114,14 @@ def test_order_follows_the_question_not_its_row(tmp_path):
     assert [e.idx for e in main] == list(range(len(rows)))
 
 
-def test_texts_are_stripped_and_multiline_questions_kept(tmp_path):
+def test_texts_are_stripped_and_multiline_questions_kept_in_the_sciknoweval_layout(tmp_path):
     row = make_rows(1)[0] | {
         "Question": "  Line one,\nline two?\n",
         "Correct Answer": " yes ",
         "Incorrect Answer 1": "no\n",
     }
     write_csv(tmp_path, [row])
-    (e,) = load_gpqa(tmp_path)
+    (e,) = load_gpqa(tmp_path, prompt_style="sciknoweval")
     assert e.prompt.startswith("Line one,\nline two?\n\nA: ")
     texts = options(e.prompt.replace("Line one,\nline two?", "Q", 1))
     assert texts[e.answer] == "yes"
@@ -130,11 +130,90 @@ def test_texts_are_stripped_and_multiline_questions_kept(tmp_path):
 
 def test_prompt_parses_and_scores(tmp_path):
     write_csv(tmp_path, make_rows())
-    for e in load_gpqa(tmp_path, seed=5):
+    for e in load_gpqa(tmp_path, seed=5, prompt_style="sciknoweval"):
         assert option_letters(e.prompt) == e.letters == "ABCD"
         assert score_mcq(f"<answer>\n{e.answer}\n</answer>", e.answer, e.letters).reward == 1.0
         wrong = "ABCD"[("ABCD".index(e.answer) + 1) % 4]
         assert score_mcq(f"<answer>\n{wrong}\n</answer>", e.answer, e.letters).reward == 0.0
+
+
+# The reference's data/format/gpqa.py, written out by hand for one row whose options land (seed 0) in the order
+# Incorrect Answer 3, Correct Answer, Incorrect Answer 2, Incorrect Answer 1.
+WEAK_FORCE = {
+    "Question": "Which particle carries the weak force?", "Correct Answer": "The W and Z bosons",
+    "Incorrect Answer 1": "The photon", "Incorrect Answer 2": "The gluon", "Incorrect Answer 3": "The graviton",
+}
+WEAK_FORCE_PROMPT = (
+    "Return your final response within \\boxed{} and only include the letter choice (A, B, C, or D) as your final "
+    "response.\n"
+    "Problem: Which particle carries the weak force?\n"
+    "Options: A) The graviton, B) The W and Z bosons, C) The gluon, D) The photon\n"
+    "Answer:"
+)
+
+
+def test_reference_layout_is_the_references_prompt_to_the_character(tmp_path):
+    """The default layout: the reference's instruction, problem, one-line options and "Answer:", as the only
+    message (no system prompt), the correct letter where the correct text is."""
+    write_csv(tmp_path, [make_rows(1)[0] | WEAK_FORCE])
+    (e,) = load_gpqa(tmp_path, seed=0)
+    assert e.prompt == WEAK_FORCE_PROMPT
+    assert (e.answer, e.system, e.letters) == ("B", None, "ABCD")
+    assert student_conversation(e) == [{"role": "user", "content": WEAK_FORCE_PROMPT}]
+
+
+def test_reference_layout_keeps_the_texts_as_the_file_has_them(tmp_path):
+    """The reference formats the raw question and answers (no strip); the letters do not move with whitespace."""
+    row = make_rows(1)[0] | WEAK_FORCE | {"Question": "Which particle carries the weak force?\n",
+                                          "Correct Answer": " The W and Z bosons"}
+    write_csv(tmp_path, [row])
+    (e,) = load_gpqa(tmp_path, seed=0)
+    assert "Problem: Which particle carries the weak force?\n\nOptions: A) The graviton, B)  The W and Z" in e.prompt
+    assert e.answer == "B"
+
+
+def test_both_layouts_give_each_question_the_same_letters(tmp_path):
+    rows = make_rows()
+    write_csv(tmp_path, rows)
+    reference, sciknoweval = load_gpqa(tmp_path, seed=4), load_gpqa(tmp_path, seed=4, prompt_style="sciknoweval")
+    assert [e.answer for e in reference] == [e.answer for e in sciknoweval]
+    for e, row in zip(reference, rows):
+        assert f"{e.answer}) {row['Correct Answer']}" in e.prompt
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ("The weak force is carried by massive bosons.\n\\boxed{B}", 1.0),
+        ("A) is a graviton, not a carrier. So the answer is \\boxed{B}.", 1.0),  # the last letter counts
+        ("\\boxed{C}", 0.0),
+        ("<answer>\nB\n</answer>", 1.0),
+    ],
+)
+def test_reference_layout_is_scored_by_the_references_gpqa_rule(tmp_path, completion, reward):
+    """The \\boxed{} answer the reference's prompt asks for earns the reward under ``last_letter`` (the reference's
+    ``feedback/gpqa.py``), the rule data=gpqa/* sets; the answer-tag rule would score it 0."""
+    from hydra import compose, initialize_config_dir
+
+    from demopsd.data.loading import load_split
+    from tests.helpers import CONFIG_DIR
+
+    write_csv(tmp_path, [make_rows(1)[0] | WEAK_FORCE])
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        data = compose("train", overrides=["data=gpqa/diamond"]).data
+    assert (data.prompt_style, data.reward) == ("reference", "last_letter")
+    (e,) = load_split(data, "test", tmp_path)
+    assert (e.prompt, e.reward_rule) == (WEAK_FORCE_PROMPT, "last_letter")
+    assert score_mcq(completion, e.answer, e.letters, e.reward_rule).reward == reward
+    if "boxed" in completion:
+        assert score_mcq(completion, e.answer, e.letters, "answer_tag").reward == 0.0
+
+
+def test_unknown_prompt_style_names_the_value(tmp_path):
+    write_csv(tmp_path, make_rows(2))
+    accepted = r"data.prompt_style='paper' is invalid: one of \('reference', 'sciknoweval'\) is accepted"
+    with pytest.raises(ValueError, match=accepted):
+        load_gpqa(tmp_path, prompt_style="paper")
 
 
 @pytest.mark.parametrize(

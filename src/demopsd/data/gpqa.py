@@ -1,4 +1,12 @@
-"""GPQA multiple-choice questions, as evaluation prompts in the SciKnowEval layout.
+"""GPQA multiple-choice questions, as evaluation prompts in one of two layouts (``prompt_style``).
+
+- ``reference`` (the default): the SDPO reference's own GPQA prompt (its ``data/format/gpqa.py``), with no system
+  prompt: an instruction to give the letter in ``\\boxed{}``, then ``Problem: <question>``, then
+  ``Options: A) <text>, B) <text>, C) <text>, D) <text>`` on one line, then ``Answer:``. The question and
+  option texts are used as the file has them, as the reference does. Score it with ``data.reward=last_letter``
+  (the reference's rule for GPQA).
+- ``sciknoweval``: the SciKnowEval layout (the task's system prompt, ``A: <text>`` option lines, "Please reason
+  step by step."), with stripped texts, for comparing with the in-domain evaluation under the same instructions.
 
 The official release is a set of CSV files (``gpqa_diamond.csv``, ``gpqa_main.csv``,
 ``gpqa_extended.csv``) read from ``<data_dir>/gpqa/``. Where the file is missing and the Hugging Face
@@ -6,7 +14,9 @@ hub is reachable, the gated dataset ``Idavidrein/gpqa`` (config ``gpqa_<subset>`
 
 Each row holds the question, the correct answer text and three incorrect ones. The four texts are put
 in an order fixed by ``(seed, question text)`` through SHA-256, so the letters are the same on every
-run, machine and Python version, and the same question gets the same letters in every subset.
+run, machine and Python version, and the same question gets the same letters in every subset and both
+layouts. (The reference shuffles with an unseeded ``random.shuffle`` each time it builds its file, so its letters
+cannot be reproduced; a fixed order is the deliberate difference.)
 
 A row with an empty or missing question or answer text, or no domain value, is an error naming
 ``<path>:<line>`` (the CSV line where the row starts; the header is line 1), or is skipped and counted
@@ -25,6 +35,13 @@ from pathlib import Path
 from demopsd.data.types import SYSTEM_PROMPT, LoadedSplit, MCQExample, RowChecker, resolve_data_dir
 
 SUBSETS = ("diamond", "main", "extended")
+PROMPT_STYLES = ("reference", "sciknoweval")
+"""Accepted values of ``data.prompt_style`` (GPQA only); the first is the default."""
+REFERENCE_PROMPT = (
+    "Return your final response within \\boxed{{}} and only include the letter choice (A, B, C, or D) as your "
+    "final response.\nProblem: {question}\nOptions: {options}\nAnswer:"
+)
+"""The reference's GPQA prompt (``data/format/gpqa.py``), filled with the question and the one-line options."""
 HUB_DATASET = "Idavidrein/gpqa"
 LETTERS = "ABCD"
 QUESTION, CORRECT, DOMAIN = "Question", "Correct Answer", "High-level domain"
@@ -49,13 +66,19 @@ def option_order(seed: int, question: str) -> tuple[int, ...]:
     return _ORDERS[int.from_bytes(digest[:8], "big") % len(_ORDERS)]
 
 
-def to_example(row: dict, idx: int, seed: int) -> MCQExample:
-    """The prompt of one GPQA row (already checked by ``_row_problem``), with its options shuffled."""
-    texts = [row[CORRECT].strip(), *(row[column].strip() for column in INCORRECT)]
+def to_example(row: dict, idx: int, seed: int, prompt_style: str = "reference") -> MCQExample:
+    """The prompt of one GPQA row (already checked by ``_row_problem``) in ``prompt_style``, options shuffled."""
     order = option_order(seed, row[QUESTION].strip())
-    options = "\n".join(f"{letter}: {texts[i]}" for letter, i in zip(LETTERS, order))
+    answer = LETTERS[order.index(0)]
+    columns = (CORRECT, *INCORRECT)
+    if prompt_style == "reference":
+        options = ", ".join(f"{letter}) {row[columns[i]]}" for letter, i in zip(LETTERS, order))
+        return MCQExample(REFERENCE_PROMPT.format(question=row[QUESTION], options=options), answer, None, idx, LETTERS)
+    if prompt_style != "sciknoweval":
+        raise ValueError(f"data.prompt_style={prompt_style!r} is invalid: one of {PROMPT_STYLES} is accepted")
+    options = "\n".join(f"{letter}: {row[columns[i]].strip()}" for letter, i in zip(LETTERS, order))
     prompt = f"{row[QUESTION].strip()}\n\n{options}\nPlease reason step by step."
-    return MCQExample(prompt, LETTERS[order.index(0)], SYSTEM_PROMPT, idx, LETTERS)
+    return MCQExample(prompt, answer, SYSTEM_PROMPT, idx, LETTERS)
 
 
 def load_gpqa(
@@ -65,14 +88,18 @@ def load_gpqa(
     seed: int = 0,
     domains: str | Sequence[str] | None = None,
     on_bad_row: str = "error",
+    prompt_style: str = "reference",
 ) -> LoadedSplit:
-    """The GPQA ``subset`` as four-option questions, ``idx`` being the row index in the CSV.
+    """The GPQA ``subset`` as four-option questions in ``prompt_style`` (one of :data:`PROMPT_STYLES`), ``idx``
+    being the row index in the CSV.
 
     ``domains`` keeps only rows whose ``High-level domain`` is one of them (e.g. ``"Physics"``);
     a domain absent from the file is a ValueError listing those present. A bad row is a
     :class:`~demopsd.data.types.BadRowError` (``on_bad_row="error"``) or left out and counted (``"skip"``);
     the others keep their ``idx``.
     """
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"data.prompt_style={prompt_style!r} is invalid: one of {PROMPT_STYLES} is accepted")
     path = gpqa_path(data_dir, subset)
     if path.exists():
         checker, rows = RowChecker(str(path), on_bad_row, "line"), _read_csv(path)
@@ -87,7 +114,9 @@ def load_gpqa(
         else:
             good.append((idx, row))
     keep = _domain_filter(domains, {row[DOMAIN].strip() for _, row in good}, checker.source)
-    kept = (to_example(row, idx, seed) for idx, row in good if keep is None or row[DOMAIN].strip() in keep)
+    kept = (
+        to_example(row, idx, seed, prompt_style) for idx, row in good if keep is None or row[DOMAIN].strip() in keep
+    )
     return checker.finish(kept, len(rows))
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from demopsd.config.settings import REWARD_RULES
-from demopsd.data.gpqa import load_gpqa
+from demopsd.data.gpqa import PROMPT_STYLES, load_gpqa
 from demopsd.data.sciknoweval import load_sciknoweval
 from demopsd.data.synthetic import generate_synthetic
 from demopsd.data.types import LoadedSplit, check_on_bad_row
@@ -46,7 +46,8 @@ def _load_examples(
         if split != "test":
             raise ValueError(f"GPQA has only a test split; split={split!r} is not accepted (use it for evaluation)")
         return load_gpqa(
-            data_dir, data["subset"], seed=data["shuffle_seed"], domains=data["domains"], on_bad_row=on_bad_row
+            data_dir, data["subset"], seed=data["shuffle_seed"], domains=data["domains"], on_bad_row=on_bad_row,
+            prompt_style=data.get("prompt_style", PROMPT_STYLES[0]),
         )
     if source == "synthetic":
         size = {"train": data.get("train_size"), "test": data.get("test_size")}.get(split)

@@ -40,10 +40,12 @@ class MCQExample:
     """One multiple-choice question."""
 
     prompt: str
-    """Question, ``A: ...`` option lines, then "Please reason step by step."."""
+    """The user message: question, ``A: ...`` option lines, then "Please reason step by step." (GPQA's
+    ``reference`` layout differs: see :mod:`demopsd.data.gpqa`)."""
     answer: str
     """The correct option letter."""
-    system: str
+    system: str | None
+    """The system prompt, or None for none (GPQA as the reference asks it)."""
     idx: int
     letters: str
     """The option letters present in the prompt, e.g. ``"ABCD"`` or ``"AB"``."""
@@ -108,8 +110,19 @@ def check_on_bad_row(on_bad_row: str) -> str:
 
 
 def student_conversation(example: MCQExample) -> list[dict[str, str]]:
-    """The chat the policy answers: the task's system prompt, then the question."""
-    return [{"role": "system", "content": example.system}, {"role": "user", "content": example.prompt}]
+    """The chat the policy answers: the task's system prompt (where it has one), then the question."""
+    system = [] if example.system is None else [{"role": "system", "content": example.system}]
+    return [*system, {"role": "user", "content": example.prompt}]
+
+
+def render_prompt(tokenizer, conversation: list[dict[str, str]], chat_template_kwargs: dict | None = None) -> str:
+    """``conversation`` as the text the model reads: the tokenizer's chat template plus the generation prompt
+    (``chat_template_kwargs`` such as ``enable_thinking`` passed on), as
+    :func:`demopsd.rollout.batch.encode_prompts` renders it, so that a length checked here is the length the
+    model is given."""
+    return tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+    )
 
 
 def option_texts(prompt: str) -> dict[str, str]:
