@@ -11,10 +11,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from demopsd.data.loading import load_split
-from demopsd.data.types import MCQExample
+from demopsd.data.types import LoadedSplit, MCQExample, render_prompt, student_conversation
 
 log = logging.getLogger(__name__)
 SKIPPED_ROWS_METRIC = "data/skipped_rows"
+ON_LONG_PROMPT = ("filter", "error")
+"""Accepted values of ``data.on_long_prompt``: leave out, or refuse, training prompts over ``data.max_prompt_tokens``
+(the first is the default, the reference's ``filter_overlong_prompts: True``)."""
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -24,6 +27,16 @@ class PromptDataModule(L.LightningDataModule):
     resumed from a checkpoint continues with the batch its step would have had (:class:`StepIndexedBatches`).
     ``skipped_rows`` counts the bad rows of the split left out under ``data.on_bad_row=skip``; ``train_dataloader``
     logs it once as ``data/skipped_rows`` (step 0) to the trainer's loggers, and prints a notice when it is not 0.
+
+    Every epoch has ``len(train_examples) // data.batch_size`` steps: a last, incomplete batch is dropped (the
+    reference's ``drop_last=True``), so ``trainer.max_epochs`` counts whole batches as the reference's epochs do.
+
+    Prompts longer than ``data.max_prompt_tokens`` (rendered with ``tokenizer``'s chat template and
+    ``chat_template_kwargs``) are left out with a warning giving their number under ``data.on_long_prompt=filter``
+    (the reference filters them), or stop the run naming the first under ``error``. ``tokenizer`` and
+    ``chat_template_kwargs`` default to the attached LightningModule's ``tokenizer`` and
+    ``prompts.chat_template_kwargs``; with no tokenizer at all, lengths are not checked when the data loads (the
+    training step still refuses an over-long prompt).
     """
 
     def __init__(
@@ -32,11 +45,19 @@ class PromptDataModule(L.LightningDataModule):
         *,
         data_dir: str | Path | None,
         seed: int = 0,
+        tokenizer=None,
+        chat_template_kwargs: Mapping | None = None,
     ) -> None:
         super().__init__()
         if data["batch_size"] < 1:
             raise ValueError(f"data.batch_size={data['batch_size']} is invalid: at least 1 prompt per step is accepted")
+        self.on_long_prompt = data.get("on_long_prompt", ON_LONG_PROMPT[0])
+        if self.on_long_prompt not in ON_LONG_PROMPT:
+            raise ValueError(
+                f"data.on_long_prompt={self.on_long_prompt!r} is invalid: one of {ON_LONG_PROMPT} is accepted"
+            )
         self.data, self.data_dir, self.seed = data, data_dir, seed
+        self.tokenizer, self.chat_template_kwargs = tokenizer, chat_template_kwargs
         self.batch_size, self.num_workers = data["batch_size"], data.get("num_workers", 0)
         self.train_examples: list[MCQExample] = []
         self.skipped_rows = 0
@@ -44,18 +65,49 @@ class PromptDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.train_examples:
-            self.train_examples = load_split(self.data, self.data["train_split"], self.data_dir)
-            self.skipped_rows = getattr(self.train_examples, "skipped", 0)
+            loaded = load_split(self.data, self.data["train_split"], self.data_dir)
+            self.skipped_rows = getattr(loaded, "skipped", 0)
             if self.skipped_rows:
                 print(
                     f"Notice: skipped {self.skipped_rows} bad rows of {self.data['name']}/{self.data['train_split']} "
-                    f"(data.on_bad_row=skip; the warning above lists why); training on {len(self.train_examples)}"
+                    f"(data.on_bad_row=skip; the warning above lists why); training on {len(loaded)}"
                 )
+            self.train_examples = self._within_prompt_limit(loaded)
         if len(self.train_examples) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} exceeds the {len(self.train_examples)} examples of "
                 f"{self.data['name']}/{self.data['train_split']}"
             )
+
+    def _within_prompt_limit(self, examples: LoadedSplit) -> list[MCQExample]:
+        """``examples`` whose rendered prompt has at most ``data.max_prompt_tokens`` tokens, the others handled as
+        ``data.on_long_prompt`` says; all of them when there is no limit or no tokenizer to count with."""
+        limit = self.data.get("max_prompt_tokens")
+        module = getattr(self.trainer, "lightning_module", None)  # None without a trainer
+        tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
+        if limit is None or tokenizer is None or not examples:
+            return examples
+        kwargs = self.chat_template_kwargs
+        if kwargs is None:
+            kwargs = getattr(getattr(module, "prompts", None), "chat_template_kwargs", None)
+        texts = [render_prompt(tokenizer, student_conversation(e), kwargs) for e in examples]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        long = [(e, n) for e, n in zip(examples, lengths) if n > limit]
+        where = f"{self.data['name']}/{self.data['train_split']}"
+        if long and self.on_long_prompt == "error":
+            example, length = long[0]
+            raise ValueError(
+                f"{len(long)} of the {len(examples)} prompts of {where} have more than data.max_prompt_tokens={limit} "
+                f"tokens, the first idx {example.idx} with {length}; raise data.max_prompt_tokens, or set "
+                f"data.on_long_prompt=filter to leave them out"
+            )
+        if long:
+            log.warning(
+                "left out %d of the %d prompts of %s: longer than data.max_prompt_tokens=%d tokens "
+                "(data.on_long_prompt=filter; the longest has %d)",
+                len(long), len(examples), where, limit, max(n for _, n in long),
+            )
+        return [e for e, n in zip(examples, lengths) if n <= limit]
 
     def _log_skipped_rows(self) -> None:
         """``data/skipped_rows`` to every logger of the attached trainer, once (nothing without a trainer)."""
