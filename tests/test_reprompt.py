@@ -176,3 +176,35 @@ def test_every_broken_rule_is_reported_at_once():
     with pytest.raises(SettingError) as caught:
         RepromptConfig(selection="best", answer_template="no slot")
     assert [name for name, _, _ in caught.value.problems] == ["selection", "answer_template"]
+
+
+# ------------------------------------------------------------------------------ teacher-prompt truncation
+def test_teacher_prompts_are_cut_on_the_right_at_the_references_length_by_default():
+    """``max_reprompt_len: 10240`` and ``reprompt_truncation: right`` of the reference's actor.yaml / sdpo.yaml."""
+    config = RepromptConfig()
+    assert (config.max_prompt_tokens, config.truncation) == (10240, "right")
+
+
+@pytest.mark.parametrize(("key", "value", "accepted"), [
+    ("max_prompt_tokens", 0, "null or an integer >= 1 is accepted"),
+    ("truncation", "middle", "one of ('right', 'left', 'error') is accepted"),
+])
+def test_bad_truncation_settings_name_the_key_and_what_is_accepted(key, value, accepted):
+    with pytest.raises(SettingError) as caught:
+        RepromptConfig(**{key: value})
+    assert str(caught.value) == f"method.reprompt.{key}={value!r} is invalid: {accepted}"
+
+
+def test_truncation_keys_are_settings_of_the_composed_config():
+    """``method.reprompt.max_prompt_tokens`` / ``truncation`` (set with ``+`` while conf/method lists neither)
+    pass the config check and reach the settings; a bad value stops the run before anything loads."""
+    from demopsd.config.check import ConfigError, validate_config
+    from tests.test_config import compose_train
+
+    settings = validate_config(compose_train(["method=sdpo", "+method.reprompt.max_prompt_tokens=null",
+                                              "+method.reprompt.truncation=left"]))
+    assert (settings.method.reprompt.max_prompt_tokens, settings.method.reprompt.truncation) == (None, "left")
+    default = validate_config(compose_train(["method=sdpo"])).method.reprompt
+    assert (default.max_prompt_tokens, default.truncation) == (10240, "right")
+    with pytest.raises(ConfigError, match=r"method.reprompt.truncation='middle'"):
+        validate_config(compose_train(["method=sdpo", "+method.reprompt.truncation=middle"]))

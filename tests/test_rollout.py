@@ -76,3 +76,51 @@ def test_generate_reads_each_prompt_once_and_samples_what_plain_generate_samples
     plain = plain.masked_fill(response_mask(plain, eos_token_ids(model, tokenizer)) == 0, tokenizer.pad_token_id)
     assert ours.response_ids.shape[0] == 2 * copies
     assert torch.equal(ours.response_ids, plain)
+
+
+# ------------------------------------------------------------------------------------ prompt truncation
+SHORT = [{"role": "user", "content": "Which letter? A or B."}]
+LONG = [{"role": "user", "content": "Which letter is right, given all of the following? " + "It is not C. " * 30}]
+
+
+def unpadded(prompts: PromptBatch) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompts.ids, prompts.mask)]
+
+
+def test_encode_prompts_pads_on_the_left_as_the_tokenizer_does():
+    tokenizer = default_tokenizer()
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in (SHORT, LONG)]
+    expected = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompts = encode_prompts(tokenizer, [SHORT, LONG])
+    assert torch.equal(prompts.ids, expected["input_ids"]) and torch.equal(prompts.mask, expected["attention_mask"])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encode_prompts_cuts_longer_prompts_on_the_side_asked(side):
+    """The reference's teacher prompts: right truncation keeps the first ``max_tokens`` tokens (the end, generation
+    prompt included, is lost); left keeps the last. Prompts within the limit are left whole."""
+    tokenizer = default_tokenizer()
+    short, long = unpadded(encode_prompts(tokenizer, [SHORT, LONG]))
+    limit = len(short) + 5
+    assert len(long) > limit
+    prompts = encode_prompts(tokenizer, [SHORT, LONG], max_tokens=limit, truncation=side)
+    assert prompts.ids.shape == (2, limit)
+    assert unpadded(prompts) == [short, long[:limit] if side == "right" else long[-limit:]]
+    assert prompts.mask[0].tolist() == [0] * 5 + [1] * len(short)  # still left-padded
+
+
+def test_encode_prompts_refuses_a_longer_prompt_by_default():
+    tokenizer = default_tokenizer()
+    short, long = unpadded(encode_prompts(tokenizer, [SHORT, LONG]))
+    with pytest.raises(ValueError, match=f"prompt 1 of the batch has {len(long)} tokens, more than the limit of 40"):
+        encode_prompts(tokenizer, [SHORT, LONG], max_tokens=40)
+    assert unpadded(encode_prompts(tokenizer, [SHORT, LONG], max_tokens=len(long))) == [short, long]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"truncation": "middle"}, r"truncation='middle' is invalid: one of \('error', 'left', 'right'\) is accepted"),
+    ({"max_tokens": 0}, "max_tokens=0 is invalid: None or an integer >= 1 is accepted"),
+])
+def test_encode_prompts_names_a_bad_setting(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        encode_prompts(default_tokenizer(), [SHORT], **kwargs)

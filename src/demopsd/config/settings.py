@@ -179,6 +179,8 @@ class RepromptConfig:
     :mod:`demopsd.training.reprompt`)."""
 
     SECTION: ClassVar[str] = "method.reprompt"
+    TRUNCATIONS: ClassVar[tuple[str, ...]] = ("right", "left", "error")
+    """Accepted values of :attr:`truncation` (see :func:`demopsd.rollout.batch.encode_prompts`)."""
     template: str = "{prompt}\n{context}\n\nCorrectly solve the original question."
     """The teacher's user message; needs ``{prompt}`` and ``{context}``."""
     demonstration_template: str = "Correct solution:\n\n{solution}"
@@ -193,6 +195,12 @@ class RepromptConfig:
     selection: str = "first"
     """Which successful sibling: ``first`` in group order (SDPO) or ``random`` (seeded)."""
     seed: int = 0
+    max_prompt_tokens: int | None = 10240
+    """Most tokens of the teacher's prompt (system prompt, prompt and context, chat template included); None: no
+    limit. The reference's ``max_reprompt_len``."""
+    truncation: str = "right"
+    """What a longer teacher prompt gets: ``right`` (its end is cut, as the reference's ``reprompt_truncation``),
+    ``left`` (its start is cut) or ``error``."""
 
     def __post_init__(self) -> None:
         placeholders = {"template": ("{prompt}", "{context}"), "demonstration_template": ("{solution}",),
@@ -200,6 +208,9 @@ class RepromptConfig:
         check_rules(
             self.SECTION,
             (self.selection in SELECTIONS, "selection", self.selection, f"one of {SELECTIONS}"),
+            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
+             self.max_prompt_tokens, "null or an integer >= 1"),
+            (self.truncation in self.TRUNCATIONS, "truncation", self.truncation, f"one of {self.TRUNCATIONS}"),
             *((all(p in getattr(self, key) for p in needed), key, getattr(self, key),
                f"a text containing {' and '.join(needed)}") for key, needed in placeholders.items()),
         )

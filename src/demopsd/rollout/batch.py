@@ -64,27 +64,49 @@ def repeat_prompts(prompts: PromptBatch, copies: int, device: torch.device | str
     )
 
 
+TRUNCATION = ("error", "left", "right")
+"""What :func:`encode_prompts` does with a prompt over its limit: refuse it, or cut tokens from that side."""
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     conversations: list[Conversation],
     *,
     max_tokens: int | None = None,
+    truncation: str = "error",
     chat_template_kwargs: dict | None = None,
 ) -> PromptBatch:
-    """Render each conversation with the chat template (plus the generation prompt) and left-pad."""
+    """Render each conversation with the chat template (plus the generation prompt) and left-pad.
+
+    A prompt of more than ``max_tokens`` tokens (None: no limit) is, as ``truncation`` says, an error naming it
+    (``"error"``) or cut to its first (``"right"``: the end is dropped) or last (``"left"``) ``max_tokens``
+    tokens. The reference cuts its teacher's prompts on the right at 10,240 tokens (``max_reprompt_len``,
+    ``reprompt_truncation: right``), which drops the end of the chat template too (the generation prompt).
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r} is invalid: one of {TRUNCATION} is accepted")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r} is invalid: None or an integer >= 1 is accepted")
     texts = [
         tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
         for c in conversations
     ]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    lengths = encoded["attention_mask"].sum(-1)
-    if max_tokens is not None and int(lengths.max()) > max_tokens:
-        longest = int(lengths.argmax())
-        raise ValueError(
-            f"prompt {longest} of the batch has {int(lengths[longest])} tokens, more than "
-            f"max_prompt_tokens={max_tokens}; raise data.max_prompt_tokens or shorten the prompt"
-        )
-    return PromptBatch(ids=encoded["input_ids"], mask=encoded["attention_mask"])
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = [len(row) for row in rows]
+    if max_tokens is not None and max(lengths) > max_tokens:
+        if truncation == "error":
+            longest = max(range(len(rows)), key=lengths.__getitem__)
+            raise ValueError(
+                f"prompt {longest} of the batch has {lengths[longest]} tokens, more than the limit of {max_tokens}; "
+                "raise the limit (data.max_prompt_tokens for the student's prompts, method.reprompt.max_prompt_tokens "
+                "for the teacher's) or shorten the prompt"
+            )
+        rows = [row[:max_tokens] if truncation == "right" else row[-max_tokens:] for row in rows]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+    return PromptBatch(ids=ids, mask=mask)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
