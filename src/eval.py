@@ -3,6 +3,9 @@
     python src/eval.py ckpt_path=outputs/train/runs/<run>              # in-domain test split of data=
     python src/eval.py ckpt_path=<run> eval=gpqa eval.k=16              # plus GPQA-diamond, avg@16
     python src/eval.py model=qwen3_8b data=sciknoweval/chemistry        # the base model
+    python src/eval.py model=qwen3_8b model.dtype=bfloat16 device=cuda  # half the memory of float32, on a GPU
+
+It runs in one process, on a GPU where torch finds one (``device=auto``, the default) and else on the CPU.
 """
 
 import os

@@ -152,3 +152,36 @@ def test_each_dataset_says_what_it_evaluates_and_how_long_it_took(tmp_path, capl
         assert f"Evaluating {name}: 2 questions × 2 sampled answers" in messages
         assert any(m.startswith(f"Evaluated {name} in ") and m.endswith(" s") for m in messages)
         assert metrics[f"eval/{name}/num_questions"] == 2
+
+
+def test_each_batch_has_its_own_seed_of_the_evaluation_seed_the_dataset_and_the_batch():
+    from demopsd.evaluation.evaluate import batch_seed
+
+    seeds = [batch_seed(seed, name, i) for seed in (0, 1, 2) for name in ("a", "b") for i in range(3)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert batch_seed(1, "a", 2) == batch_seed(1, "a", 2)  # a hash, the same in every process and every run
+
+
+@pytest.mark.parametrize("cuda, choice, expected", [(False, "auto", "cpu"), (True, "auto", "cuda"),
+                                                    (True, "cpu", "cpu"), (True, "cuda", "cuda")])
+def test_eval_runs_on_cuda_where_torch_has_it(monkeypatch, cuda, choice, expected):
+    from demopsd.evaluation.runner import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert eval_device(choice) == torch.device(expected)
+
+
+@pytest.mark.parametrize("choice, message", [("cuda", r"device=cuda, but torch finds no CUDA device.*device=cpu"),
+                                             ("gpu", r"device='gpu' is invalid: one of auto, cpu, cuda")])
+def test_a_device_that_cannot_be_had_is_an_error_naming_the_key(monkeypatch, tmp_path, choice, message):
+    from hydra import compose, initialize_config_dir
+
+    from demopsd.evaluation.runner import run_evaluation
+    from tests.helpers import CONFIG_DIR
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"device={choice}", f"paths.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ValueError, match=message):
+        run_evaluation(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written

@@ -15,11 +15,13 @@ memorisation; ``overconfidence`` is confidence minus accuracy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +50,38 @@ class EvalResult:
     samples: list[dict]
 
 
+@dataclass
+class BatchResult:
+    """One ``generate`` batch's per-question records, with the sum and the count of its response tokens'
+    entropies: a dataset's ``entropy`` is the mean over all its tokens, so batches combine by sum and count."""
+
+    records: list[dict]
+    entropy_sum: float
+    token_count: int
+
+
+def eval_questions(examples: list[MCQExample], dataset: str, config: EvalConfig) -> list[MCQExample]:
+    """The questions of ``dataset`` that are evaluated: the first ``config.max_examples`` (all for None)."""
+    if config.max_examples is not None:
+        examples = examples[: config.max_examples]
+    if not examples:
+        raise ValueError(f"no examples to evaluate for dataset {dataset!r}")
+    return examples
+
+
+def num_batches(examples: list[MCQExample], config: EvalConfig) -> int:
+    """How many ``generate`` batches of ``config.batch_size`` questions ``examples`` make."""
+    return math.ceil(len(examples) / config.batch_size)
+
+
+def batch_seed(seed: int, dataset: str, index: int) -> int:
+    """The sampling seed of batch ``index`` of ``dataset`` in an evaluation seeded with ``seed`` (a training
+    run's seed plus the step during training): a 63-bit hash of the three, so that the answers to a question
+    do not depend on the other batches, on the order the batches run in, or on which process runs them."""
+    key = json.dumps([seed, dataset, index]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
 @torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
@@ -60,48 +94,99 @@ def evaluate(
     progress: bool = True,
     rollout_engine: RolloutEngine | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``examples`` (named ``dataset`` in the metric names).
+    """Evaluate ``model`` on ``examples`` (named ``dataset`` in the metric names) in this process alone,
+    sampling from the caller's random stream; :func:`demopsd.evaluation.runner.run_all` shares the batches of
+    several datasets among the processes of a run and seeds each batch.
 
     ``rollout_engine``: what samples the answers from ``model``'s weights (default: ``generate`` on ``model``).
     """
+    examples = eval_questions(examples, dataset, config)
+    batches = evaluate_batches(
+        model, tokenizer, examples, dataset, config, range(num_batches(examples, config)),
+        chat_template_kwargs=chat_template_kwargs, progress=progress, rollout_engine=rollout_engine,
+    )
+    return combine(dataset, list(batches.values()), config.k)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[MCQExample],
+    dataset: str,
+    config: EvalConfig,
+    indices: Sequence[int],
+    *,
+    seeds: Callable[[int], int] | None = None,
+    chat_template_kwargs: dict | None = None,
+    progress: bool = True,
+    rollout_engine: RolloutEngine | None = None,
+) -> dict[int, BatchResult]:
+    """Batch index → result, for the batches ``indices`` of ``examples`` (batch ``i``: questions
+    ``i * config.batch_size`` onwards). Batch ``i`` samples after ``torch.manual_seed(seeds(i))``, or, without
+    ``seeds``, from the caller's random stream. Nothing is logged for no batches."""
+    if not indices:
+        return {}
     engine = rollout_engine or GenerateEngine(model, tokenizer)
-    if config.max_examples is not None:
-        examples = examples[: config.max_examples]
-    if not examples:
-        raise ValueError(f"no examples to evaluate for dataset {dataset!r}")
-    log.info("Evaluating %s: %d questions × %d sampled answer%s%s", dataset, len(examples), config.k,
-             "s" if config.k > 1 else "", ", plus a greedy one" if config.greedy else "")
+    batches = {i: examples[i * config.batch_size : (i + 1) * config.batch_size] for i in indices}
+    questions = sum(map(len, batches.values()))
+    log.info("Evaluating %s: %d question%s × %d sampled answer%s%s%s", dataset, questions,
+             "s" if questions > 1 else "", config.k, "s" if config.k > 1 else "",
+             ", plus a greedy one" if config.greedy else "",
+             f" ({questions} of its {len(examples)} in this process)" if questions < len(examples) else "")
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    samples: list[dict] = []
-    entropy_sum, token_count = 0.0, 0
-    batches = range(0, len(examples), config.batch_size)
-    for start in tqdm(batches, desc=f"eval {dataset}", unit="batch", disable=not progress, leave=False):
-        batch = examples[start : start + config.batch_size]
-        conversations = [student_conversation(e) for e in batch]
-        prompts = encode_prompts(tokenizer, conversations, chat_template_kwargs=chat_template_kwargs)
-        sampled = engine.generate(prompts, config.sampling)
-        entropy = response_entropy(model, sampled, config.chunk_size)
-        entropy_sum, token_count = entropy_sum + float(entropy.sum()), token_count + entropy.numel()
-        greedy = engine.generate(prompts, config.sampling, greedy=True) if config.greedy else None
-        letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
-        lengths = sampled.response_mask.sum(-1).tolist()
-        for i, example in enumerate(batch):
-            rows = range(i * config.k, (i + 1) * config.k)
-            record = {
-                "idx": example.idx,
-                "answer": example.answer,
-                "samples": [answer_record(sampled.texts[r], example, lengths[r]) for r in rows],
-            }
-            if greedy is not None:
-                record["greedy"] = answer_record(greedy.texts[i], example, int(greedy.response_mask[i].sum()))
-            if letter_probs is not None:
-                record["letter_probs"] = letter_probs[i]
-            samples.append(record)
+    results = {}
+    for i, batch in tqdm(batches.items(), desc=f"eval {dataset}", unit="batch", disable=not progress, leave=False):
+        if seeds is not None:
+            torch.manual_seed(seeds(i))
+        results[i] = evaluate_batch(model, tokenizer, engine, batch, config, chat_template_kwargs)
     model.train(was_training)
     log.info("Evaluated %s in %.0f s", dataset, time.perf_counter() - started)
-    return EvalResult(dataset, summarize(dataset, samples, config.k, entropy_sum / max(token_count, 1)), samples)
+    return results
+
+
+def evaluate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    engine: RolloutEngine,
+    batch: list[MCQExample],
+    config: EvalConfig,
+    chat_template_kwargs: dict | None,
+) -> BatchResult:
+    """``config.k`` sampled answers (and a greedy one, and the letter probe, as ``config`` says) to each
+    question of ``batch``, in one ``generate`` call each, scored."""
+    conversations = [student_conversation(e) for e in batch]
+    prompts = encode_prompts(tokenizer, conversations, chat_template_kwargs=chat_template_kwargs)
+    sampled = engine.generate(prompts, config.sampling)
+    entropy = response_entropy(model, sampled, config.chunk_size)
+    greedy = engine.generate(prompts, config.sampling, greedy=True) if config.greedy else None
+    letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
+    lengths = sampled.response_mask.sum(-1).tolist()
+    records = []
+    for i, example in enumerate(batch):
+        rows = range(i * config.k, (i + 1) * config.k)
+        record = {
+            "idx": example.idx,
+            "answer": example.answer,
+            "samples": [answer_record(sampled.texts[r], example, lengths[r]) for r in rows],
+        }
+        if greedy is not None:
+            record["greedy"] = answer_record(greedy.texts[i], example, int(greedy.response_mask[i].sum()))
+        if letter_probs is not None:
+            record["letter_probs"] = letter_probs[i]
+        records.append(record)
+    return BatchResult(records, float(entropy.sum()), entropy.numel())
+
+
+def combine(dataset: str, batches: list[BatchResult], k: int) -> EvalResult:
+    """``dataset``'s result from all its batches, in order: their records and the metrics of :func:`summarize`."""
+    samples = [record for batch in batches for record in batch.records]
+    entropy_sum, token_count = 0.0, 0
+    for batch in batches:  # in batch order, as one process sums them, so the float sum is the same
+        entropy_sum, token_count = entropy_sum + batch.entropy_sum, token_count + batch.token_count
+    return EvalResult(dataset, summarize(dataset, samples, k, entropy_sum / max(token_count, 1)), samples)
 
 
 def response_entropy(model: PreTrainedModel, rollouts: RolloutBatch, chunk_size: int) -> torch.Tensor:
@@ -125,7 +210,7 @@ def answer_letter_probs(
     letter_ids = {letter: single_token_id(tokenizer, letter) for e in examples for letter in e.letters}
     prefix_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids[0]
     # one extra slot: the hidden state predicting it is the one right after the prefix
-    continuation = torch.cat([prefix_ids, prefix_ids[-1:]]).to(prompts.ids.device).expand(len(examples), -1)
+    continuation = torch.cat([prefix_ids, prefix_ids[-1:]]).to(lm_head_weight(model).device).expand(len(examples), -1)
     prompt = PromptBatch(prompts.ids.to(continuation.device), prompts.mask.to(continuation.device))
     hidden = response_hidden_states(model, prompt, continuation, torch.ones_like(continuation))[:, -1]
     log_probs = (hidden @ lm_head_weight(model).T).float().log_softmax(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -17,8 +18,15 @@ from demopsd.config.run import TrainSettings
 from demopsd.config.settings import EvalConfig
 from demopsd.data.loading import load_split
 from demopsd.data.types import MCQExample
-from demopsd.evaluation.evaluate import EvalResult, evaluate, write_results
-from demopsd.rollout.engine import RolloutEngine
+from demopsd.evaluation.evaluate import (
+    batch_seed,
+    combine,
+    eval_questions,
+    evaluate_batches,
+    num_batches,
+    write_results,
+)
+from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.runtime.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_MODEL_DIR,
@@ -75,28 +83,74 @@ def run_all(
 ) -> dict[str, float]:
     """Evaluate on every dataset, write ``summary.json`` / ``samples.jsonl`` to ``out_dir``, return the metrics.
 
-    Sampling starts from ``torch.manual_seed(seed)``: the same weights, settings and seed give the same answers.
+    In a ``torch.distributed`` group every process evaluates a share of the ``generate`` batches (those of all
+    the datasets, dealt in turn) and sends its records to the first process, which summarises them and writes
+    the files; every process returns the metrics. No process waits in a collective while another generates,
+    and each generates alone (a sharded policy is gathered by the caller), so shares of unequal size are fine.
+    Batch ``i`` of dataset ``d`` samples after ``torch.manual_seed(batch_seed(seed, d, i))`` on a forked random
+    state: the same weights, settings and seed give the same answers in any number of processes, and the
+    caller's random stream is left as it was. ``context`` (the training step, say) goes into ``summary.json``.
     """
-    torch.manual_seed(seed)
-    results: list[EvalResult] = [
-        evaluate(
-            policy, tokenizer, examples, name, config,
-            chat_template_kwargs=chat_template_kwargs, progress=progress, rollout_engine=rollout_engine,
-        )
-        for name, examples in datasets.items()
-    ]
-    write_results(results, out_dir, config, **context)
-    return {name: value for result in results for name, value in result.metrics.items()}
+    datasets = {name: eval_questions(examples, name, config) for name, examples in datasets.items()}
+    rank, world = process_rank()
+    plan = [(name, i) for name, examples in datasets.items() for i in range(num_batches(examples, config))]
+    mine = plan[rank::world]
+    engine = rollout_engine or GenerateEngine(policy, tokenizer)
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the caller's (training) stream does not depend on evaluation
+        share = {
+            name: evaluate_batches(
+                policy, tokenizer, examples, name, config, [i for d, i in mine if d == name],
+                seeds=functools.partial(batch_seed, seed, name),
+                chat_template_kwargs=chat_template_kwargs, progress=progress, rollout_engine=engine,
+            )
+            for name, examples in datasets.items()
+        }
+    shares = gather_to_first(share)
+    metrics = None
+    if shares is not None:
+        batches = {name: {i: batch for s in shares for i, batch in s[name].items()} for name in datasets}
+        results = [combine(name, [batches[name][i] for i in sorted(batches[name])], config.k) for name in datasets]
+        write_results(results, out_dir, config, **context)
+        metrics = {name: value for result in results for name, value in result.metrics.items()}
+    return from_first(metrics)
+
+
+def process_rank() -> tuple[int, int]:
+    """This process's rank and the number of processes in the ``torch.distributed`` group ((0, 1) outside one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_to_first(value: object) -> list | None:
+    """Every process's ``value``, in rank order, on the first process; None on the others."""
+    rank, world = process_rank()
+    if world == 1:
+        return [value]
+    gathered_values = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(value, gathered_values, dst=0)
+    return gathered_values
+
+
+def from_first(value: object) -> object:
+    """The first process's ``value``, on every process."""
+    if process_rank()[1] == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class PeriodicEvaluation(L.Callback):
     """Evaluates the policy before training, every ``every_n_steps`` optimizer steps and after the last one.
 
     Metrics go to every logger at the optimizer step they describe (0 = the starting model); the
-    per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` on
-    a forked random state, so evaluating or not leaves the training run unchanged. With ``at_start`` the
-    :data:`CHANGE_METRICS` are also logged as changes from the starting model (its own biases are not
-    what training did); that baseline is kept in checkpoints.
+    per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` (each batch
+    of questions from it, the dataset and the batch: :func:`run_all`) on a forked random state, so evaluating
+    or not leaves the training run unchanged, and the answers do not depend on the number of processes. With
+    ``at_start`` the :data:`CHANGE_METRICS` are also logged as changes from the starting model (its own biases
+    are not what training did); that baseline is kept in checkpoints.
     """
 
     def __init__(
@@ -131,8 +185,10 @@ class PeriodicEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The first process evaluates; under ``trainer=fsdp`` every process first helps gather the weights.
-        Its seconds are logged as ``perf/eval_seconds`` and left out of the training step's time."""
+        """Every process evaluates its share of the questions (:func:`run_all`), under ``trainer=fsdp`` on the
+        weights they first gather together; the first process writes, logs and prints, and every process keeps
+        the same :attr:`last_metrics`. The seconds are logged as ``perf/eval_seconds`` and left out of the
+        training step's time."""
         step = trainer.global_step
         self.last_step = step
         if not self.datasets:
@@ -140,36 +196,26 @@ class PeriodicEvaluation(L.Callback):
         started = time.perf_counter()
         engine = pl_module.rollout_engine
         engine.sync()
-        with gathered(pl_module.policy):
-            if trainer.is_global_zero:
-                self._evaluate(trainer, pl_module, engine, started)
-        pl_module.clock.exclude(time.perf_counter() - started)
-
-    def _evaluate(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, engine: RolloutEngine, started: float
-    ) -> None:
-        step = trainer.global_step
         out_dir = self.out_dir / f"step{step:06d}"
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # the training stream does not depend on evaluation
+        with gathered(pl_module.policy):
             metrics = run_all(
                 pl_module.policy, pl_module.tokenizer, self.datasets, self.config, out_dir, seed=self.seed + step,
                 chat_template_kwargs=self.chat_template_kwargs, progress=False, step=step, rollout_engine=engine,
             )
         if step == 0 and self.baseline is None:
             self.baseline = metrics
-        metrics = {
+        self.last_metrics = from_first({  # the first process's seconds on every process
             **metrics,
             **changes_from(self.baseline or {}, metrics),
             "perf/eval_seconds": time.perf_counter() - started,
-        }
-        self.last_metrics = metrics
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-            logger.save()
-        log_sample_tables(trainer.loggers, out_dir / "samples.jsonl", self.datasets, step)
-        log.info("step %d: %s (samples in %s)", step, format_accuracies(metrics), out_dir)
-
+        })
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last_metrics, step=step)
+                logger.save()
+            log_sample_tables(trainer.loggers, out_dir / "samples.jsonl", self.datasets, step)
+            log.info("step %d: %s (samples in %s)", step, format_accuracies(self.last_metrics), out_dir)
+        pl_module.clock.exclude(time.perf_counter() - started)
 
     def state_dict(self) -> dict:
         return {"baseline": self.baseline}
@@ -258,8 +304,26 @@ def load_policy(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer, str(path)
 
 
+EVAL_DEVICES = ("auto", "cpu", "cuda")
+"""Values of ``python src/eval.py``'s ``device`` key."""
+
+
+def eval_device(choice: str) -> torch.device:
+    """Where ``python src/eval.py`` decodes, as its ``device`` key says: ``cuda``, ``cpu``, or ``auto`` (CUDA
+    where torch has it, else the CPU). Asking for CUDA where there is none is an error naming the key."""
+    if choice not in EVAL_DEVICES:
+        raise ValueError(f"device={choice!r} is invalid: one of {', '.join(EVAL_DEVICES)} is accepted")
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise ValueError("device=cuda, but torch finds no CUDA device on this machine: device=auto or device=cpu "
+                         "evaluates on the CPU")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu")
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """``python src/eval.py``: evaluate the policy ``cfg`` names; results land in the Hydra run directory."""
+    """``python src/eval.py``: evaluate the policy ``cfg`` names on the device ``cfg.device`` names; results land
+    in the Hydra run directory."""
+    device = eval_device(cfg.device)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
@@ -268,8 +332,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     if not datasets:
         raise ValueError("nothing to evaluate: eval.in_domain is false and eval.ood is empty")
     policy, tokenizer, source = load_policy(cfg)
+    log.info("Evaluating %s on %s", source, device)
     metrics = run_all(
-        policy, tokenizer, datasets, config, output_dir, seed=cfg.seed,
+        policy.to(device), tokenizer, datasets, config, output_dir, seed=cfg.seed,
         chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs), evaluated=source,
     )
     for name, value in metrics.items():
