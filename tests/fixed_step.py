@@ -111,13 +111,13 @@ def rewards_by_text(rewards: dict[str, float]):
 
 
 class LossCalls:
-    """Wraps ``chunked_distillation_loss`` in the steps' namespace; keeps a detached copy of every call's
+    """Wraps ``chunked_distillation`` in the steps' namespace (one call per micro-batch); keeps a detached copy of every call's
     arguments and of the loss it returned (``"loss"``)."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[dict] = []
-        self._real = demopsd.training.steps.chunked_distillation_loss
-        monkeypatch.setattr(demopsd.training.steps, "chunked_distillation_loss", self)
+        self._real = demopsd.training.steps.chunked_distillation
+        monkeypatch.setattr(demopsd.training.steps, "chunked_distillation", self)
 
     def __call__(self, student_hidden, student_head, teacher_hidden, teacher_head, tokens, token_weights, config,
                  **kwargs):

@@ -152,7 +152,7 @@ def test_reprompt_seed_is_the_top_level_seed():
 def test_grpo_has_no_reprompt_section():
     problems = problems_of(["method=grpo", "+method.reprompt.use_demonstrations=true"])
     line = line_for(problems, "method.reprompt", {"use_demonstrations": True})
-    assert line.endswith("accepted keys: kind, name, objective")
+    assert line.endswith("accepted keys: kind, mini_batch_size, name, objective")
 
 
 @pytest.mark.parametrize("key, value", [("method.reprompt.use_feedback", True), ("method.objective.eps", 1e-8),
@@ -296,3 +296,32 @@ def test_without_a_reference_config_the_rollout_backend_is_still_a_known_key(mon
     monkeypatch.setattr(config_check, "_reference_config", lambda cfg: None)
     validate_config(compose_train(["method=sdpo"]))
     assert line_for(problems_of(["+rollout.temprature=0.7"]), "rollout.temprature", 0.7)
+
+
+# ----------------------------------------------------------------------------------------- mini- and micro-batches
+@pytest.mark.parametrize("batch_size, mini_batch_size, updates", [(32, 8, 4), (32, 32, 1), (4, 8, 1), (16, None, 1)])
+def test_updates_per_step_are_the_batch_over_the_mini_batch(batch_size, mini_batch_size, updates):
+    """The reference's GRPO: 32 prompts in mini-batches of 8 make 4 updates; a mini-batch of at least the whole
+    batch (or none) makes one."""
+    settings = validate_config(compose_train([
+        "method=grpo", f"data.batch_size={batch_size}", f"method.mini_batch_size={mini_batch_size or 'null'}",
+    ]))
+    assert settings.method.updates_per_batch == updates
+
+
+@pytest.mark.parametrize("overrides, accepted", [
+    (["data.batch_size=12", "method.mini_batch_size=8"], "a divisor of data.batch_size=12"),
+    (["data.batch_size=8", "method.mini_batch_size=2", "trainer=ddp", "trainer.devices=4"],
+     "a multiple of the 4 training processes"),
+    (["method.mini_batch_size=0"], "null (one update per step) or a positive number of prompts"),
+])
+def test_a_mini_batch_that_does_not_split_the_batch_is_refused(overrides, accepted):
+    value = int(overrides[-1 if "trainer" not in overrides[-1] else 1].split("=")[1])
+    assert accepted in line_for(problems_of(["method=grpo", *overrides]), "method.mini_batch_size", value)
+
+
+def test_the_micro_batch_budget_and_the_moved_gradient_clip_are_checked():
+    problems = problems_of(["memory.micro_batch_tokens=0", "+trainer.gradient_clip_val=1.0", "optim.grad_clip=-1"])
+    assert "positive number of tokens" in line_for(problems, "memory.micro_batch_tokens", 0)
+    assert "optim.grad_clip" in line_for(problems, "trainer.gradient_clip_val", 1.0)
+    assert "positive norm" in line_for(problems, "optim.grad_clip", -1)

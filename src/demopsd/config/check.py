@@ -30,6 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from demopsd.config.batching import MemoryConfig
 from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.config.run import EvalSettings, MethodSettings, TrainSettings
 from demopsd.config.settings import (
@@ -73,7 +74,7 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
 
     sections = {}
     for key in ("method", "method.objective", "method.reprompt", "rollout", "optim", "data", "checkpoint",
-                "trainer", "logger", "fsdp", "model", "eval"):
+                "trainer", "logger", "fsdp", "model", "eval", "memory"):
         sections[key] = _section(cfg, key, report)
     reference = _reference_config(cfg)
 
@@ -148,7 +149,13 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
         report("data.reward", data["reward"], f"one of {REWARD_RULES} (src/demopsd/data/rewards.py)")
     _unknown_keys("checkpoint", sections["checkpoint"], _keys(reference, "checkpoint"), report)
 
+    updates_per_batch = _check_mini_batch(method.get("mini_batch_size"), batch_size, sections["trainer"], report)
+    memory = _check_dataclass(MemoryConfig, "memory", sections["memory"], report)
+
     # -- trainer and logger
+    if sections["trainer"].get("gradient_clip_val") is not None:
+        report("trainer.gradient_clip_val", sections["trainer"]["gradient_clip_val"],
+               "not set: the module clips each update itself, to optim.grad_clip (null: no clipping)")
     max_steps = sections["trainer"].get("max_steps")
     if not (_is_int(max_steps) and (max_steps >= 1 or max_steps == -1)):
         report("trainer.max_steps", max_steps, "an integer >= 1, or -1 for no limit")
@@ -185,6 +192,7 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
             reprompt=dataclasses.replace(reprompt, seed=cfg.seed) if reprompt else None,
             teacher=method.get("teacher", "ema"),
             ema_rate=method.get("ema_rate", 0.05),
+            updates_per_batch=updates_per_batch,
         ),
         sampling=sampling,
         backend=backend,
@@ -193,6 +201,7 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
         prompts=PromptConfig(max_prompt_tokens, sections["model"].get("chat_template_kwargs") or {}),
         sharding=sharding,
         evaluation=evaluation,
+        memory=memory,
     )
 
 
@@ -212,6 +221,29 @@ def _check_evaluation(values: Mapping, report) -> EvalSettings | None:
         if not isinstance(schedule[key], bool):
             report(f"eval.{key}", schedule[key], "true or false")
     return EvalSettings(config, **schedule) if config is not None else None
+
+
+def _check_mini_batch(mini_batch_size: Any, batch_size: Any, trainer: Mapping, report) -> int:
+    """Optimizer updates per step for ``method.mini_batch_size`` prompts per update (null, or at least the whole
+    batch: one update); it must divide ``data.batch_size`` and split over the training processes."""
+    if mini_batch_size is None:
+        return 1
+    if not (_is_int(mini_batch_size) and mini_batch_size >= 1):
+        report("method.mini_batch_size", mini_batch_size, "null (one update per step) or a positive number of prompts")
+        return 1
+    if not (_is_int(batch_size) and batch_size >= 1) or mini_batch_size >= batch_size:
+        return 1
+    if batch_size % mini_batch_size:
+        report("method.mini_batch_size", mini_batch_size,
+               f"a divisor of data.batch_size={batch_size} (each update takes an equal share of the step's prompts)")
+        return 1
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if _is_int(devices) and _is_int(nodes) and mini_batch_size % (devices * nodes):
+        report("method.mini_batch_size", mini_batch_size,
+               f"a multiple of the {devices * nodes} training processes (trainer.devices × trainer.num_nodes): "
+               "each process updates on its share of every mini-batch")
+        return 1
+    return batch_size // mini_batch_size
 
 
 def _section(cfg: DictConfig, key: str, report) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from demopsd.config.batching import MemoryConfig
 from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.config.settings import (
     EngineConfig,
@@ -20,13 +21,16 @@ from demopsd.config.settings import (
 @dataclass(frozen=True)
 class MethodSettings:
     """``method``: its ``name`` and objective; for a distillation objective also how the teacher's contexts are
-    built (``reprompt``), which teacher (``"ema"``: a moving average moved ``ema_rate`` per step; ``"live"``)."""
+    built (``reprompt``), which teacher (``"ema"``: a moving average moved ``ema_rate`` per step; ``"live"``).
+    ``updates_per_batch``: optimizer updates per training step, each on an equal share of the step's prompts
+    (``data.batch_size / method.mini_batch_size``; 1 when the mini-batch is the whole batch)."""
 
     name: str
     objective: DistillationConfig | GRPOConfig
     reprompt: RepromptConfig | None = None
     teacher: str = "ema"
     ema_rate: float = 0.05
+    updates_per_batch: int = 1
 
     @property
     def distills(self) -> bool:
@@ -61,6 +65,7 @@ class TrainSettings:
     prompts: PromptConfig
     sharding: ShardingConfig
     evaluation: EvalSettings
+    memory: MemoryConfig = MemoryConfig()
 
     @property
     def max_model_len(self) -> int:

@@ -101,18 +101,24 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with a linear learning-rate warm-up over ``warmup_steps`` optimizer steps."""
+    """AdamW with a linear learning-rate warm-up over ``warmup_steps`` training steps, gradients clipped to
+    ``grad_clip``."""
 
     SECTION: ClassVar[str] = "optim"
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    """The learning rate rises linearly from 0 at the first update to ``lr`` at update ``warmup_steps``."""
+    grad_clip: float | None = 1.0
+    """The gradient's global norm is clipped to this before each update (null: no clipping)."""
 
     def __post_init__(self) -> None:
         check_rules(
             self.SECTION,
             (self.lr > 0, "lr", self.lr, "a positive learning rate"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
+             "null (no clipping) or a positive norm"),
             (self.weight_decay >= 0, "weight_decay", self.weight_decay, "a value >= 0"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
              "two numbers in [0, 1)"),

@@ -63,7 +63,7 @@ class _FusedDistillation(torch.autograd.Function):
         return (scale(grad_hidden), scale(grad_head)) + (None,) * 10
 
 
-def chunked_distillation_loss(
+def chunked_distillation(
     student_hidden: torch.Tensor,
     student_head: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -77,7 +77,8 @@ def chunked_distillation_loss(
     discrepancy_scale: float | None = None,
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`~demopsd.objectives.distill.distillation_loss` from hidden states, same values and gradients.
+    """``Σ_t w_t ℓ_t`` (the loss of :func:`~demopsd.objectives.distill.distillation_loss`) and its detached
+    per-token statistics ``[N]`` named in :data:`~demopsd.objectives.distill.TOKEN_STATS`, from hidden states.
 
     ``student_hidden`` / ``teacher_hidden`` ``[N, H]``, ``student_head`` / ``teacher_head`` ``[V, H]``
     (the teacher's may be an EMA copy); gradients flow to ``student_hidden`` and ``student_head`` only.
@@ -89,6 +90,24 @@ def chunked_distillation_loss(
     loss = _FusedDistillation.apply(
         student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(), tokens, token_weights,
         old_log_probs, config, lambda_max, discrepancy_scale, chunk_size, stats,
+    )
+    return loss, stats
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    tokens: torch.Tensor,
+    token_weights: torch.Tensor,
+    config: DistillationConfig,
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`~demopsd.objectives.distill.distillation_loss` from hidden states, same values and gradients: the
+    loss of :func:`chunked_distillation` (same arguments) and its statistics summarised as 0-dim metrics."""
+    loss, stats = chunked_distillation(
+        student_hidden, student_head, teacher_hidden, teacher_head, tokens, token_weights, config, **kwargs
     )
     return loss, summarize(loss, stats, token_weights)
 

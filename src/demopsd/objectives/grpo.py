@@ -58,19 +58,26 @@ def grpo_loss(
     scored (``None``: the detached current values, one update per batch, so ``r = 1`` with gradient
     ``∇ log π_θ``); ``ℓ_t = max(-r_t A_t, -clip(r_t, 1-clip_low, 1+clip_high) A_t)``, capped at ``-c·A_t`` where
     ``A_t < 0`` (dual clip, ``c = clip_ratio_c``); ``is_t`` = :func:`truncated_sampler_weight`.
+
+    Metrics over the tokens with a weight, as the reference counts them: ``clip_fraction``, where the clipped
+    ratio raised the loss (the clip acted); ``clip_fraction_lower``, where the dual clip capped it.
     """
     old = log_probs.detach() if old_log_probs is None else old_log_probs
     ratio = torch.exp((log_probs - old).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-    clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_clipped = torch.zeros_like(per_token, dtype=torch.bool)
     if clip_ratio_c is not None:
-        per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * clip_ratio_c), per_token)
+        dual_clipped = (advantages < 0) & (per_token > -advantages * clip_ratio_c)
+        per_token = torch.where(dual_clipped, -advantages * clip_ratio_c, per_token)
     sampler_weight = truncated_sampler_weight(old, sampler_log_probs, rollout_is_threshold)
     loss = (token_weights * sampler_weight * per_token).sum()
     counted = token_weights > 0
     metrics = {
         "loss": loss.detach(),
-        "clip_fraction": ((ratio - clipped_ratio).abs() > 0).float()[counted].mean(),
+        "clip_fraction": (clipped > unclipped).to(per_token.dtype)[counted].mean(),
+        "clip_fraction_lower": dual_clipped.to(per_token.dtype)[counted].mean(),
         "ratio_mean": ratio.detach()[counted].mean(),
         "sampler_weight_mean": sampler_weight[counted].mean(),
     }

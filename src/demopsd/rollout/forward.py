@@ -20,21 +20,21 @@ def response_hidden_states(
     ``prompt`` is left-padded ``[B, P]``; ``response_ids`` / ``response_mask`` are ``[B, R]``.
     Position ids count real tokens only, as in generation, so left padding does not shift them.
     The call goes through the whole model (computing only the last position's logits), not its decoder
-    alone, so that a sharded model gathers its embeddings and final norm (:mod:`demopsd.runtime.sharding`).
+    alone, so that a sharded model gathers its embeddings and final norm (:mod:`demopsd.runtime.sharding`);
+    the decoder's final output is taken from it as it passes, so no other layer's output is kept.
     """
     input_ids = torch.cat([prompt.ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt.mask, response_mask.to(prompt.mask.dtype)], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=1,
-        output_hidden_states=True,
-    ).hidden_states[-1]
+    captured: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
+    finally:
+        hook.remove()
     width = prompt.ids.shape[1]
-    return hidden[:, width - 1 : width - 1 + response_ids.shape[1]]
+    return captured[-1][:, width - 1 : width - 1 + response_ids.shape[1]]
 
 
 def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:

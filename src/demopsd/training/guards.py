@@ -3,18 +3,22 @@
 :class:`NumericalGuard` is a Lightning callback (``guards:`` in conf/train.yaml). Each optimizer step it
 checks, after backward and before gradient clipping and the optimizer step:
 
-* the loss: non-finite when ``training_step`` returned ``None`` (what :class:`SelfDistillationModule` does
-  on a non-finite loss; Lightning then skips backward) or when the loss handed to backward is NaN/inf;
+* the loss: non-finite when ``training_step`` returned ``None`` (Lightning then skips backward) or when a loss
+  handed to backward is NaN/inf (:class:`SelfDistillationModule` back-propagates one per micro-batch, all
+  checked);
 * every gradient of the optimizer's parameters.
 
+Under manual optimization (:class:`SelfDistillationModule` makes one update per mini-batch) each update is
+checked and skipped alone.
+
 On trouble it *skips the step*: it sets every gradient to ``None``, so the optimizer (AdamW, SGD, ...)
-touches neither the weights nor its state; the module asks :func:`step_was_skipped` before its EMA teacher
-update and its learning-rate scheduler step. Skips are counted (``train/skipped_steps``, cumulative, logged
+touches neither the weights nor its state; the module asks :func:`step_was_skipped` after each update, and
+moves its EMA teacher and learning-rate schedule only after a step with an update that was not skipped. Skips are counted (``train/skipped_steps``, cumulative, logged
 every step) and warned about, naming the loss or the first parameters with non-finite gradients. After
 ``max_consecutive_skips`` skipped steps in a row the run stops with :class:`NonFiniteTrainingError`.
 
-Lightning's ``trainer.global_step`` still advances on a skipped step (it counts ``optimizer.step`` calls),
-so skipped steps count toward ``trainer.max_steps``.
+Lightning's ``trainer.global_step`` still advances on a skipped step, so skipped steps count toward
+``trainer.max_steps``.
 
 :class:`CollapseTracker` warns when ``train/entropy`` or ``train/response_length`` falls below a ratio of
 its mean over the first few steps (entropy or length collapse); the guard logs ``guards/<kind>_collapse``.
@@ -121,9 +125,17 @@ class NumericalGuard(Callback):
         self._loss_finite = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        """Every loss back-propagated into the coming update (one per micro-batch) must be finite."""
+        self._loss_finite = self._loss_finite is not False and bool(torch.isfinite(loss.detach()).all())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        try:
+            self._check_update(trainer, pl_module, optimizer)
+        finally:
+            self._loss_finite = None  # the next update's losses are checked afresh
+
+    def _check_update(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.step_skipped = False
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._loss_finite is None:
             problem = "the loss was non-finite (training_step returned None)"

@@ -1,7 +1,11 @@
 """The LightningModule: Lightning's hooks around one training step, whatever the method.
 
 prompts → rollouts (the rollout engine) → rewards → the method's step (:mod:`demopsd.training.steps`: contexts,
-teacher and student states, objective) → optimizer step (Lightning) → the step's after-update work (EMA teacher).
+teacher and student states, objective) → one optimizer update per mini-batch, each accumulating the gradients of
+its micro-batches (:mod:`demopsd.training.batching`) → the step's after-update work (EMA teacher).
+
+The module drives its optimizer itself (Lightning's manual optimization), as the reference's actor does:
+``trainer.global_step`` counts training steps (batches of prompts), whatever the number of updates in each.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ from contextlib import nullcontext
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from demopsd.config.batching import MemoryConfig
 from demopsd.config.settings import OptimConfig, PromptConfig, SamplingConfig, ShardingConfig
 from demopsd.data.rewards import MCQScore, score_mcq
 from demopsd.data.types import MCQExample, student_conversation
 from demopsd.rollout.batch import RolloutBatch, encode_prompts
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.runtime.sharding import fsdp_units, gathered, shard_model
+from demopsd.training.batching import micro_batches, mini_batches
 from demopsd.training.guards import step_was_skipped
-from demopsd.training.steps import MethodStep
+from demopsd.training.steps import MethodStep, StepBatch, recorded_log_probs
 from demopsd.training.timing import StepClock
 
 
@@ -31,6 +38,9 @@ class SelfDistillationModule(L.LightningModule):
     The step's ``teacher`` (an EMA copy, or None) is a submodule here, so checkpoints hold it beside the policy.
     ``make_rollout_engine``: builds, given the process's ``local_rank``, the engine that samples the rollouts; it
     is called in :meth:`setup`, once the training processes are connected (default: ``generate`` on the policy).
+    ``updates_per_batch``: optimizer updates per training step, each on an equal share of the step's prompts (a
+    mini-batch); the log-probabilities the updates' ratios start from are recorded before the first.
+    ``memory``: the token budget of the micro-batches a mini-batch is run in.
     ``sharding``: how :meth:`configure_model` shards the policy and the teacher under ``trainer=fsdp``.
     ``clock`` times the phases of each step (:mod:`demopsd.training.timing`), logged as ``perf/*_seconds``.
     """
@@ -46,8 +56,11 @@ class SelfDistillationModule(L.LightningModule):
         prompts: PromptConfig | None = None,
         make_rollout_engine: Callable[..., RolloutEngine] | None = None,
         sharding: ShardingConfig | None = None,
+        updates_per_batch: int = 1,
+        memory: MemoryConfig | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.policy = policy.train()  # from_pretrained returns eval mode; rollouts switch to eval themselves
         self.tokenizer = tokenizer
         self.method_step = step
@@ -58,17 +71,17 @@ class SelfDistillationModule(L.LightningModule):
         self.make_rollout_engine = make_rollout_engine or (lambda local_rank=0: GenerateEngine(policy, tokenizer))
         self.rollout_engine: RolloutEngine | None = None
         self.sharding = sharding or ShardingConfig()
+        self.updates_per_batch = updates_per_batch
+        self.memory = memory or MemoryConfig()
         self.clock = StepClock()
-        self._loss_nonfinite = False  # this step's loss was NaN/inf: no optimizer, EMA or scheduler step
 
     # ------------------------------------------------------------------ training step
-    def training_step(self, batch: list[MCQExample], batch_idx: int) -> torch.Tensor | None:
-        """The loss of one batch; ``None`` (Lightning skips backward and the update) when it is not finite."""
-        self._loss_nonfinite = False
+    def training_step(self, batch: list[MCQExample], batch_idx: int) -> None:
+        """Sample and score the batch's rollouts, then one update per mini-batch (each skipped by the numerical
+        guard when its loss or gradients are not finite), the learning-rate schedule and the EMA teacher once."""
         with self.clock.phase("rollout"):
             rollouts, examples, scores = self.scored_rollouts(batch)
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
-
         metrics = {
             "train/reward_mean": rewards.mean(),
             "train/accuracy": torch.tensor([s.correct for s in scores], dtype=torch.float32).mean(),
@@ -76,8 +89,31 @@ class SelfDistillationModule(L.LightningModule):
             "train/response_length": rollouts.response_mask.sum(-1).float().mean(),
             "perf/rollout_tokens_per_s": torch.tensor(rollouts.num_tokens / max(rollouts.seconds, 1e-9)),
         }
-        loss, step_metrics = self.method_step(rollouts, examples, scores, self.global_step, self.clock)
-        metrics.update(step_metrics)
+        updates = mini_batches(len(examples), self.sampling.n, self.updates_per_batch)
+        step_batch = StepBatch(rollouts, examples, scores, self.global_step)
+        if len(updates) > 1:
+            with self.clock.phase("old_log_probs"):
+                step_batch.old_log_probs = recorded_log_probs(
+                    self.policy, rollouts, self.micro_batches(rollouts, range(len(examples))),
+                    self.sampling.temperature,
+                )
+        self.method_step.begin(step_batch)
+        optimizer = self.optimizers()
+        grad_norms, updated = [], False
+        for index, mini_batch in enumerate(updates):
+            optimizer.zero_grad(set_to_none=True)
+            for micro_batch in self.micro_batches(rollouts, mini_batch):
+                loss = self.method_step.micro_batch_loss(mini_batch, micro_batch, self.clock)
+                with self.clock.phase("backward"):
+                    self.manual_backward(loss)
+            with self.clock.phase("optimizer"):
+                grad_norms.append(self.clip_gradient_norm())
+                self.update(optimizer, counts_as_step=index == len(updates) - 1)
+                updated |= not step_was_skipped(self._trainer)
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(self.method_step.end(len(updates)))
+        metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
+        self.after_updates(updated)
         distributed = self._trainer is not None and self.trainer.world_size > 1
         self.log_dict(  # under DDP each metric is the mean over the ranks
             {k: v.float() for k, v in metrics.items()}, on_step=True, batch_size=len(examples), sync_dist=distributed
@@ -85,12 +121,43 @@ class SelfDistillationModule(L.LightningModule):
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
         for name, key in self.method_step.progress_bar.items():
             self.log(name, metrics[key].float(), prog_bar=True, logger=False, batch_size=len(examples))
-        if not torch.isfinite(loss.detach()):
-            self._loss_nonfinite = True  # counted and warned about by guards.NumericalGuard
-            # Under DDP every rank must take part in the gradient all-reduce: the non-finite gradients
-            # then reach every rank, and the guard skips the step everywhere.
-            return loss if distributed else None
-        return loss
+
+    def micro_batches(self, rollouts: RolloutBatch, rows: range) -> list[range]:
+        """``rows`` of ``rollouts`` cut to ``memory.micro_batch_tokens`` padded tokens per forward."""
+        return micro_batches(rows, rollouts.prompt.mask.sum(-1), rollouts.response_mask.sum(-1),
+                             self.memory.micro_batch_tokens)
+
+    def clip_gradient_norm(self) -> torch.Tensor:
+        """The global norm of the policy's gradients, which are scaled down to ``optim.grad_clip`` when it is
+        larger; non-finite gradients are left alone for the numerical guard to name and skip."""
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # sharded gradients: the norm over every process's shards
+            norm = norm.full_tensor()
+        if self.optim.grad_clip is not None and torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(self.policy.parameters(), self.optim.grad_clip, norm)
+        return norm.detach().float().cpu()
+
+    def update(self, optimizer, *, counts_as_step: bool) -> None:
+        """One optimizer update through Lightning (callbacks' ``on_before_optimizer_step``, hence the numerical
+        guard, see it); only the step's last update counts toward ``trainer.global_step``."""
+        if counts_as_step:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
+
+    def after_updates(self, updated: bool) -> None:
+        """After a step that changed the policy: the learning-rate schedule, the engine's copy of the weights
+        and the method's after-update work (the EMA teacher). A step whose every update was skipped leaves the
+        warm-up and the teacher where they were."""
+        if not updated:
+            return
+        self.lr_schedulers().step()
+        self.rollout_engine.policy_updated()
+        with self.clock.phase("ema"):
+            self.method_step.after_optimizer_step()
 
     def scored_rollouts(self, batch: list[MCQExample]) -> tuple[RolloutBatch, list[MCQExample], list[MCQScore]]:
         """``sampling.n`` rollouts per question of ``batch`` from the rollout engine, the question each row answers,
@@ -127,30 +194,8 @@ class SelfDistillationModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
         return batch  # plain examples; tokens are moved when they are made
 
-    def _step_skipped(self) -> bool:
-        """Whether this step made no optimizer update (non-finite loss here, or non-finite gradients)."""
-        return self._loss_nonfinite or step_was_skipped(self._trainer)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the method's after-update work (the EMA teacher's update): here rather than in
-        ``on_train_batch_end``, which Lightning calls after the callbacks', so a checkpoint of this step already
-        holds the update."""
-        super().optimizer_step(*args, **kwargs)
-        self.clock.end("optimizer")
-        self.rollout_engine.policy_updated()
-        if not self._step_skipped():
-            with self.clock.phase("ema"):
-                self.method_step.after_optimizer_step()
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.clock.start_step()
-
-    def on_before_backward(self, loss: torch.Tensor) -> None:
-        self.clock.begin("backward")
-
-    def on_after_backward(self) -> None:
-        self.clock.end("backward")
-        self.clock.begin("optimizer")
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Log the step's timings; the checkpoint callback, which Lightning runs last, has run by now."""
@@ -163,14 +208,11 @@ class SelfDistillationModule(L.LightningModule):
             weight_decay=self.optim.weight_decay,
             betas=tuple(self.optim.betas),
         )
-        warmup = max(self.optim.warmup_steps, 0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        warmup = self.optim.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, step / warmup) if warmup else 1.0  # the reference's: 0 at the first step
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        """Advance the schedule only after a real update: a skipped step leaves the warm-up where it was."""
-        if not self._step_skipped():
-            super().lr_scheduler_step(scheduler, metric)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint.update(self.method_step.state_dict())

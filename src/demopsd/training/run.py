@@ -63,6 +63,8 @@ def build_module(settings: TrainSettings, policy, tokenizer) -> SelfDistillation
             seed=settings.seed,
         ),
         sharding=settings.sharding,
+        updates_per_batch=method.updates_per_batch,
+        memory=settings.memory,
     )
 
 

@@ -1,14 +1,17 @@
-"""One step object per method: from scored rollouts to ``(loss, metrics)``.
+"""One step object per method: from scored rollouts to the loss of each micro-batch and the step's metrics.
 
 :class:`DistillationStep` (demopsd, sdpo, opsd) builds each rollout's privileged context, runs the teacher on
 the student's own tokens and distils it into the student through the chunked objective; it owns the teacher,
 the discrepancy normaliser and the EMA update. :class:`GRPOStep` is the reference's policy-gradient baseline.
-Both follow :class:`MethodStep`, so the LightningModule never asks which method it trains.
+Both follow :class:`MethodStep`, so the LightningModule never asks which method it trains: it calls
+:meth:`~MethodStep.begin` once per step, :meth:`~MethodStep.micro_batch_loss` for every micro-batch of every
+mini-batch (:mod:`demopsd.training.batching`), back-propagating each, and :meth:`~MethodStep.end` for the metrics.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,18 +25,33 @@ from demopsd.data.types import MCQExample
 from demopsd.objectives import (
     DiscrepancyNormalizer,
     aggregation_weights,
-    chunked_distillation_loss,
+    chunked_distillation,
     chunked_token_log_probs,
     grpo_advantages,
     grpo_loss,
     lambda_max_at,
+    summarize,
 )
 from demopsd.rollout.batch import Conversation, RolloutBatch, encode_prompts
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
 from demopsd.runtime.sharding import reshard
+from demopsd.training.batching import select_prompts, select_rows
 from demopsd.training.reprompt import build_contexts, demonstration_fraction, teacher_prompt
 from demopsd.training.teacher import ema_update, make_ema_teacher
 from demopsd.training.timing import StepClock
+
+
+@dataclass
+class StepBatch:
+    """A step's scored rollouts: row ``r`` of ``rollouts`` answers ``examples[r]`` and scored ``scores[r]``.
+    ``old_log_probs`` ``[B*n, R]``: the policy's log-probabilities of the response tokens recorded before the
+    step's first update, when it makes several (else ``None``: each update's own detached values)."""
+
+    rollouts: RolloutBatch
+    examples: list[MCQExample]
+    scores: list[MCQScore]
+    global_step: int
+    old_log_probs: torch.Tensor | None = None
 
 
 class MethodStep(Protocol):
@@ -42,21 +60,21 @@ class MethodStep(Protocol):
     teacher: nn.Module | None
     """A module the step keeps beside the policy (checkpointed and sharded with it), or None."""
     progress_bar: dict[str, str]
-    """Short name on the progress bar → metric key of :meth:`__call__`."""
+    """Short name on the progress bar → metric key of :meth:`end`."""
 
-    def __call__(
-        self,
-        rollouts: RolloutBatch,
-        examples: list[MCQExample],
-        scores: list[MCQScore],
-        global_step: int,
-        clock: StepClock,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss to minimise and the step's metrics; row ``r`` of ``rollouts`` answers ``examples[r]``. The
-        forward passes and the loss are timed on ``clock`` (:mod:`demopsd.training.timing`)."""
+    def begin(self, batch: StepBatch) -> None:
+        """Prepare the step's work on ``batch`` (contexts, advantages) before its first micro-batch."""
+
+    def micro_batch_loss(self, mini_batch: range, micro_batch: range, clock: StepClock) -> torch.Tensor:
+        """The share of the rows ``micro_batch`` in the loss of the mini-batch ``mini_batch`` (row ranges of the
+        step's batch); a mini-batch's loss is the sum of its micro-batches' shares. The forward passes and the
+        loss are timed on ``clock`` (:mod:`demopsd.training.timing`)."""
+
+    def end(self, updates: int) -> dict[str, torch.Tensor]:
+        """The step's metrics after its ``updates`` mini-batch updates; forgets the step's work."""
 
     def after_optimizer_step(self) -> None:
-        """Called after each optimizer step that updated the policy."""
+        """Called once per step after its updates, if any of them changed the policy."""
 
     def state_dict(self) -> dict:
         """Entries added to the training checkpoint."""
@@ -71,10 +89,58 @@ def tempered(hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     return hidden if temperature == 1.0 else hidden / temperature
 
 
-def sampler_log_probs(rollouts: RolloutBatch, valid: torch.Tensor) -> torch.Tensor | None:
-    """``log π_old`` ``[N]`` of the ``valid`` response tokens when another engine sampled them, else ``None``
-    (the trainer's own detached values: sampled from the live policy, the importance ratio is 1)."""
-    return None if rollouts.log_probs is None else rollouts.log_probs[valid]
+def recorded_rows(batch: StepBatch, rows: range, valid: torch.Tensor) -> torch.Tensor | None:
+    """The log-probabilities ``[N]`` recorded before the step's first update for the ``valid`` ``[m, R']``
+    response tokens of the rows ``rows``; ``None`` when the step recorded none (one update)."""
+    if batch.old_log_probs is None:
+        return None
+    return batch.old_log_probs[rows.start:rows.stop, : valid.shape[1]][valid]
+
+
+def old_log_probs(batch: StepBatch, rows: range, part: RolloutBatch) -> torch.Tensor | None:
+    """``log π_old`` ``[N]`` of the response tokens of ``part`` (the rows ``rows`` of ``batch``): the sampler's
+    when another engine sampled them (vLLM), else those recorded before the step's first update, else ``None``
+    (each update's own detached values: one update on rollouts of the live policy, the ratio is 1)."""
+    valid = part.response_mask.bool()
+    if part.log_probs is not None:
+        return part.log_probs[valid]
+    return recorded_rows(batch, rows, valid)
+
+
+@torch.no_grad()
+def recorded_log_probs(
+    policy: PreTrainedModel, rollouts: RolloutBatch, micro_batches: list[range], temperature: float,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """The policy's log-probabilities ``[B*n, R]`` of every response token (0 at padding) at the temperature
+    the rollouts were sampled at, computed micro-batch by micro-batch (``micro_batches`` cover the rows)."""
+    values = None
+    for rows in micro_batches:
+        part = select_rows(rollouts, rows)
+        valid = part.response_mask.bool()
+        hidden = response_hidden_states(policy, part.prompt, part.response_ids, part.response_mask)
+        log_probs, _ = chunked_token_log_probs(
+            tempered(hidden[valid], temperature), lm_head_weight(policy), part.response_ids[valid], chunk_size
+        )
+        if values is None:
+            values = torch.zeros(rollouts.response_ids.shape, dtype=log_probs.dtype, device=log_probs.device)
+        values[rows.start:rows.stop, : valid.shape[1]][valid] = log_probs
+    reshard(policy)
+    return values
+
+
+def loss_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the losses are computed in: float32, or float64 for float64 states (half precision upcast)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def mini_batch_weights(mini_batch: range, micro_batch: range, mask: torch.Tensor,
+                       aggregation: str, width: int) -> torch.Tensor:
+    """The aggregation weights ``[m, width]`` of the rows ``micro_batch``, computed over the whole mini-batch
+    (``mask`` ``[B*n, R]`` of the step's rows, in the loss's floating dtype), so that the micro-batches' losses add
+    up to the mini-batch's."""
+    weights = aggregation_weights(mask[mini_batch.start:mini_batch.stop], aggregation)
+    return weights[micro_batch.start - mini_batch.start: micro_batch.stop - mini_batch.start, :width]
 
 
 def attenuation(kl_target_student: torch.Tensor, kl_teacher_student: torch.Tensor) -> torch.Tensor:
@@ -123,11 +189,27 @@ def answer_letter_positions(
     return rows, positions, correct_ids
 
 
+@dataclass
+class _DistillationWork:
+    """What :class:`DistillationStep` keeps between the micro-batches of one step."""
+
+    batch: StepBatch
+    has_context: torch.Tensor  # [B*n] bool
+    teacher_prompts: object  # PromptBatch of the rows with a context, in row order
+    teacher_row: dict[int, int]  # row of the batch → its row of teacher_prompts
+    lambda_max: float
+    discrepancy_scale: float | None
+    update_losses: dict[int, torch.Tensor] = field(default_factory=dict)  # mini-batch start → its loss
+    token_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    token_weights: list[torch.Tensor] = field(default_factory=list)
+    p_answer: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (teacher, student) per row
+
+
 class DistillationStep:
     """Self-distillation from a teacher that sees a privileged context (a successful sibling, or the answer).
 
     ``teacher_kind``: ``"ema"`` (a frozen moving-average copy of ``policy``, moved ``ema_rate`` toward it after
-    every optimizer step) or ``"live"`` (the policy's current weights, no gradient).
+    every step that updated the policy) or ``"live"`` (the policy's current weights, no gradient).
     """
 
     progress_bar = {"λ": "distill/lambda_mean"}
@@ -150,149 +232,152 @@ class DistillationStep:
         self.prompts, self.chunk_size = prompts or PromptConfig(), chunk_size
         self.teacher = make_ema_teacher(policy) if teacher_kind == "ema" else None
         self.normalizer = DiscrepancyNormalizer(objective.normalize_momentum)
+        self.work: _DistillationWork | None = None
 
     @property
     def teacher_model(self) -> nn.Module:
         return self.teacher if self.teacher is not None else self.policy
 
-    def __call__(
-        self,
-        rollouts: RolloutBatch,
-        examples: list[MCQExample],
-        scores: list[MCQScore],
-        global_step: int,
-        clock: StepClock,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = [s.reward for s in scores]
-        n = self.sampling.n
-        response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
-        with clock.phase("student_forward"):
-            student_hidden = response_hidden_states(self.policy, rollouts.prompt, response_ids, response_mask)
-        with clock.phase("teacher_forward"):
-            contexts = build_contexts(
-                rollouts.texts, rewards, n, self.reprompt, answers=[e.answer for e in examples[::n]], step=global_step
+    def begin(self, batch: StepBatch) -> None:
+        """Each rollout's privileged context (:func:`build_contexts`) and the teacher's prompts with it."""
+        rewards, n = [s.reward for s in batch.scores], self.sampling.n
+        contexts = build_contexts(
+            batch.rollouts.texts, rewards, n, self.reprompt, answers=[e.answer for e in batch.examples[::n]],
+            step=batch.global_step,
+        )
+        rows = [i for i, c in enumerate(contexts) if c is not None]
+        device = batch.rollouts.response_ids.device
+        teacher_prompts = None
+        if rows:
+            teacher_prompts = encode_prompts(
+                self.tokenizer,
+                [teacher_conversation(batch.examples[i], contexts[i], self.reprompt) for i in rows],
+                chat_template_kwargs=self.prompts.chat_template_kwargs,
             )
-            has_context = torch.tensor([c is not None for c in contexts], device=response_ids.device)
-            teacher_hidden = self.teacher_hidden(student_hidden, rollouts, examples, contexts)
-        with clock.phase("loss"):
-            loss, metrics = self.distill(
-                student_hidden, teacher_hidden, rollouts, examples, scores, has_context, global_step
-            )
-        metrics["distill/demonstration_fraction"] = torch.tensor(demonstration_fraction(rewards, n, self.reprompt))
-        return loss, metrics
-
-    def distill(
-        self,
-        student_hidden: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        rollouts: RolloutBatch,
-        examples: list[MCQExample],
-        scores: list[MCQScore],
-        has_context: torch.Tensor,
-        global_step: int,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective on the rollouts with a context (``has_context`` ``[B*n]``) from the student's and the
-        teacher's hidden states ``[B*n, R, H]``, and its metrics."""
+            teacher_prompts.ids, teacher_prompts.mask = teacher_prompts.ids.to(device), teacher_prompts.mask.to(device)
         config = self.objective
-        response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
-        distill_mask = response_mask * has_context[:, None]
-        valid = response_mask.bool()
-        token_weights = aggregation_weights(distill_mask, config.aggregation)[valid]
-        temperature = self.sampling.temperature
-        loss, stats = chunked_distillation_loss(
-            tempered(student_hidden[valid], temperature),
-            lm_head_weight(self.policy),
-            tempered(teacher_hidden[valid], temperature),
-            lm_head_weight(self.teacher_model).detach(),
-            response_ids[valid],
-            token_weights,
-            config,
-            old_log_probs=sampler_log_probs(rollouts, valid),
-            lambda_max=lambda_max_at(config, global_step),
+        self.work = _DistillationWork(
+            batch=batch,
+            has_context=torch.tensor([c is not None for c in contexts], device=device),
+            teacher_prompts=teacher_prompts,
+            teacher_row={row: i for i, row in enumerate(rows)},
+            lambda_max=lambda_max_at(config, batch.global_step),
             discrepancy_scale=self.normalizer.scale if config.normalize_discrepancy else None,
-            chunk_size=self.chunk_size,
         )
-        teacher_p_answer, student_p_answer = self.answer_letter_probabilities(
-            student_hidden, teacher_hidden, rollouts, examples, [s.predicted for s in scores], has_context
+
+    def micro_batch_loss(self, mini_batch: range, micro_batch: range, clock: StepClock) -> torch.Tensor:
+        work, config = self.work, self.objective
+        part = select_rows(work.batch.rollouts, micro_batch)
+        with clock.phase("student_forward"):
+            student_hidden = response_hidden_states(self.policy, part.prompt, part.response_ids, part.response_mask)
+        with clock.phase("teacher_forward"):
+            teacher_hidden = self.teacher_hidden(student_hidden, part, micro_batch)
+        with clock.phase("loss"):
+            valid = part.response_mask.bool()
+            distill_mask = (work.batch.rollouts.response_mask * work.has_context[:, None]).to(loss_dtype(student_hidden))
+            token_weights = mini_batch_weights(
+                mini_batch, micro_batch, distill_mask, config.aggregation, valid.shape[1]
+            )[valid]
+            temperature = self.sampling.temperature
+            loss, stats = chunked_distillation(
+                tempered(student_hidden[valid], temperature),
+                lm_head_weight(self.policy),
+                tempered(teacher_hidden[valid], temperature),
+                lm_head_weight(self.teacher_model).detach(),
+                part.response_ids[valid],
+                token_weights,
+                config,
+                old_log_probs=old_log_probs(work.batch, micro_batch, part),
+                lambda_max=work.lambda_max,
+                discrepancy_scale=work.discrepancy_scale,
+                chunk_size=self.chunk_size,
+            )
+            work.p_answer.extend(self.answer_letter_probabilities(student_hidden, teacher_hidden, part, micro_batch))
+            if self.teacher is not None:
+                reshard(self.teacher)  # its gathered root is not needed again before the next micro-batch
+        work.update_losses[mini_batch.start] = work.update_losses.get(mini_batch.start, 0) + loss.detach()
+        work.token_stats.append(stats)
+        work.token_weights.append(token_weights)
+        return loss
+
+    def end(self, updates: int) -> dict[str, torch.Tensor]:
+        """The step's metrics over all its micro-batches; the discrepancy normaliser moves once per step."""
+        work, self.work = self.work, None
+        stats = {name: torch.cat([s[name] for s in work.token_stats]) for name in work.token_stats[0]}
+        token_weights = torch.cat(work.token_weights)
+        loss = torch.stack(list(work.update_losses.values())).mean()
+        summary = summarize(loss, stats, token_weights)
+        if work.has_context.any() and math.isfinite(float(summary["discrepancy_mean"])):  # a NaN would stay in its EMA
+            self.normalizer.update(float(summary["discrepancy_mean"]))
+        nan = torch.tensor(float("nan"))
+        teacher_p_answer, student_p_answer = (
+            torch.stack([p for p, _ in work.p_answer]).mean() if work.p_answer else nan,
+            torch.stack([p for _, p in work.p_answer]).mean() if work.p_answer else nan,
         )
-        if self.teacher is not None:
-            reshard(self.teacher)  # its gathered root is not needed again before the EMA update
-        if has_context.any() and math.isfinite(float(stats["discrepancy_mean"])):  # a NaN would stay in its EMA
-            self.normalizer.update(float(stats["discrepancy_mean"]))
-        kl_ts, kl_qs = stats["kl_teacher_student"], stats["kl_target_student"]
-        metrics = {
-            "distill/loss": stats["loss"],
-            "distill/lambda_mean": stats["lambda_mean"],
-            "distill/lambda_q10": stats["lambda_q10"],
-            "distill/lambda_q50": stats["lambda_q50"],
-            "distill/lambda_q90": stats["lambda_q90"],
-            "distill/discrepancy_mean": stats["discrepancy_mean"],
-            "distill/mask_fraction": has_context.float().mean(),
-            "distill/is_weight_mean": stats["is_weight_mean"],
-            "distill/is_clip_fraction": stats["is_clip_fraction"],
+        kl_ts, kl_qs = summary["kl_teacher_student"], summary["kl_target_student"]
+        rewards = [s.reward for s in work.batch.scores]
+        return {
+            "distill/loss": summary["loss"],
+            "distill/lambda_mean": summary["lambda_mean"],
+            "distill/lambda_q10": summary["lambda_q10"],
+            "distill/lambda_q50": summary["lambda_q50"],
+            "distill/lambda_q90": summary["lambda_q90"],
+            "distill/discrepancy_mean": summary["discrepancy_mean"],
+            "distill/mask_fraction": work.has_context.float().mean(),
+            "distill/is_weight_mean": summary["is_weight_mean"],
+            "distill/is_clip_fraction": summary["is_clip_fraction"],
+            "distill/demonstration_fraction": torch.tensor(demonstration_fraction(rewards, self.sampling.n,
+                                                                                  self.reprompt)),
             "leakage/kl_teacher_student": kl_ts,
             "leakage/kl_target_student": kl_qs,
             "leakage/attenuation": attenuation(kl_qs, kl_ts),
-            "leakage/kl_teacher_student_full": stats["kl_teacher_student_full"],
+            "leakage/kl_teacher_student_full": summary["kl_teacher_student_full"],
             "leakage/teacher_p_answer": teacher_p_answer,
             "leakage/student_p_answer": student_p_answer,
-            "train/entropy": stats["entropy"],
+            "train/entropy": summary["entropy"],
         }
-        return loss, metrics
 
     @torch.no_grad()
-    def teacher_hidden(
-        self,
-        student_hidden: torch.Tensor,
-        rollouts: RolloutBatch,
-        examples: list[MCQExample],
-        contexts: list[str | None],
-    ) -> torch.Tensor:
-        """Teacher states ``[B*n, R, H]`` on the student's own tokens, prompted with the privileged context.
+    def teacher_hidden(self, student_hidden: torch.Tensor, part: RolloutBatch, rows: range) -> torch.Tensor:
+        """Teacher states ``[m, R, H]`` on the student's own tokens of ``part`` (the rows ``rows`` of the step),
+        prompted with the privileged context.
 
         Rows without a context are masked out of the loss; they keep the student's (detached) states.
         """
         teacher_hidden = student_hidden.detach().clone()
-        rows = [i for i, c in enumerate(contexts) if c is not None]
-        if not rows:
+        work = self.work
+        with_context = [i for i, row in enumerate(rows) if row in work.teacher_row]
+        if not with_context:
             return teacher_hidden
-        prompts = encode_prompts(
-            self.tokenizer,
-            [teacher_conversation(examples[i], contexts[i], self.reprompt) for i in rows],
-            chat_template_kwargs=self.prompts.chat_template_kwargs,
-        )
-        device = student_hidden.device
-        prompts.ids, prompts.mask = prompts.ids.to(device), prompts.mask.to(device)
-        teacher_hidden[rows] = response_hidden_states(
-            self.teacher_model, prompts, rollouts.response_ids[rows], rollouts.response_mask[rows]
+        prompts = select_prompts(work.teacher_prompts, [work.teacher_row[rows[i]] for i in with_context])
+        teacher_hidden[with_context] = response_hidden_states(
+            self.teacher_model, prompts, part.response_ids[with_context], part.response_mask[with_context]
         )
         return teacher_hidden
 
     @torch.no_grad()
     def answer_letter_probabilities(
-        self,
-        student_hidden: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        rollouts: RolloutBatch,
-        examples: list[MCQExample],
-        predicted: list[str | None],
-        has_context: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean probability of the correct letter at the answer position under teacher and student, over the
-        distilled rollouts that wrote a letter (:func:`answer_letter_positions`); NaN where there are none."""
-        rows, positions, correct_ids = answer_letter_positions(
-            self.tokenizer, rollouts.response_ids, rollouts.response_mask,
-            [p if bool(c) else None for p, c in zip(predicted, has_context)], [e.answer for e in examples],
+        self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, part: RolloutBatch, rows: range
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The probability of the correct letter at the answer position under teacher and student, for each
+        distilled rollout of ``part`` (the rows ``rows`` of the step) that wrote a letter
+        (:func:`answer_letter_positions`)."""
+        work = self.work
+        examples, scores = work.batch.examples[rows.start:rows.stop], work.batch.scores[rows.start:rows.stop]
+        found, positions, correct_ids = answer_letter_positions(
+            self.tokenizer, part.response_ids, part.response_mask,
+            [s.predicted if bool(work.has_context[row]) else None for s, row in zip(scores, rows)],
+            [e.answer for e in examples],
         )
-        if not rows:
-            return torch.tensor(float("nan")), torch.tensor(float("nan"))
+        if not found:
+            return []
         correct = torch.tensor(correct_ids, device=student_hidden.device)[:, None]
         probabilities = []
         for hidden, model in ((teacher_hidden, self.teacher_model), (student_hidden, self.policy)):
-            states = tempered(hidden.detach()[rows, positions], self.sampling.temperature)
+            states = tempered(hidden.detach()[found, positions], self.sampling.temperature)
             log_probs = (states @ lm_head_weight(model).detach().T).float().log_softmax(-1)
-            probabilities.append(log_probs.gather(-1, correct).exp().mean())
-        return probabilities[0], probabilities[1]
+            probabilities.append(log_probs.gather(-1, correct).exp()[:, 0])
+        return list(zip(probabilities[0], probabilities[1]))
 
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:
@@ -306,67 +391,85 @@ class DistillationStep:
             self.normalizer.load_state_dict(checkpoint["discrepancy_normalizer"])
 
 
+@dataclass
+class _GRPOWork:
+    """What :class:`GRPOStep` keeps between the micro-batches of one step."""
+
+    batch: StepBatch
+    rewards: torch.Tensor  # [B*n]
+    advantages: torch.Tensor  # [B*n]
+    update_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # token-count-weighted sums of token means
+    tokens: int = 0  # response tokens seen
+
+
 class GRPOStep:
     """The reference's GRPO baseline: group-relative advantages, clipped and dual-clipped ratios, a truncated
     importance weight against the sampler when another engine sampled."""
 
     teacher = None
     progress_bar: dict[str, str] = {}
+    TOKEN_MEANS = {"grpo/clip_fraction": "clip_fraction", "grpo/clip_fraction_lower": "clip_fraction_lower",
+                   "grpo/ratio_mean": "ratio_mean", "grpo/sampler_weight_mean": "sampler_weight_mean"}
 
     def __init__(
         self, policy: PreTrainedModel, objective: GRPOConfig, sampling: SamplingConfig, *, chunk_size: int = 512
     ) -> None:
         self.policy, self.objective, self.sampling, self.chunk_size = policy, objective, sampling, chunk_size
+        self.work: _GRPOWork | None = None
 
-    def __call__(
-        self,
-        rollouts: RolloutBatch,
-        examples: list[MCQExample],
-        scores: list[MCQScore],
-        global_step: int,
-        clock: StepClock,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def begin(self, batch: StepBatch) -> None:
+        """Group-relative advantages of the whole step's rollouts (every mini-batch uses the same ones)."""
+        device = batch.rollouts.response_ids.device
+        rewards = torch.tensor([s.reward for s in batch.scores], dtype=torch.float32, device=device)
+        advantages = grpo_advantages(rewards, self.sampling.n, scale_by_std=self.objective.scale_by_std)
+        self.work = _GRPOWork(batch=batch, rewards=rewards, advantages=advantages)
+
+    def micro_batch_loss(self, mini_batch: range, micro_batch: range, clock: StepClock) -> torch.Tensor:
+        work, config = self.work, self.objective
+        part = select_rows(work.batch.rollouts, micro_batch)
         with clock.phase("student_forward"):
-            hidden = response_hidden_states(
-                self.policy, rollouts.prompt, rollouts.response_ids, rollouts.response_mask
-            )
+            hidden = response_hidden_states(self.policy, part.prompt, part.response_ids, part.response_mask)
         with clock.phase("loss"):
-            return self.policy_gradient(hidden, rollouts, scores)
+            valid = part.response_mask.bool()
+            log_probs, entropy = chunked_token_log_probs(
+                tempered(hidden[valid], self.sampling.temperature), lm_head_weight(self.policy),
+                part.response_ids[valid], chunk_size=self.chunk_size,
+            )
+            advantages = work.advantages[micro_batch.start:micro_batch.stop]
+            token_weights = mini_batch_weights(
+                mini_batch, micro_batch, work.batch.rollouts.response_mask.to(log_probs.dtype), config.aggregation,
+                valid.shape[1],
+            )[valid]
+            loss, stats = grpo_loss(
+                log_probs,
+                advantages[:, None].expand_as(valid)[valid],
+                token_weights,
+                old_log_probs=recorded_rows(work.batch, micro_batch, valid),
+                sampler_log_probs=None if part.log_probs is None else part.log_probs[valid],
+                clip_low=config.clip_low,
+                clip_high=config.clip_high,
+                clip_ratio_c=config.clip_ratio_c,
+                rollout_is_threshold=config.rollout_is_threshold,
+            )
+        counted = int((token_weights > 0).sum())
+        for name, key in self.TOKEN_MEANS.items():
+            work.sums[name] = work.sums.get(name, 0) + stats[key].detach() * counted
+        work.sums["train/entropy"] = work.sums.get("train/entropy", 0) + entropy.sum()
+        work.tokens += counted
+        work.update_losses[mini_batch.start] = work.update_losses.get(mini_batch.start, 0) + loss.detach()
+        return loss
 
-    def policy_gradient(
-        self, hidden: torch.Tensor, rollouts: RolloutBatch, scores: list[MCQScore]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The GRPO loss from the policy's hidden states ``[B*n, R, H]`` on its rollouts, and its metrics."""
-        config = self.objective
-        response_ids, response_mask = rollouts.response_ids, rollouts.response_mask
-        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=response_ids.device)
-        valid = response_mask.bool()
-        log_probs, entropy = chunked_token_log_probs(
-            tempered(hidden[valid], self.sampling.temperature), lm_head_weight(self.policy), response_ids[valid],
-            chunk_size=self.chunk_size,
-        )
-        advantages = grpo_advantages(rewards, self.sampling.n, scale_by_std=config.scale_by_std)
-        token_advantages = advantages[:, None].expand_as(response_mask)[valid]
-        token_weights = aggregation_weights(response_mask, config.aggregation)[valid]
-        loss, stats = grpo_loss(
-            log_probs,
-            token_advantages,
-            token_weights,
-            sampler_log_probs=sampler_log_probs(rollouts, valid),
-            clip_low=config.clip_low,
-            clip_high=config.clip_high,
-            clip_ratio_c=config.clip_ratio_c,
-            rollout_is_threshold=config.rollout_is_threshold,
-        )
-        metrics = {
-            "grpo/loss": stats["loss"],
-            "grpo/clip_fraction": stats["clip_fraction"],
-            "grpo/sampler_weight_mean": stats["sampler_weight_mean"],
-            "grpo/advantage_abs_mean": advantages.abs().mean(),
-            "grpo/varied_group_fraction": (rewards.view(-1, self.sampling.n).std(-1, correction=0) > 0).float().mean(),
-            "train/entropy": entropy.mean(),
+    def end(self, updates: int) -> dict[str, torch.Tensor]:
+        work, self.work = self.work, None
+        n = self.sampling.n
+        tokens = max(work.tokens, 1)
+        return {
+            "grpo/loss": torch.stack(list(work.update_losses.values())).mean(),
+            **{name: total / tokens for name, total in work.sums.items()},
+            "grpo/advantage_abs_mean": work.advantages.abs().mean(),
+            "grpo/varied_group_fraction": (work.rewards.view(-1, n).std(-1, correction=0) > 0).float().mean(),
         }
-        return loss, metrics
 
     def after_optimizer_step(self) -> None:
         pass

@@ -3,12 +3,16 @@
 The phases of one step, in order (each logged only in the steps where it ran):
 
 - ``rollout``: encode the prompts, sample the responses (with vLLM, after pushing the newest weights), score them;
+- ``old_log_probs``: the policy's log-probabilities of its responses before the first of several updates (only in
+  steps that make more than one, ``method.mini_batch_size``);
 - ``student_forward``: the policy's hidden states on its own responses;
 - ``teacher_forward``: the privileged contexts, their prompts and the teacher's hidden states (distillation only);
 - ``loss``: the objective from the hidden states, in chunks of positions (it already back-propagates each chunk
   to the hidden states), and the step's diagnostics;
 - ``backward``: from the hidden states through the policy;
-- ``optimizer``: after the backward pass up to the updated weights (gradient checks, clipping, AdamW);
+- ``optimizer``: after the backward pass up to the updated weights (gradient clipping and checks, AdamW);
+
+The forward, loss and backward phases add up over the step's micro-batches, the optimizer phase over its updates.
 - ``ema``: the EMA teacher's update;
 - ``checkpoint``: the checkpoint callback's work after the batch (saving a checkpoint on the steps that save one).
 
@@ -20,6 +24,7 @@ Lightning's bookkeeping, the logging and the progress bar.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -27,7 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-PHASES = ("rollout", "student_forward", "teacher_forward", "loss", "backward", "optimizer", "ema", "checkpoint")
+PHASES = ("rollout", "old_log_probs", "student_forward", "teacher_forward", "loss", "backward", "optimizer", "ema", "checkpoint")
 
 
 class StepClock:
@@ -88,9 +93,13 @@ class StepClock:
 
 class TimedModelCheckpoint(ModelCheckpoint):
     """Lightning's :class:`ModelCheckpoint`, its work after each batch timed as the step's ``checkpoint`` phase on
-    the module's :class:`StepClock` (``pl_module.clock``; a module without one is not timed)."""
+    the module's :class:`StepClock` (``pl_module.clock``; a module without one is not timed).
+
+    Under manual optimization Lightning warns at every save that the checkpoint holds the weights after the
+    step's updates: what a checkpoint of a finished step is meant to hold, so the warning is silenced."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         clock = getattr(pl_module, "clock", None)
-        with clock.phase("checkpoint") if isinstance(clock, StepClock) else nullcontext():
+        with clock.phase("checkpoint") if isinstance(clock, StepClock) else nullcontext(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
             super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
