@@ -162,3 +162,30 @@ def test_two_updates_per_step_move_the_policy_twice(monkeypatch):
     _, metrics = float64_step(monkeypatch, "grpo", "method.mini_batch_size=1")
     assert captured["count"] == 2
     assert metrics["grpo/ratio_mean"] != 1.0  # the second update's ratios moved away from π_old
+
+
+def test_the_teachers_prompts_are_cut_as_the_reprompt_settings_say():
+    """The step encodes each teacher prompt (with its demonstration) at most ``method.reprompt.max_prompt_tokens``
+    long, cut on the right as the reference's ``reprompt_truncation``."""
+    import dataclasses
+
+    from demopsd.data.rewards import MCQScore
+    from demopsd.training.steps import StepBatch
+
+    tokenizer = default_tokenizer()
+    settings = validate_config(train_config("sdpo", "rollout.n=4", "method.reprompt.use_reference_answer=false"))
+    module = build_module(settings, tiny_policy(tokenizer), tokenizer)
+    rollouts = FixedRollouts.of(tokenizer, RESPONSES[:4])
+    batch = StepBatch(rollouts.generate(demopsd.training.module.encode_prompts(
+        tokenizer, [demopsd.training.module.student_conversation(BATCH[0])]), settings.sampling),
+        [BATCH[0]] * 4, [MCQScore(r, r > 0, True, "B" if r else None) for r in REWARDS[:4]], 0)
+    step = module.method_step
+    step.begin(batch)
+    full = step.work.teacher_prompts
+    assert full.ids.shape == (3, int(full.mask.sum(-1).max()))  # the three siblings of the one success
+    step.reprompt = dataclasses.replace(step.reprompt, max_prompt_tokens=20)
+    step.begin(batch)
+    cut = step.work.teacher_prompts
+    assert cut.ids.shape == (3, 20)
+    first = full.ids[0][full.mask[0].bool()]
+    assert torch.equal(cut.ids[0], first[:20])  # the beginning kept, the end dropped

@@ -239,7 +239,8 @@ class DistillationStep:
         return self.teacher if self.teacher is not None else self.policy
 
     def begin(self, batch: StepBatch) -> None:
-        """Each rollout's privileged context (:func:`build_contexts`) and the teacher's prompts with it."""
+        """Each rollout's privileged context (:func:`build_contexts`) and the teacher's prompts with it, cut at
+        ``method.reprompt.max_prompt_tokens`` as ``method.reprompt.truncation`` says (the reference's: on the right)."""
         rewards, n = [s.reward for s in batch.scores], self.sampling.n
         contexts = build_contexts(
             batch.rollouts.texts, rewards, n, self.reprompt, answers=[e.answer for e in batch.examples[::n]],
@@ -252,6 +253,8 @@ class DistillationStep:
             teacher_prompts = encode_prompts(
                 self.tokenizer,
                 [teacher_conversation(batch.examples[i], contexts[i], self.reprompt) for i in rows],
+                max_tokens=self.reprompt.max_prompt_tokens,
+                truncation=self.reprompt.truncation,
                 chat_template_kwargs=self.prompts.chat_template_kwargs,
             )
             teacher_prompts.ids, teacher_prompts.mask = teacher_prompts.ids.to(device), teacher_prompts.mask.to(device)
