@@ -37,6 +37,7 @@ from demopsd.config.check import validate_config
 from demopsd.data.datamodule import PromptDataModule
 from demopsd.runtime.models import WARMED_MODEL, load_model_and_tokenizer
 from demopsd.training.run import build_module, run
+from demopsd.training.steps import StepBatch
 from demopsd.training.timing import PHASES, StepClock
 from demopsd.training.warmup import build_warmed_model
 
@@ -85,9 +86,14 @@ def phases_alone(cfg, repeats: int) -> dict[str, float]:
             clock.start_step()
             with clock.phase("rollout"):
                 rollouts, examples, scores = module.scored_rollouts(batch)
-            loss, _ = module.method_step(rollouts, examples, scores, 0, clock)
-            with clock.phase("backward"):
-                loss.backward()
+            step = module.method_step
+            step.begin(StepBatch(rollouts, examples, scores, 0))
+            rows = range(len(examples))
+            for micro_batch in module.micro_batches(rollouts, rows):
+                loss = step.micro_batch_loss(rows, micro_batch, clock)
+                with clock.phase("backward"):
+                    loss.backward()
+            step.end(1)
             with clock.phase("optimizer"):
                 optimizer.step()
                 optimizer.zero_grad()
