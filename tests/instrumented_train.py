@@ -60,10 +60,13 @@ def record(directory: str) -> None:
     train, log_dict = SelfDistillationModule.training_step, SelfDistillationModule.log_dict
 
     def write(module, entry: dict) -> None:
+        """One record, under the step the current batch started at (its updates advance global_step)."""
+        step = getattr(module, "_recorded_step", module.global_step)
         with (out / f"rank{module.global_rank}.jsonl").open("a") as file:
-            file.write(json.dumps({"step": module.global_step, **entry}) + "\n")
+            file.write(json.dumps({"step": step, **entry}) + "\n")
 
     def training_step(self, batch, batch_idx):
+        self._recorded_step = self.global_step
         write(self, {"prompts": [example.idx for example in batch]})
         return train(self, batch, batch_idx)
 

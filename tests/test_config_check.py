@@ -325,3 +325,9 @@ def test_the_micro_batch_budget_and_the_moved_gradient_clip_are_checked():
     assert "positive number of tokens" in line_for(problems, "memory.micro_batch_tokens", 0)
     assert "optim.grad_clip" in line_for(problems, "trainer.gradient_clip_val", 1.0)
     assert "positive norm" in line_for(problems, "optim.grad_clip", -1)
+
+
+@pytest.mark.parametrize("key, value", [("data.on_long_prompt", "cut"), ("data.prompt_style", "gpqa")])
+def test_data_choices_are_checked_before_anything_loads(key, value):
+    overrides = ["data=gpqa/diamond"] if "prompt_style" in key else []
+    assert "one of" in line_for(problems_of([*overrides, f"{key}={value}"]), key, value)

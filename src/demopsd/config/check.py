@@ -178,7 +178,11 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
 
     max_prompt_tokens = data.get("max_prompt_tokens")
     if not (_is_int(max_prompt_tokens) and max_prompt_tokens >= 1):
-        report("data.max_prompt_tokens", max_prompt_tokens, "an integer >= 1 (longer prompts are an error)")
+        report("data.max_prompt_tokens", max_prompt_tokens,
+               "an integer >= 1 (longer training prompts are left out, or refused: data.on_long_prompt)")
+    for key, accepted in (("on_long_prompt", ("filter", "error")), ("prompt_style", ("reference", "sciknoweval"))):
+        if key in data and data[key] not in accepted:
+            report(f"data.{key}", data[key], f"one of {accepted}")
     if not _is_int(cfg.get("seed")):
         report("seed", cfg.get("seed"), "an integer")
 

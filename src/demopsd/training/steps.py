@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.config.settings import PromptConfig, RepromptConfig, SamplingConfig
 from demopsd.data.rewards import MCQScore
-from demopsd.data.types import MCQExample
+from demopsd.data.types import MCQExample, student_conversation
 from demopsd.objectives import (
     DiscrepancyNormalizer,
     aggregation_weights,
@@ -151,10 +151,9 @@ def attenuation(kl_target_student: torch.Tensor, kl_teacher_student: torch.Tenso
 
 
 def teacher_conversation(example: MCQExample, context: str, reprompt: RepromptConfig) -> Conversation:
-    return [
-        {"role": "system", "content": example.system},
-        {"role": "user", "content": teacher_prompt(example.prompt, context, reprompt)},
-    ]
+    """The student's chat (its system prompt, where the task has one) with the privileged context in the question."""
+    *system, _ = student_conversation(example)
+    return [*system, {"role": "user", "content": teacher_prompt(example.prompt, context, reprompt)}]
 
 
 def answer_letter_positions(
