@@ -1,7 +1,9 @@
 """rollout=vllm against vLLM's CPU build: the same tokens as ``generate``, the trainer's log-probs, live weights."""
 
+import random
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,7 +18,7 @@ from demopsd.rollout.engine import generate_rollouts
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
 from demopsd.rollout.vllm import VLLMEngine, import_vllm
 from demopsd.runtime.models import DEFAULT_MODEL, load_model_and_tokenizer
-from tests.helpers import train_tiny
+from tests.helpers import global_random_states, train_tiny
 
 SAMPLING = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=24)
 
@@ -34,6 +36,8 @@ def test_a_missing_vllm_names_the_install_command(monkeypatch):
         ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5 is invalid"),
         ({"kv_cache_memory_bytes": 0}, r"kv_cache_memory_bytes=0 is invalid: null or a positive number"),
         ({"tensor_parallel_size": 0}, r"tensor_parallel_size=0 is invalid: at least 1"),
+        ({"dtype": "fp8"}, r"dtype='fp8' is invalid: null \(bfloat16 on CUDA, else the policy's\) or one of"),
+        ({"sleep_level": 3}, r"sleep_level=3 is invalid: null \(2 on CUDA, else 0\), 0 \(no sleep mode\)"),
     ],
 )
 def test_bad_engine_settings_name_the_value(kwargs, message):
@@ -47,17 +51,43 @@ def policy_and_tokenizer(default_model_cache):
     return policy.eval(), tokenizer
 
 
+def random_states() -> tuple:
+    """Python's, NumPy's and torch's global random states, comparable with ``==`` (torch's as bytes)."""
+    return random.getstate(), np.random.get_state()[1].tobytes(), bytes(torch.get_rng_state().tolist())
+
+
 @pytest.fixture(scope="module")
-def engine(policy_and_tokenizer):
+def built_engine(policy_and_tokenizer):
+    """The engine, and the global random states just before and just after it was built, from states that its
+    own seed (0) does not give."""
     policy, tokenizer = policy_and_tokenizer
-    yield VLLMEngine(
-        policy, tokenizer, EngineConfig(kv_cache_memory_bytes=2**28), max_model_len=512, seed=0
-    )
+    with global_random_states():
+        torch.manual_seed(7), np.random.seed(7), random.seed(7)
+        torch.rand(1), np.random.rand(), random.random()
+        before = random_states()
+        engine = VLLMEngine(policy, tokenizer, EngineConfig(kv_cache_memory_bytes=2**28), max_model_len=512, seed=0)
+        after = random_states()
+    yield engine, before, after
     # the in-process engine joined torch.distributed as a group of one; later modules must not inherit it
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
     destroy_model_parallel()
     destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def engine(built_engine):
+    return built_engine[0]
+
+
+@pytest.mark.slow
+def test_building_the_engine_leaves_the_global_random_states_as_they_were(built_engine):
+    """vLLM seeds every global generator with the engine's seed while it builds; the training process's own
+    stream (one per process) must survive that."""
+    _, before, after = built_engine
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    assert random_states() != before  # the engine's seed gives other states: the comparison below can fail
+    assert after == before
 
 
 @pytest.fixture(scope="module")

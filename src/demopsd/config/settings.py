@@ -136,15 +136,29 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The engine's share of the machine: ``gpu_memory_utilization`` is the fraction of GPU memory it reserves
-    for weights and KV cache (of RAM on vLLM's CPU backend), unless ``kv_cache_memory_bytes`` sizes the KV
-    cache directly; ``tensor_parallel_size`` GPUs hold one copy of the model."""
+    """The vLLM engine (``rollout=vllm``) and its share of the machine it shares with training.
+
+    ``gpu_memory_utilization`` is the fraction of GPU memory it reserves for weights and KV cache (of RAM on
+    vLLM's CPU backend), unless ``kv_cache_memory_bytes`` sizes the KV cache directly; ``tensor_parallel_size``
+    GPUs hold one copy of the model (only 1 runs: see :mod:`demopsd.config.check`). The null defaults depend on
+    the machine and are resolved by :func:`demopsd.rollout.vllm.engine_arguments`:
+
+    * ``dtype``: the engine's weights, which the policy's are cast to when pushed; null: bfloat16 on CUDA (the
+      trainer's fp32 master weights stay in the trainer), the policy's own dtype elsewhere.
+    * ``sleep_level``: vLLM's sleep mode between generations, so that training gets the engine's memory back:
+      1 offloads the weights to host memory, 2 discards them (the next generation pushes them again), 0 keeps
+      the engine resident; null: 2 on CUDA, 0 elsewhere (vLLM's CPU backend has no sleep mode).
+    * ``enforce_eager``: no CUDA graphs or torch.compile (a faster start, slower decoding); null: eager on a
+      CPU, CUDA graphs on a GPU.
+    """
 
     SECTION: ClassVar[str] = "rollout"
     gpu_memory_utilization: float = 0.3
     kv_cache_memory_bytes: int | None = None
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True  # no CUDA-graph / torch.compile warm-up at start
+    enforce_eager: bool | None = None
+    dtype: str | None = None
+    sleep_level: int | None = None
 
     def __post_init__(self) -> None:
         check_rules(
@@ -154,6 +168,10 @@ class EngineConfig:
             (self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes",
              self.kv_cache_memory_bytes, "null or a positive number of bytes"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "at least 1"),
+            (self.dtype is None or self.dtype in DTYPE_NAMES, "dtype", self.dtype,
+             f"null (bfloat16 on CUDA, else the policy's) or one of {', '.join(DTYPE_NAMES)}"),
+            (self.sleep_level in (None, 0, 1, 2), "sleep_level", self.sleep_level,
+             "null (2 on CUDA, else 0), 0 (no sleep mode), 1 (weights to host memory) or 2 (weights discarded)"),
         )
 
 

@@ -2,7 +2,7 @@
 
 Callers (the training step, evaluation) hold a :class:`RolloutEngine` and never name a backend:
 :class:`GenerateEngine` runs Hugging Face ``generate`` on the policy itself; :class:`demopsd.rollout.vllm.VLLMEngine`
-keeps its own copy of the weights in a vLLM engine, pushed after each optimizer step.
+keeps its own copy of the weights in a vLLM engine, pushed after each optimizer step, and sleeps while training runs.
 :func:`demopsd.rollout.backends.engine_factory` builds the one ``rollout.backend`` names.
 """
 
@@ -32,8 +32,10 @@ class RolloutEngine(Protocol):
         """The policy's weights changed (an optimizer step): the next :meth:`sync` must bring them in."""
 
     def sync(self) -> None:
-        """Bring the engine up to the policy's current weights, if they changed; a collective under sharding
-        (every process calls it together)."""
+        """Make the engine ready to generate from the policy's current weights: bring them in if they changed, and
+        wake an engine that sleeps between generations; a collective under sharding (every process calls it
+        together). Evaluation calls it first, so that its generations (the policy in eval mode, unchanged) need
+        no collective: each process may then generate alone."""
 
 
 class GenerateEngine:
