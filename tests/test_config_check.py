@@ -184,11 +184,24 @@ def test_vllm_engine_settings_are_checked_before_anything_loads():
     assert len(problems) == 3
 
 
-@pytest.mark.parametrize("trainer", [["trainer=ddp"], ["trainer=fsdp"], ["+trainer.num_nodes=2"]])
-def test_vllm_tensor_parallelism_is_refused_for_several_training_processes(trainer):
+@pytest.mark.parametrize("trainer", [[], ["trainer=gpu"], ["trainer=ddp"], ["trainer=fsdp"], ["+trainer.num_nodes=2"]])
+def test_vllm_tensor_parallelism_is_refused_with_the_reason(trainer):
+    """The engine runs in the training process and is handed its weights as a generator of tensors, which a
+    tensor-parallel engine's worker processes would need pickled: one device per engine, whatever the trainer."""
     validate_config(compose_train(["rollout=vllm", *trainer]))
     (problem,) = problems_of(["rollout=vllm", "rollout.tensor_parallel_size=2", *trainer])
-    assert problem.startswith("rollout.tensor_parallel_size=2: 1 when training runs in several processes")
+    assert problem.startswith("rollout.tensor_parallel_size=2: 1 (the engine runs in the training process")
+    assert "would have to pickle" in problem
+
+
+def test_the_colocated_engines_settings_are_checked():
+    validate_config(compose_train(["rollout=vllm", "rollout.dtype=bfloat16", "rollout.sleep_level=1",
+                                   "rollout.enforce_eager=false"]))
+    problems = problems_of(["rollout=vllm", "rollout.dtype=fp8", "rollout.sleep_level=3", "rollout.enforce_eager=2"])
+    assert "one of float32, bfloat16, float16" in line_for(problems, "rollout.dtype", "fp8")
+    assert "2 (weights discarded)" in line_for(problems, "rollout.sleep_level", 3)
+    assert line_for(problems, "rollout.enforce_eager", 2).endswith(": true or false or null")
+    assert len(problems) == 3
 
 
 def test_fsdp_settings_are_checked_under_every_trainer():

@@ -115,12 +115,10 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
     engine = EngineConfig()
     if backend == "vllm":
         engine = _check_dataclass(EngineConfig, "rollout", rollout, report, extra_keys=extra_rollout_keys)
-        trainer = sections["trainer"]
-        several = trainer.get("devices", 1) not in (1, "1") or trainer.get("num_nodes", 1) != 1
-        if several and rollout.get("tensor_parallel_size", 1) != 1:
+        if rollout.get("tensor_parallel_size", 1) != 1 and "rollout.tensor_parallel_size" not in reported:
             report("rollout.tensor_parallel_size", rollout.get("tensor_parallel_size"),
-                   f"1 when training runs in several processes (trainer.devices={trainer.get('devices')!r}): each "
-                   "process samples its own prompts with an engine on its own device")
+                   "1 (the engine runs in the training process, one per device: the weight push hands it a "
+                   "generator of tensors, which a multi-process tensor-parallel engine would have to pickle)")
     n = rollout.get("n")
     if n == 1 and "rollout.n" not in reported:
         reprompt_keys = sections["method.reprompt"]
