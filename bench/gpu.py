@@ -1,9 +1,11 @@
-"""One GPU, nothing downloaded: the chunked DemoPSD loss, a Qwen3 training step, and vLLM vs ``generate`` rollouts.
+"""One GPU, nothing downloaded: the chunked DemoPSD loss, a Qwen3 training step, vLLM vs ``generate`` rollouts, and
+a whole colocated step (vLLM generation, sleep, training step, wake, weight push).
 
     python bench/gpu.py                                  # one H100 / H200, the default shapes (a few minutes)
     python bench/gpu.py --rows 2 --response-tokens 1024  # a smaller step
     python bench/gpu.py --model qwen3-8b --rows 2        # Qwen3-8B's shape: an H200 (its state is 82 GB)
-    python bench/gpu.py --cuda-graphs                    # vLLM with CUDA graphs and torch.compile (longer start-up)
+    python bench/gpu.py --enforce-eager                  # vLLM without CUDA graphs and torch.compile (faster start-up)
+    python bench/gpu.py --sleep-level 0                  # the colocated step with vLLM resident during training
     python bench/gpu.py --tiny --skip-vllm               # tiny shapes on a CPU, seconds (tests/test_gpu_bench.py)
     python bench/gpu.py --tiny --kv-cache-bytes 200000000  # the same with vLLM's CPU build
 
@@ -23,7 +25,15 @@ no tokenizer. Each figure follows one untimed warm-up call; on CUDA the clock st
 3. *rollouts*: ``n`` samples per prompt, exactly ``--max-new-tokens`` each, from the same random model: Hugging Face
    ``generate`` from the project's ``shared_prompt_cache`` (as ``generate_rollouts`` calls it) and vLLM from a
    directory holding only ``config.json`` (``load_format="dummy"``), the model's weights then pushed into the engine
-   the way ``VLLMEngine.load_weights`` does it. vLLM's start-up and the push are timed too.
+   cast to the engine's dtype the way ``rollout=vllm`` pushes them. vLLM's start-up and the push are timed too. The
+   engine is configured as ``rollout=vllm`` configures it on this machine (``engine_arguments``: bfloat16, CUDA
+   graphs and sleep level 2 on CUDA; the model's dtype, eager and no sleep mode on a CPU), unless flags say otherwise.
+4. *colocated step*: the same model, now trained, and the same engine, cycled as ``rollout=vllm`` cycles them
+   during training (``demopsd.rollout.vllm.Colocation``): vLLM generation of the rollouts' requests, sleep
+   (``LLM.sleep(level)``), the training step of 2., wake (``wake_up(tags=["weights"])``, then ``["kv_cache"]``)
+   and the weight push with its prefix-cache reset. Each phase's seconds of the second cycle (the first warms up
+   AdamW's state and the first sleep); without sleep mode there is no sleep or wake. Memory: with sleep mode the
+   training step runs in the memory the engine gave back; without it, beside the whole engine.
 
 The default shapes are sized for one 80 GB H100 (the step's activations, weights, gradients, AdamW moments and
 teacher: about 45 GB at 4 rows, by an estimate from the saved tensors); a part that runs out of memory is recorded as
@@ -57,13 +67,20 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config
 
 from demopsd.config.objectives import DistillationConfig
+from demopsd.config.settings import EngineConfig
 from demopsd.objectives import aggregation_weights, chunked_distillation_loss, distillation_loss
 from demopsd.rollout.batch import PromptBatch, repeat_prompts
 from demopsd.rollout.engine import shared_prompt_cache
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
-from demopsd.rollout.vllm import ROTARY_RELOAD_NOTICE, import_vllm
+from demopsd.rollout.vllm import (
+    ROTARY_RELOAD_NOTICE,
+    Colocation,
+    engine_arguments,
+    import_vllm,
+    sleep_level,
+)
 from demopsd.runtime.attention import use_grouped_sdpa
-from demopsd.runtime.sharding import full_state
+from demopsd.runtime.models import DTYPES
 from demopsd.training.teacher import ema_update, make_ema_teacher
 
 COMMON = {"architectures": ["Qwen3ForCausalLM"], "rope_theta": 1e6}  # vLLM reads the class from config.json
@@ -389,63 +406,151 @@ def hf_rollouts(model: PreTrainedModel, prompts: PromptBatch, shapes: Shapes, de
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds}
 
 
-@torch.no_grad()
-def push_weights(llm, model: PreTrainedModel) -> None:
-    """``VLLMEngine.load_weights``: ``model``'s tensors into the engine, then its prefix cache dropped."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state(model), "is_checkpoint_format": True})
-    llm.reset_prefix_cache()
+PHASES = {"generate": "generation", "sleep": "sleep", "wake_up": "wake", "collective_rpc": "weight push",
+          "reset_prefix_cache": "weight push"}
+"""The colocated step's phases by the ``vllm.LLM`` method that runs them (the training step is timed apart)."""
 
 
-def vllm_rollouts(model: PreTrainedModel, prompts: PromptBatch, shapes: Shapes, engine: dict,
-                  device: torch.device) -> dict:
-    """An engine over ``model``'s config with dummy weights, then ``model``'s weights pushed in, then ``n`` samples
-    per prompt ``[B, P]``; start-up, push and generation timed. ``engine``: ``vllm.LLM``'s memory settings."""
+class PhaseClock:
+    """Stands in for ``llm``: each call of a method :data:`PHASES` names is timed, the device synchronised before
+    and after, and its seconds added to its phase in ``seconds``; every other attribute is ``llm``'s own."""
+
+    def __init__(self, llm, device: torch.device) -> None:
+        self.llm, self.device, self.seconds = llm, device, {}
+
+    def __getattr__(self, name: str):
+        method = getattr(self.llm, name)
+        if name not in PHASES:
+            return method
+
+        def timed_call(*args, **kwargs):
+            synchronize(self.device)
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            synchronize(self.device)
+            self.seconds[PHASES[name]] = self.seconds.get(PHASES[name], 0.0) + time.perf_counter() - start
+            return result
+
+        return timed_call
+
+
+def rollout_requests(vllm, prompts: PromptBatch, shapes: Shapes) -> tuple[list[dict], object]:
+    """vLLM's requests for the prompts ``[B, P]`` and sampling parameters for ``n`` samples of exactly
+    ``max_new_tokens`` each."""
+    params = vllm.SamplingParams(n=shapes.n, temperature=1.0, top_p=1.0, max_tokens=shapes.max_new_tokens,
+                                 min_tokens=shapes.max_new_tokens, ignore_eos=True, detokenize=False, seed=0)
+    return [{"prompt_token_ids": ids.tolist()} for ids in prompts.ids], params
+
+
+def vllm_rollouts(colocation: Colocation, requests: list[dict], params, device: torch.device) -> dict:
+    """The model's weights pushed into the engine, then ``n`` samples per request; push and generation timed."""
+    llm = colocation.llm
+
+    def push() -> None:
+        colocation.policy_updated()
+        colocation.sync()
+
+    push_seconds, _ = timed(push, device)
+
+    def generate() -> int:
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return sum(len(sample.token_ids) for request in outputs for sample in request.outputs)
+
+    seconds, tokens = timed(generate, device)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "weight_push_seconds": push_seconds}
+
+
+def colocated_step(colocation: Colocation, requests: list[dict], params, shapes: Shapes,
+                   device: torch.device) -> dict:
+    """The colocated cycle of a training step on one device, as ``rollout=vllm`` runs it: wake and weight push
+    (``colocation.sync``), vLLM generation, sleep, the training step (:func:`training_step` on ``colocation``'s
+    policy, with its EMA teacher and AdamW), the policy marked updated. Seconds of the whole second cycle and of
+    each of its phases (None: no sleep mode, no such phase); ``colocation.llm`` must be a :class:`PhaseClock`."""
+    clock, policy = colocation.llm, colocation.policy
+    policy.train()
+    teacher = make_ema_teacher(policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LEARNING_RATE)
+    batch = step_batch(shapes, policy.config.vocab_size, device)
+
+    def cycle() -> dict:
+        clock.seconds = {}
+        synchronize(device)
+        start = time.perf_counter()
+        colocation.sync()
+        clock.generate(requests, params, use_tqdm=False)
+        colocation.sleep()
+        synchronize(device)
+        step_start = time.perf_counter()
+        loss = training_step(policy, teacher, optimizer, batch, shapes.chunk)
+        synchronize(device)
+        clock.seconds["training step"] = time.perf_counter() - step_start
+        colocation.policy_updated()
+        return {"seconds": time.perf_counter() - start, "loss": loss, **clock.seconds}
+
+    cycle()
+    phases = cycle()
+    return {"sleep_level": colocation.level, **dict.fromkeys(("sleep", "wake")), **phases}
+
+
+def failure(err: Exception) -> dict:
+    """``{"error": ...}`` for the results, the traceback on stderr."""
+    traceback.print_exc()
+    return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"}
+
+
+def recorded(measure, *args) -> dict:
+    """``measure(*args)``, or :func:`failure` when it fails (no room on the GPU, a shape the build lacks): the
+    other figures are kept."""
+    try:
+        return measure(*args)
+    except Exception as err:  # reported in the results and on stderr, not raised
+        return failure(err)
+
+
+def vllm_measurements(model: PreTrainedModel, prompts: PromptBatch, shapes: Shapes, engine: dict,
+                      device: torch.device) -> tuple[dict, dict]:
+    """An engine over ``model``'s config with dummy weights (start-up timed), configured by ``engine``
+    (:func:`engine_settings`); its rollouts (:func:`vllm_rollouts`), then the colocated step on ``model``
+    (:func:`colocated_step`). A part that fails is recorded as an error (:func:`recorded`)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, as in training
     vllm = import_vllm()
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(ROTARY_RELOAD_NOTICE)
+    arguments = {key: value for key, value in engine.items() if key != "sleep_level"}
     with tempfile.TemporaryDirectory() as directory:
         model.config.save_pretrained(directory)
         start = time.perf_counter()
-        llm = vllm.LLM(model=directory, load_format="dummy", skip_tokenizer_init=True, dtype=model.dtype, seed=0,
-                       max_model_len=shapes.rollout_prompt_tokens + shapes.max_new_tokens, **engine)
+        try:
+            llm = vllm.LLM(model=directory, load_format="dummy", skip_tokenizer_init=True, seed=0,
+                           max_model_len=shapes.rollout_prompt_tokens + shapes.max_new_tokens, **arguments)
+        except Exception as err:  # both measurements need the engine
+            error = failure(err)
+            return error, error
         startup_seconds = time.perf_counter() - start
-        push_seconds, _ = timed(lambda: push_weights(llm, model), device)
-        params = vllm.SamplingParams(n=shapes.n, temperature=1.0, top_p=1.0, max_tokens=shapes.max_new_tokens,
-                                     min_tokens=shapes.max_new_tokens, ignore_eos=True, detokenize=False, seed=0)
-        requests = [{"prompt_token_ids": ids.tolist()} for ids in prompts.ids]
-
-        def generate() -> int:
-            outputs = llm.generate(requests, params, use_tqdm=False)
-            return sum(len(sample.token_ids) for request in outputs for sample in request.outputs)
-
-        seconds, tokens = timed(generate, device)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "startup_seconds": startup_seconds, "weight_push_seconds": push_seconds}
+        colocation = Colocation(PhaseClock(llm, device), model, DTYPES[engine["dtype"]], engine["sleep_level"])
+        requests, params = rollout_requests(vllm, prompts, shapes)
+        rollouts = recorded(vllm_rollouts, colocation, requests, params, device)
+        if "error" not in rollouts:
+            rollouts["startup_seconds"] = startup_seconds
+        return rollouts, recorded(colocated_step, colocation, requests, params, shapes, device)
 
 
-def vllm_or_error(*args) -> dict:
-    """:func:`vllm_rollouts`, or ``{"error": ...}`` when it fails (no room on the GPU, a shape the build lacks):
-    the other figures are kept; the traceback goes to stderr."""
-    try:
-        return vllm_rollouts(*args)
-    except Exception as err:  # reported in the results and on stderr, not raised
-        traceback.print_exc()
-        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"}
-
-
-def measure_rollouts(shapes: Shapes, engine: dict | str, device: torch.device, dtype: torch.dtype) -> dict:
-    """Both backends on the same random model and prompts; ``engine``: ``vllm.LLM``'s settings, or why vLLM is
-    skipped."""
+def measure_rollouts(shapes: Shapes, engine: dict | str, device: torch.device,
+                     dtype: torch.dtype) -> tuple[dict, dict]:
+    """Both backends' rollouts on the same random model and prompts, then the colocated step on that model and
+    vLLM engine: ``(rollouts, colocated)``. ``engine``: the engine's settings, or why vLLM is skipped."""
     model = build_model(shapes.model, device, dtype).eval()
     torch.manual_seed(2)
     prompts = random_prompts(shapes.rollout_prompts, shapes.rollout_prompt_tokens, model.config.vocab_size, device)
     result = {"hf": guarded(hf_rollouts, model, prompts, shapes, device)}
     release(device)
-    result["vllm"] = ({"skipped": engine} if isinstance(engine, str)
-                      else vllm_or_error(model, prompts, shapes, engine, device))
+    if isinstance(engine, str):
+        result["vllm"], colocated = {"skipped": engine}, {"skipped": engine}
+    else:
+        result["vllm"], colocated = vllm_measurements(model, prompts, shapes, engine, device)
     if "tokens_per_second" in result["hf"] and "tokens_per_second" in result["vllm"]:
         result["vllm_over_hf"] = result["vllm"]["tokens_per_second"] / result["hf"]["tokens_per_second"]
-    return result
+    return result, colocated
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
@@ -475,9 +580,14 @@ def cell(result: dict, key: str, style: str = ",.1f", unit: str = "", scale: flo
     return result.get("error") or result.get("skipped") or "–"
 
 
+COLOCATED_PHASES = (("generation", ""), ("sleep", "LLM.sleep(level)"), ("training step", "step, as above"),
+                    ("wake", "wake_up: weights, then KV cache"), ("weight push", "cast, gathered, reloaded"))
+"""The colocated step's phases in the order of the cycle, with what each is, for the Markdown table."""
+
+
 def table_rows(results: dict) -> list[tuple[str, str, str]]:
     """``(measurement, value, reference)`` for the Markdown table."""
-    loss, step, rollouts = results["loss"], results["step"], results["rollouts"]
+    loss, step, rollouts, colocated = results["loss"], results["step"], results["rollouts"], results["colocated"]
     full, chunked, hf, engine = loss["full"], loss["chunked"], rollouts["hf"], rollouts["vllm"]
     diff = cell(loss, "abs_diff", ".2e") + (f" (relative {loss['rel_diff']:.2e})" if "rel_diff" in loss else "")
     return [
@@ -498,6 +608,9 @@ def table_rows(results: dict) -> list[tuple[str, str, str]]:
         ("rollouts vllm / hf", cell(rollouts, "vllm_over_hf", ".2f", "×"), ""),
         ("vllm start-up", cell(engine, "startup_seconds", ",.1f", " s"), ""),
         ("vllm weight push", cell(engine, "weight_push_seconds", ",.3f", " s"), "once per optimizer step"),
+        ("colocated step: seconds", cell(colocated, "seconds", ",.3f", " s"), "the phases below, end to end"),
+        *((f"colocated: {phase}", cell(colocated, phase, ",.3f", " s"), reference)
+          for phase, reference in COLOCATED_PHASES),
     ]
 
 
@@ -522,6 +635,8 @@ def markdown(results: dict) -> str:
         f"median of {s['repeats']} timed calls",
         f"- rollouts: {s['rollout_prompts']} prompts × {s['n']} samples, {s['rollout_prompt_tokens']} prompt tokens, "
         f"exactly {s['max_new_tokens']} new tokens, temperature 1; vLLM: {engine}",
+        "- colocated step: the rollouts' requests, then the step's training step, on the same model and engine "
+        "(–: no such phase without sleep mode)",
         "",
         "| measurement | value | reference |",
         "|-------------|------:|-----------|",
@@ -545,16 +660,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on CUDA, float32 on a CPU")
     parser.add_argument("--skip-vllm", action="store_true")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="vLLM without enforce_eager (the project's rollout=vllm runs eager)")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                        help="vLLM without CUDA graphs and torch.compile (default: as rollout.enforce_eager=null, "
+                             "eager on a CPU only)")
+    parser.add_argument("--sleep-level", type=int, choices=[0, 1, 2],
+                        help="vLLM's sleep between generations in the colocated step (default: as "
+                             "rollout.sleep_level=null, 2 on CUDA, 0 on a CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the GPU")
     parser.add_argument("--kv-cache-bytes", type=int, help="vLLM's KV cache in bytes (vLLM's CPU build: e.g. 2e8)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gpu")
     return parser.parse_args()
 
 
-def engine_settings(args: argparse.Namespace) -> dict | str:
-    """``vllm.LLM``'s memory and compilation settings, or why vLLM is skipped (the flag, not installed)."""
+def engine_settings(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict | str:
+    """The engine's settings as ``rollout=vllm`` resolves them on ``device`` for a model of ``dtype`` (the
+    ``vllm.LLM`` keywords of ``engine_arguments``, and ``sleep_level``), or why vLLM is skipped (the flag, not
+    installed)."""
     if args.skip_vllm:
         return "skipped (--skip-vllm)"
     try:
@@ -562,8 +683,10 @@ def engine_settings(args: argparse.Namespace) -> dict | str:
     except ImportError as err:
         print(f"skipping vLLM: {err}", file=sys.stderr)
         return f"skipped: {err}"
-    return {"enforce_eager": not args.cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization,
-            "kv_cache_memory_bytes": args.kv_cache_bytes}
+    config = EngineConfig(gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_bytes,
+                          enforce_eager=args.enforce_eager, sleep_level=args.sleep_level)
+    cuda = device.type == "cuda"
+    return {**engine_arguments(config, dtype, cuda=cuda), "sleep_level": sleep_level(config, cuda=cuda)}
 
 
 def main() -> None:
@@ -573,7 +696,7 @@ def main() -> None:
                               if getattr(args, f.name) is not None})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    engine = engine_settings(args)
+    engine = engine_settings(args, device, dtype)
     results = {"machine": machine(device, dtype),
                "shapes": {**asdict(shapes), "architecture": ARCHITECTURES[shapes.model], "vllm": engine}}
     print(f"loss: N = {shapes.loss_tokens}, V = {shapes.loss_vocab}", file=sys.stderr)
@@ -581,8 +704,8 @@ def main() -> None:
     print(f"step: {shapes.model}, {shapes.rows} rows", file=sys.stderr)
     results["step"] = guarded(measure_step, shapes, device, dtype)
     release(device)
-    print("rollouts", file=sys.stderr)
-    results["rollouts"] = measure_rollouts(shapes, engine, device, dtype)
+    print("rollouts and the colocated step", file=sys.stderr)
+    results["rollouts"], results["colocated"] = measure_rollouts(shapes, engine, device, dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)

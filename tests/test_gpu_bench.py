@@ -12,7 +12,10 @@ ROWS = [
     "loss chunked: forward + backward", "loss chunked − full", "step: tokens/s", "step: seconds", "step: peak memory",
     "student forward + backward: seconds", "student forward + backward: TFLOP/s", "student forward + backward: MFU",
     "rollouts hf: tokens/s", "rollouts vllm: tokens/s", "rollouts vllm / hf", "vllm start-up", "vllm weight push",
+    "colocated step: seconds", "colocated: generation", "colocated: sleep", "colocated: training step",
+    "colocated: wake", "colocated: weight push",
 ]
+PHASES = ("generation", "sleep", "training step", "wake", "weight push")
 
 
 def run_bench(out, *flags: str) -> tuple[dict, str]:
@@ -73,7 +76,7 @@ def test_hf_rollouts_make_every_requested_token(tiny_run):
     shapes, rollouts = results["shapes"], results["rollouts"]
     assert rollouts["hf"]["tokens"] == shapes["rollout_prompts"] * shapes["n"] * shapes["max_new_tokens"]
     assert rollouts["hf"]["tokens_per_second"] > 0
-    assert rollouts["vllm"] == {"skipped": "skipped (--skip-vllm)"}
+    assert rollouts["vllm"] == results["colocated"] == {"skipped": "skipped (--skip-vllm)"}
     assert "vllm_over_hf" not in rollouts
 
 
@@ -83,6 +86,7 @@ def test_the_markdown_has_a_row_for_every_measurement(tiny_run):
     assert list(values) == ROWS
     assert values["student forward + backward: MFU"] == "–"
     assert values["rollouts vllm: tokens/s"] == "skipped (--skip-vllm)"
+    assert all(values[f"colocated: {phase}"] == "skipped (--skip-vllm)" for phase in PHASES)
     assert values["step: tokens/s"] == f"{results['step']['tokens_per_second']:,.0f}"
     assert values["loss chunked: extra memory"] == f"{results['loss']['chunked']['extra_mib']:,.0f} MiB"
     for shape in ("N = 256 tokens", "V = 512", "2 rows × (16 prompt + 32 response tokens)", "2 prompts × 2 samples"):
@@ -101,6 +105,48 @@ def test_vllm_and_generate_make_the_same_tokens_and_the_weight_push_is_timed(tmp
     values = table(text)
     assert values["rollouts vllm: tokens/s"] == f"{vllm['tokens_per_second']:,.0f}"
     assert values["vllm weight push"] == f"{vllm['weight_push_seconds']:,.3f} s"
+    # the engine as rollout=vllm builds it on a CPU: the model's dtype, eager, no sleep mode
+    assert shapes["vllm"] == {
+        "dtype": "float32", "enforce_eager": True, "enable_sleep_mode": False, "sleep_level": 0,
+        "gpu_memory_utilization": 0.5, "kv_cache_memory_bytes": 200_000_000, "tensor_parallel_size": 1}
+    colocated = results["colocated"]
+    assert "error" not in colocated, colocated
+    assert colocated["sleep_level"] == 0 and colocated["sleep"] is None and colocated["wake"] is None
+    ran = [colocated[phase] for phase in ("generation", "training step", "weight push")]
+    assert min(ran) > 0 and colocated["seconds"] >= sum(ran)
+    assert math.isfinite(colocated["loss"]) and colocated["loss"] > 0
+    assert values["colocated: sleep"] == values["colocated: wake"] == "–"
+    assert values["colocated: training step"] == f"{colocated['training step']:,.3f} s"
+    assert values["colocated step: seconds"] == f"{colocated['seconds']:,.3f} s"
+
+
+def test_the_colocated_step_sleeps_through_training_and_wakes_for_the_push(monkeypatch):
+    """The cycle with sleep mode (the default on CUDA), on a stand-in for ``vllm.LLM`` built from the installed
+    vLLM's signatures: the engine's calls in ``rollout=vllm``'s order, every phase timed, the trained weights
+    pushed."""
+    import torch
+
+    from bench import gpu
+    from demopsd.rollout.vllm import Colocation, import_vllm
+    from tests.test_vllm_colocate import WAKE, FakeVLLM
+
+    fake, device = FakeVLLM(monkeypatch), torch.device("cpu")
+    model = gpu.build_model("tiny", device, torch.float32)
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    colocation = Colocation(gpu.PhaseClock(fake.llm, device), model, torch.float32, 2)
+    prompts = gpu.random_prompts(2, 8, model.config.vocab_size, device)
+    requests, params = gpu.rollout_requests(import_vllm(), prompts, gpu.TINY)
+    result = gpu.colocated_step(colocation, requests, params, gpu.TINY, device)
+
+    # the warm-up cycle starts from an awake engine holding dummy weights; the timed one from a sleeping engine
+    warm_up = ["push", "reset_prefix_cache()", "generate", "sleep(level=2)"]
+    assert fake.calls() == [*warm_up, *WAKE, "generate", "sleep(level=2)"]
+    assert result["sleep_level"] == 2
+    assert min(result[phase] for phase in PHASES) > 0
+    assert result["seconds"] >= sum(result[phase] for phase in PHASES)
+    first, second = (dict(push) for push in fake.pushes)
+    assert all(torch.equal(first[name], initial[name]) for name in initial)
+    assert not all(torch.equal(second[name], initial[name]) for name in initial)  # after a training step
 
 
 def test_running_out_of_memory_is_recorded_and_shown_not_raised(tiny_run):
