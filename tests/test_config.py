@@ -101,6 +101,29 @@ def test_gpu_experiment_shards_a_gpu_model_over_a_node_in_bf16():
     assert cfg.fsdp.param_dtype == "bfloat16" and cfg.fsdp.activation_checkpointing
 
 
+def test_the_paper_presets_run_as_the_reference_runs_them():
+    """The SciKnowEval protocol of the reference's scripts: vLLM rollouts in bf16 asleep between generations,
+    30 epochs of whole batches, evaluation every 5 steps with 16 samples; GRPO with four updates of 8 prompts at
+    lr 1e-6, and its sweep over lr × mini-batch."""
+    from demopsd.config.check import validate_config
+
+    sdpo = compose_train(["experiment=sdpo_paper_qwen3_8b", "method=sdpo"])
+    settings = validate_config(sdpo)
+    assert settings.backend == "vllm" and settings.engine.dtype == "bfloat16" and settings.engine.sleep_level == 2
+    assert (sdpo.trainer.max_epochs, sdpo.trainer.max_steps) == (30, -1)
+    assert settings.evaluation.config.k == 16 and settings.evaluation.every_n_steps == 5
+    assert settings.method.updates_per_batch == 1 and settings.memory.micro_batch_tokens is not None
+    grpo = validate_config(compose_train(["experiment=grpo_paper_qwen3_8b"]))
+    assert grpo.method.name == "grpo" and grpo.method.updates_per_batch == 4 and grpo.optim.lr == 1e-6
+    assert grpo.backend == "vllm" and grpo.evaluation.config.k == 16
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        sweep = compose(config_name="train", overrides=["experiment=grpo_paper_sweep"], return_hydra_config=True)
+    assert dict(sweep.hydra.sweeper.params) == {"optim.lr": "1.0e-5,1.0e-6", "method.mini_batch_size": "8,32"}
+    for mini_batch_size, updates in ((8, 4), (32, 1)):
+        cell = compose_train(["experiment=grpo_paper_sweep", f"method.mini_batch_size={mini_batch_size}"])
+        assert validate_config(cell).method.updates_per_batch == updates
+
+
 def test_the_leakage_benchmark_sweeps_the_laptop_job():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=leakage_benchmark"], return_hydra_config=True)
@@ -146,7 +169,7 @@ def test_the_progress_bar_is_a_callback_of_the_config_that_can_be_dropped_or_tur
     assert sum(isinstance(c, LearningRateMonitor) for c in added) == 1 and len(bars(added)) == 1
 
 
-def test_the_progress_bar_counts_optimizer_steps_and_shows_no_run_id():
+def test_the_progress_bar_counts_training_steps_and_shows_no_run_id():
     """Lightning's own bar reads "Epoch 0/-2" for a run limited by steps, and shows the logger's run id."""
     from types import SimpleNamespace
 
@@ -160,5 +183,5 @@ def test_the_progress_bar_counts_optimizer_steps_and_shows_no_run_id():
     lightnings._trainer = trainer
     assert "/-2" in lightnings._get_train_description(0) and "v_num" in lightnings.get_metrics(trainer, None)
     ours = StepProgressBar()
-    assert ours._get_train_description(0) == "optimizer steps"
+    assert ours._get_train_description(0) == "training steps"
     assert ours.get_metrics(trainer, None) == {"reward": 0.375, "λ": 0.93}

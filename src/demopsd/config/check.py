@@ -142,7 +142,7 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
         _unknown_keys("data", data, _keys(reference, "data"), report)
     batch_size = data.get("batch_size")
     if not (_is_int(batch_size) and batch_size >= 1):
-        report("data.batch_size", batch_size, "an integer >= 1 (prompts per optimizer step)")
+        report("data.batch_size", batch_size, "an integer >= 1 (prompts per training step)")
     if "reward" in data and data["reward"] not in REWARD_RULES:
         report("data.reward", data["reward"], f"one of {REWARD_RULES} (src/demopsd/data/rewards.py)")
     _unknown_keys("checkpoint", sections["checkpoint"], _keys(reference, "checkpoint"), report)
@@ -218,7 +218,7 @@ def _check_evaluation(values: Mapping, report) -> EvalSettings | None:
     config = _check_dataclass(EvalConfig, "eval", values, report, extra_keys=(*EVAL_SCHEDULE, *EVAL_DATASETS))
     schedule = {key: values.get(key, default) for key, default in EVAL_SCHEDULE.items()}
     if not (_is_int(schedule["every_n_steps"]) and schedule["every_n_steps"] >= 0):
-        report("eval.every_n_steps", schedule["every_n_steps"], "0 (never) or a positive number of optimizer steps")
+        report("eval.every_n_steps", schedule["every_n_steps"], "0 (never) or a positive number of training steps")
     for key in ("at_start", "at_end"):
         if not isinstance(schedule[key], bool):
             report(f"eval.{key}", schedule[key], "true or false")

@@ -40,7 +40,7 @@ class MethodSettings:
 @dataclass(frozen=True)
 class EvalSettings:
     """``eval``: how to evaluate (``config``) and when: before training (``at_start``), every ``every_n_steps``
-    optimizer steps (0: never), after the last one (``at_end``)."""
+    training steps (0: never), after the last one (``at_end``)."""
 
     config: EvalConfig
     every_n_steps: int = 0

@@ -145,16 +145,16 @@ class PromptDataModule(L.LightningDataModule):
 
 
 class StepIndexedBatches(Sampler[list[int]]):
-    """Batches of indices into ``num_examples`` examples, one per optimizer step, in seeded epochs.
+    """Batches of indices into ``num_examples`` examples, one per training step, in seeded epochs.
 
     The stream is a sequence of epochs, each a permutation of ``range(num_examples)`` drawn from a generator
     seeded with (``seed``, epoch) and cut into ``len(self)`` batches of ``batch_size`` (the remainder is
     dropped). Batch ``s`` of the stream belongs to step ``s``. Each iteration yields the rest of the epoch
     that holds step ``start()``, so a run resumed at step ``s`` gets exactly the batches an uninterrupted run
     would have had from there, with none repeated or skipped. ``start`` is read when iteration begins (after
-    Lightning has restored the step counter from a checkpoint); it assumes one batch per optimizer step.
+    Lightning has restored the step counter from a checkpoint); it assumes one batch per training step.
 
-    With ``world_size`` processes (DDP) ``batch_size`` is the number of prompts per optimizer step over all
+    With ``world_size`` processes (DDP) ``batch_size`` is the number of prompts per training step over all
     of them: process ``rank`` gets every ``world_size``-th prompt of each batch from ``rank`` on, so the
     processes share the step's prompts without overlap and a run sees the same prompts however many
     processes it has.
@@ -174,7 +174,7 @@ class StepIndexedBatches(Sampler[list[int]]):
         if batch_size % world_size:
             raise ValueError(
                 f"data.batch_size={batch_size} does not split over {world_size} processes: a multiple of "
-                f"{world_size} is accepted (it is the number of prompts per optimizer step over all processes)"
+                f"{world_size} is accepted (it is the number of prompts per training step over all processes)"
             )
         self.num_examples, self.batch_size, self.seed, self.start = num_examples, batch_size, seed, start
         self.rank, self.world_size = rank, world_size

@@ -143,9 +143,9 @@ def from_first(value: object) -> object:
 
 
 class PeriodicEvaluation(L.Callback):
-    """Evaluates the policy before training, every ``every_n_steps`` optimizer steps and after the last one.
+    """Evaluates the policy before training, every ``every_n_steps`` training steps and after the last one.
 
-    Metrics go to every logger at the optimizer step they describe (0 = the starting model); the
+    Metrics go to every logger at the training step they describe (0 = the starting model); the
     per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` (each batch
     of questions from it, the dataset and the batch: :func:`run_all`) on a forked random state, so evaluating
     or not leaves the training run unchanged, and the answers do not depend on the number of processes. With

@@ -45,7 +45,7 @@ def blend_weight(
 
 
 def lambda_max_at(config: DistillationConfig, step: int) -> float:
-    """λ_max at optimizer step ``step``: linear warm-up from 0 over ``lambda_warmup_steps``, then a linear
+    """λ_max at training step ``step``: linear warm-up from 0 over ``lambda_warmup_steps``, then a linear
     decay to ``lambda_final`` over ``lambda_decay_steps`` (when both are set), then constant."""
     peak, warmup = config.lambda_max, config.lambda_warmup_steps
     if step < warmup:

@@ -5,7 +5,7 @@ A *run directory* is any folder holding both ``metrics.csv`` (Lightning's CSVLog
 under the given paths and writes, into one output folder:
 
 * ``<quantity>.png``: entropy, leakage, λ, reward and every ``eval/<dataset>/acc_avg@k`` column
-  over optimizer steps; one colour per method, seeds aggregated as mean ± standard error band,
+  over training steps; one colour per method, seeds aggregated as mean ± standard error band,
   one row of panels per training dataset; long per-step curves are smoothed (rolling mean over
   about 1/30 of the run, the raw mean drawn faintly behind), eval points are not;
 * ``results.md`` / ``results.csv``: one row per (dataset, method), each number the mean ± s.e.
@@ -565,7 +565,7 @@ def _draw_band(ax, runs: Sequence[Run], column: str, colour: str, spec: CurveSpe
 def _draw_panel(ax, runs: Sequence[Run], column: str, spec: CurveSpec, colours: dict[str, str], window: int) -> None:
     methods = sorted({r.method for r in runs}, key=method_sort_key)
     drawn = [_draw_band(ax, [r for r in runs if r.method == m], column, colours[m], spec, window) for m in methods]
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("training step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(spec.ylabel)
     ax.grid(True, alpha=0.3)

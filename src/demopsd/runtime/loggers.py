@@ -13,7 +13,7 @@ from demopsd.config.settings import WANDB_MODES
 
 log = logging.getLogger(__name__)
 
-# W&B charts: every metric family over the optimizer step; summaries the sweeps (sweeps/) and tables read.
+# W&B charts: every metric family over the training step; summaries the sweeps (sweeps/) and tables read.
 STEP_METRIC = "trainer/global_step"  # what Lightning's WandbLogger logs beside every metric
 STEPPED_METRICS = ("train/*", "distill/*", "leakage/*", "perf/*", "eval/*")
 METRIC_SUMMARIES = {"eval/*": "last", "train/entropy": "last", "leakage/*": "mean"}

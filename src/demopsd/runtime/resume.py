@@ -5,7 +5,7 @@ among them), the optimizer, the learning-rate schedule, the loop counters and ev
 :class:`demopsd.runtime.checkpoints.AtomicCheckpointIO` writes each file whole or not at all.
 :class:`RunStateCheckpoint` adds the random states of every library, the
 W&B run id and how many lines of ``metrics.csv`` the checkpoint covers. The data position needs nothing
-stored: the batch of every optimizer step is a function of the seed and the step
+stored: the batch of every training step is a function of the seed and the step
 (:class:`demopsd.data.datamodule.StepIndexedBatches`).
 
 ``ckpt_path`` (the config key) accepts a ``.ckpt`` file, a run directory (its newest checkpoint) or ``last``:

@@ -134,7 +134,7 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
     if trainer.is_global_zero:
         print_summary(output_dir)
     log.info(
-        "Run finished after %d optimizer steps. Outputs in %s: metrics.csv, %sconfig_resolved.yaml, "
+        "Run finished after %d training steps. Outputs in %s: metrics.csv, %sconfig_resolved.yaml, "
         "provenance.json, report/%s%s",
         trainer.global_step,
         output_dir,
@@ -192,7 +192,7 @@ def process_seed(seed: int, rank: int) -> int:
 
 
 def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> list[TimedModelCheckpoint]:
-    """A checkpoint every ``every_n_train_steps`` optimizer steps and at the end, with ``last.ckpt`` linking the
+    """A checkpoint every ``every_n_train_steps`` training steps and at the end, with ``last.ckpt`` linking the
     newest; none at all for 0 (the run then cannot be resumed). Their work is timed as each step's
     ``checkpoint`` phase. ``keep``: how many stay on disk, the newest
     (``-1``: all)."""
