@@ -1,6 +1,8 @@
 """Two processes on one CPU with trainer=fsdp (FSDP2 over gloo) against the same run with trainer=ddp: same
 prompts, same metrics, same weights after the steps, same evaluation; sharded checkpoints resume the run and
-load for evaluation, and the final model directory holds the whole policy."""
+load for evaluation, and the final model directory holds the whole policy. Under trainer=fsdp only the first
+process reads the weights and fills the other's shards (tests/test_sharded_loading.py checks that step alone), so
+these runs check it end to end too."""
 
 import json
 

@@ -6,6 +6,11 @@ about a minute, so the converted model and tokenizer are saved once as safetenso
 ``<cache root>/models/<name>`` and later loads read them (about a second). :data:`WARMED_MODEL`, the default
 model after the format warm-up (:mod:`demopsd.training.warmup`), is cached beside it. Any other name is a
 local directory or a Hugging Face hub id, passed to ``from_pretrained``.
+
+Under ``trainer=fsdp`` (``sharded=True``) only the process of global rank 0 reads the weights; every other
+builds the same model from its config on the meta device, holding no memory, and waits for its shards
+(:func:`demopsd.runtime.sharding.shard_from_rank0`). A node of W processes then holds one whole copy of the
+weights on the host, not W.
 """
 
 from __future__ import annotations
@@ -14,10 +19,19 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from demopsd.config.settings import DTYPE_NAMES
 from demopsd.runtime.attention import use_grouped_sdpa
@@ -30,10 +44,16 @@ WARMED_MODEL = "smollm2-135m-instruct-format-warmup"
 """The default model after the format warm-up; built by ``python src/warmup.py`` (or the first training run
 that names it)."""
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+RANK_VARIABLES = ("RANK", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK", "SLURM_PROCID")
+"""Where launchers put a process's place before torch.distributed starts: torchrun sets ``RANK`` (and
+``GROUP_RANK``, ``LOCAL_RANK``), Slurm ``SLURM_PROCID``; Lightning's own launcher starts the processes after the
+first with ``LOCAL_RANK`` and ``NODE_RANK`` (the first, started by the user, has neither)."""
+
+_AWAITING_RANK0: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def load_model_and_tokenizer(
-    name_or_path: str, *, cache_dir: str | Path | None = None, dtype: str = "float32"
+    name_or_path: str, *, cache_dir: str | Path | None = None, dtype: str = "float32", sharded: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The causal LM and its tokenizer, ready for left-padded generation.
 
@@ -42,6 +62,13 @@ def load_model_and_tokenizer(
     ``~/.cache/demopsd``); for hub ids it is the Hugging Face download cache when given.
     ``dtype``: one of :data:`DTYPES`. Attention runs through :func:`demopsd.runtime.attention.grouped_sdpa`
     where the model allows it.
+
+    ``sharded``: the model is to be sharded over several processes (``trainer=fsdp``), whose shards are filled
+    from the weights of the process of global rank 0 (:func:`demopsd.runtime.sharding.shard_from_rank0`). Only
+    that process (:func:`is_global_rank_zero`) reads the weights; every other builds the model from its config
+    on the meta device, with the same tokenizer, generation config, ``name_or_path`` and attention. On every
+    process the model is marked as awaiting rank 0's weights (:func:`awaits_rank0_weights`), so that its EMA
+    teacher is built empty too (:func:`demopsd.training.teacher.make_ema_teacher`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
@@ -57,7 +84,10 @@ def load_model_and_tokenizer(
     else:
         source, hub_cache = name_or_path, cache_dir
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], cache_dir=hub_cache)
+        if sharded and not is_global_rank_zero():
+            model = empty_model(source, DTYPES[dtype], hub_cache)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], cache_dir=hub_cache)
         tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=hub_cache)
     except (OSError, ValueError) as err:
         raise OSError(
@@ -65,7 +95,43 @@ def load_model_and_tokenizer(
             f"model available here ({err}). Pass a local path, or use the default model {DEFAULT_MODEL!r}."
         ) from err
     use_grouped_sdpa(model)
+    if sharded:
+        _AWAITING_RANK0.add(model)
     return model, prepare_tokenizer(tokenizer)
+
+
+def empty_model(
+    source: str | Path, dtype: torch.dtype, cache_dir: str | Path | None = None
+) -> PreTrainedModel:
+    """The model ``from_pretrained(source, dtype=dtype)`` gives, in eval mode with the same config and generation
+    config, but built from its config on the meta device: no weights read, no memory held."""
+    config = AutoConfig.from_pretrained(source, cache_dir=cache_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source, cache_dir=cache_dir)
+    except OSError:  # no generation_config.json: from the model config's, as from_pretrained does
+        model.generation_config = GenerationConfig.from_pretrained(
+            source, config_file_name="config.json", _from_model_config=True, cache_dir=cache_dir
+        )
+    return model.eval()
+
+
+def is_global_rank_zero() -> bool:
+    """Whether this process will be the one of global rank 0 once its launcher's processes connect: no variable
+    of :data:`RANK_VARIABLES` in its environment names another rank (a process started alone has none)."""
+    return all(int(os.environ.get(name) or 0) == 0 for name in RANK_VARIABLES)
+
+
+def awaits_rank0_weights(model: nn.Module) -> bool:
+    """Whether ``model`` was loaded with ``sharded=True`` and its shards are not filled yet: on global rank 0 it
+    holds the whole weights, on every other process it is on the meta device."""
+    return model in _AWAITING_RANK0
+
+
+def rank0_weights_placed(model: nn.Module) -> None:
+    """Record that the shards of ``model`` hold rank 0's weights now (:func:`awaits_rank0_weights` turns false)."""
+    _AWAITING_RANK0.discard(model)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
