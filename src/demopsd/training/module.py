@@ -24,10 +24,12 @@ from demopsd.data.rewards import MCQScore, score_mcq
 from demopsd.data.types import MCQExample, student_conversation
 from demopsd.rollout.batch import RolloutBatch, encode_prompts
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
-from demopsd.runtime.sharding import fsdp_units, gathered, shard_model
+from demopsd.runtime.models import awaits_rank0_weights
+from demopsd.runtime.sharding import fsdp_units, gathered, shard_from_rank0, shard_model
 from demopsd.training.batching import micro_batches, mini_batches
 from demopsd.training.guards import step_was_skipped
 from demopsd.training.steps import MethodStep, StepBatch, recorded_log_probs
+from demopsd.training.teacher import fill_ema_teacher
 from demopsd.training.timing import StepClock
 
 
@@ -183,13 +185,29 @@ class SelfDistillationModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning then provides a device mesh), shard the policy and the EMA teacher
-        alike, so the EMA update pairs each shard with its own; a no-op under any other strategy."""
+        alike, so the EMA update pairs each shard with its own; a no-op under any other strategy.
+
+        A policy loaded with ``sharded=True`` (:func:`demopsd.runtime.models.load_model_and_tokenizer`: the weights
+        on global rank 0 only, the meta device elsewhere) is sharded empty and its shards are filled from rank 0's
+        (:func:`demopsd.runtime.sharding.shard_from_rank0`); its teacher, built empty beside it, is filled from the
+        policy's shards (:func:`demopsd.training.teacher.fill_ema_teacher`)."""
+        from_rank0 = awaits_rank0_weights(self.policy)
+        if self.device_mesh is None and from_rank0:
+            raise RuntimeError(
+                "the policy was loaded with sharded=True (its weights on global rank 0 only), but the strategy shards "
+                "nothing: train it with trainer=fsdp, or load it with sharded=False"
+            )
         if self.device_mesh is None or fsdp_units(self.policy):
             return
         mesh = self.device_mesh["data_parallel"]
-        shard_model(self.policy, mesh, self.sharding)
+        if from_rank0:
+            shard_from_rank0(self.policy, mesh, self.sharding)
+        else:
+            shard_model(self.policy, mesh, self.sharding)
         if self.teacher is not None:
             shard_model(self.teacher, mesh, self.sharding)
+            if from_rank0:  # make_ema_teacher built it empty
+                fill_ema_teacher(self.teacher, self.policy)
 
     def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
         return batch  # plain examples; tokens are moved when they are made

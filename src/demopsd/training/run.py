@@ -32,7 +32,7 @@ from demopsd.runtime.resume import (
     read_run_state,
     resolve_checkpoint,
 )
-from demopsd.runtime.sharding import save_pretrained
+from demopsd.runtime.sharding import save_pretrained, shards_the_model
 from demopsd.training.guards import NumericalGuard
 from demopsd.training.module import SelfDistillationModule
 from demopsd.training.steps import DistillationStep, GRPOStep
@@ -111,11 +111,14 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
 
     if cfg.model.name_or_path == WARMED_MODEL:
         build_warmed_model(cfg.paths.cache_dir)  # once: every later run reads it from the cache
+    # under trainer=fsdp only global rank 0 reads the weights; configure_model fills every process's shards from them
     policy, tokenizer = load_model_and_tokenizer(
-        cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype
+        cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype,
+        sharded=shards_the_model(cfg.trainer),
     )
     module = build_module(settings, policy, tokenizer)
-    datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
+    datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed, tokenizer=tokenizer,
+                                  chat_template_kwargs=settings.prompts.chat_template_kwargs)
     evaluation = periodic_evaluation(settings, cfg, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
