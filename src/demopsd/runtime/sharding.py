@@ -185,10 +185,16 @@ def reshard(model: nn.Module) -> None:
         unit.reshard()
 
 
-def full_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+@torch.no_grad()
+def full_state(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The entries of ``model.state_dict()`` one at a time, each sharded tensor gathered whole (a collective:
-    every process must go through the whole iterator)."""
+    every process must go through the whole iterator); never a whole state dict, one gathered tensor at a time.
+
+    ``dtype``: the floating-point entries are cast to it before they are gathered (a shard where it lies), so the
+    gather moves that dtype's bytes and no tensor of the model's own dtype is ever made whole."""
     for name, tensor in model.state_dict().items():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
 
 
