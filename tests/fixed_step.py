@@ -188,3 +188,22 @@ def unpadded(batch: RolloutBatch, row: int) -> tuple[torch.Tensor, torch.Tensor]
     """Row ``row`` of a served batch: its prompt tokens and its response tokens, without padding."""
     prompt = batch.prompt.ids[row][batch.prompt.mask[row].bool()]
     return prompt, batch.response_ids[row][batch.response_mask[row].bool()]
+
+
+def one_step_with_fixed_rollouts(monkeypatch, cfg: DictConfig, policy, responses: list[str], rewards: list[float],
+                                 batch: list[MCQExample]) -> tuple[SelfDistillationModule, FixedRollouts, dict]:
+    """One real training step of the module ``cfg`` builds around ``policy`` on ``batch``, its rollouts
+    ``responses`` scored ``rewards``: the trained module, the rollout engine (``served`` holds the batch) and the
+    metrics the step logged."""
+    tokenizer = default_tokenizer()
+    rollouts = FixedRollouts.of(tokenizer, responses)
+    monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
+    module = build_module(validate_config(cfg), policy, tokenizer)
+    module.make_rollout_engine = lambda local_rank=0: rollouts
+    logged = {}
+    monkeypatch.setattr(module, "log_dict", lambda metrics, **kw: logged.update(metrics))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None, collate_fn=list))
+    assert trainer.global_step == 1  # one training step, whatever its number of updates
+    return module, rollouts, logged

@@ -1,20 +1,20 @@
 """Mini-batches and micro-batches: how a step's rollouts are cut, and that cutting them for memory never changes
 the update (float64: one training step micro-batched equals the same step in one piece)."""
 
-import copy
+import dataclasses
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import demopsd.training.module
 from demopsd.config.check import validate_config
+from demopsd.data.rewards import MCQScore
 from demopsd.rollout.batch import PromptBatch, RolloutBatch
 from demopsd.rollout.forward import response_hidden_states
 from demopsd.training.batching import micro_batches, mini_batches, select_rows
 from demopsd.training.run import build_module
-from tests.fixed_step import FixedRollouts, default_tokenizer, example, rewards_by_text, train_config
+from demopsd.training.steps import StepBatch
+from tests.fixed_step import FixedRollouts, default_tokenizer, example, one_step_with_fixed_rollouts, train_config
 from tests.helpers import tiny_policy
 
 RESPONSES = [
@@ -115,15 +115,7 @@ def float64_step(monkeypatch, method: str, *overrides: str):
                        "rollout.temperature=0.7", "method.reprompt.use_reference_answer=false"
                        if method != "grpo" else "rollout.top_p=1.0", *overrides)
     policy = tiny_policy(tokenizer, seed=3).double()
-    rollouts = FixedRollouts.of(tokenizer, RESPONSES)
-    monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, REWARDS))))
-    module = build_module(validate_config(cfg), policy, tokenizer)
-    module.make_rollout_engine = lambda local_rank=0: rollouts
-    logged = {}
-    monkeypatch.setattr(module, "log_dict", lambda metrics, **kw: logged.update(metrics))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader([BATCH], batch_size=None, collate_fn=list))
+    module, _, logged = one_step_with_fixed_rollouts(monkeypatch, cfg, policy, RESPONSES, REWARDS, BATCH)
     return {k: v.detach().clone() for k, v in module.policy.named_parameters()}, logged
 
 
@@ -167,11 +159,6 @@ def test_two_updates_per_step_move_the_policy_twice(monkeypatch):
 def test_the_teachers_prompts_are_cut_as_the_reprompt_settings_say():
     """The step encodes each teacher prompt (with its demonstration) at most ``method.reprompt.max_prompt_tokens``
     long, cut on the right as the reference's ``reprompt_truncation``."""
-    import dataclasses
-
-    from demopsd.data.rewards import MCQScore
-    from demopsd.training.steps import StepBatch
-
     tokenizer = default_tokenizer()
     settings = validate_config(train_config("sdpo", "rollout.n=4", "method.reprompt.use_reference_answer=false"))
     module = build_module(settings, tiny_policy(tokenizer), tokenizer)

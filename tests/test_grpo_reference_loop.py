@@ -9,16 +9,11 @@ step per mini-batch) with ``verl/trainer/ppo/core_algos.py``'s ``compute_policy_
 temperature as its ``_forward_micro_batch`` does. Ours is one real training step of the LightningModule.
 """
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-import demopsd.training.module
 import demopsd.training.steps
-from demopsd.config.check import validate_config
-from demopsd.training.run import build_module
-from tests.fixed_step import FixedRollouts, default_tokenizer, example, rewards_by_text, train_config
+from tests.fixed_step import default_tokenizer, example, one_step_with_fixed_rollouts, train_config
 from tests.helpers import tiny_policy
 
 RESPONSES = [
@@ -102,8 +97,6 @@ def our_step(monkeypatch, mini_batch_size: int):
                        f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}", "optim.warmup_steps=0",
                        "optim.grad_clip=1.0", f"rollout.temperature={TEMPERATURE}")
     policy = tiny_policy(tokenizer, seed=5).double()
-    rollouts = FixedRollouts.of(tokenizer, RESPONSES)
-    monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, REWARDS))))
     calls = []
     real_loss = demopsd.training.steps.grpo_loss
 
@@ -113,14 +106,7 @@ def our_step(monkeypatch, mini_batch_size: int):
         return loss, stats
 
     monkeypatch.setattr(demopsd.training.steps, "grpo_loss", recorded_loss)
-    module = build_module(validate_config(cfg), policy, tokenizer)
-    module.make_rollout_engine = lambda local_rank=0: rollouts
-    logged = {}
-    monkeypatch.setattr(module, "log_dict", lambda metrics, **kw: logged.update(metrics))
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader([BATCH], batch_size=None, collate_fn=list))
-    assert trainer.global_step == 1  # one training step, whatever its number of updates
+    module, rollouts, logged = one_step_with_fixed_rollouts(monkeypatch, cfg, policy, RESPONSES, REWARDS, BATCH)
     return module.policy, rollouts.served[0], calls, logged
 
 
