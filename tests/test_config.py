@@ -119,6 +119,9 @@ def test_the_paper_presets_run_as_the_reference_runs_them():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         sweep = compose(config_name="train", overrides=["experiment=grpo_paper_sweep"], return_hydra_config=True)
     assert dict(sweep.hydra.sweeper.params) == {"optim.lr": "1.0e-5,1.0e-6", "method.mini_batch_size": "8,32"}
+    one_gpu = compose_train(["experiment=qwen3_1_7b_1gpu"])
+    assert one_gpu.model.name_or_path == "Qwen/Qwen3-1.7B" and one_gpu.trainer.devices == 1
+    assert validate_config(one_gpu).evaluation.config.k == 16 and one_gpu.trainer.max_epochs == 30
     for mini_batch_size, updates in ((8, 4), (32, 1)):
         cell = compose_train(["experiment=grpo_paper_sweep", f"method.mini_batch_size={mini_batch_size}"])
         assert validate_config(cell).method.updates_per_batch == updates
