@@ -44,6 +44,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/objective_memory.py
 	$(BIN)/python bench/sharded_training.py
+	$(BIN)/python bench/memory_plan.py
 
 # the W&B dashboard (needs `wandb login`): make dashboard ENTITY=<user or team> [PROJECT=demopsd] [URL=<saved workspace>]
 dashboard: setup
