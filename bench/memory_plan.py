@@ -23,7 +23,9 @@ Beside the trainer, each GPU holds a colocated vLLM engine (tensor parallel 1: t
 cache): ``gpu_memory_utilization`` × the card is its budget. With sleep mode (``rollout.sleep_level=2``: weights and
 KV cache freed while the trainer runs, the weights pushed again before the next generation) the engine's budget must
 fit beside the trainer's state between steps (the trainer's cached blocks handed back first), and the trainer's peak
-beside what the engine keeps asleep; without it, the engine's whole budget beside the trainer's peak. What is no
+beside what the engine keeps asleep; without it, the engine's whole budget beside the trainer's peak. An evaluation
+keeps the engine awake beside the trainer's state and the whole policy gathered in bf16 (the letter probe and the
+entropy run the policy itself), which bounds the engine's share on 80 GB cards. What is no
 tensor of the trainer's (CUDA context, NCCL, cuBLAS, the caching allocator's slack, vLLM's own activations and CUDA
 graphs) comes from the command-line margins, which are estimates: nothing here ran on a GPU.
 """
@@ -474,19 +476,26 @@ class Card:
         emptied)."""
         return trainer_between * (1 + self.fragmentation) + self.reserve + self.engine
 
+    def evaluating(self, trainer_between: float, gathered: float) -> float:
+        """Bytes in use during an evaluation: the engine awake and, beside the trainer's state between steps, the
+        whole policy ``gathered`` on every process (the letter probe and the entropy run the policy itself)."""
+        return self.generating(trainer_between) + gathered * (1 + self.fragmentation)
+
     def kv_cache(self, weights: float, overhead: float) -> float:
         """The engine's KV cache: its budget less its ``weights`` and its other memory (``overhead``: its profiling
         forward's activations, non-torch allocations)."""
         return self.engine - weights - overhead
 
-    def need(self, trainer_peak: float, trainer_between: float, sleep: bool) -> float:
-        """Bytes in use at the busiest moment of a step: training or generating."""
-        return max(self.training(trainer_peak, sleep), self.generating(trainer_between))
+    def need(self, trainer_peak: float, trainer_between: float, sleep: bool, gathered: float = 0.0) -> float:
+        """Bytes in use at the busiest moment of a run: training, generating or (``gathered`` > 0: the bytes of the
+        policy gathered whole) evaluating."""
+        moments = [self.training(trainer_peak, sleep), self.generating(trainer_between)]
+        return max(*moments, self.evaluating(trainer_between, gathered)) if gathered else max(moments)
 
     def verdict(self, trainer_peak: float, trainer_between: float, sleep: bool, weights: float, overhead: float,
-                sequence: float) -> str:
-        """"fits" when both phases fit the card and the KV cache holds at least one ``sequence`` bytes long."""
-        fits = self.need(trainer_peak, trainer_between, sleep) <= self.capacity
+                sequence: float, gathered: float = 0.0) -> str:
+        """"fits" when every moment fits the card and the KV cache holds at least one ``sequence`` bytes long."""
+        fits = self.need(trainer_peak, trainer_between, sleep, gathered) <= self.capacity
         return "fits" if fits and self.kv_cache(weights, overhead) >= sequence else "does not fit"
 
     def highest_utilization(self, trainer: float) -> float:
@@ -542,9 +551,9 @@ def print_card_table(plans: dict[int, tuple[Workload, Plan]], engine: Engine, ca
         for _, result in plans.values():
             cell = []
             for sleep in (True, False):
-                need = card.need(result.peak_bytes, result.between_steps_bytes, sleep)
+                need = card.need(result.peak_bytes, result.between_steps_bytes, sleep, engine.weights)
                 answer = card.verdict(result.peak_bytes, result.between_steps_bytes, sleep, engine.weights,
-                                      engine.overhead, engine.sequence)
+                                      engine.overhead, engine.sequence, gathered=engine.weights)
                 cell.append(f"{answer} ({gib(need)})")
             cells.append(" / ".join(cell))
         kv = max(card.kv_cache(engine.weights, engine.overhead), 0)
@@ -557,11 +566,12 @@ def recommendation(plans: dict[int, tuple[Workload, Plan]], engine: Engine, card
     the highest utilisation it leaves room for (at most what holds every rollout of a process at once), provided the
     KV cache holds one sequence."""
     for tokens, (_, result) in sorted(plans.items(), reverse=True):
-        trainer = result.between_steps_bytes if sleep else result.peak_bytes
+        evaluating = result.between_steps_bytes + engine.weights  # the policy gathered in bf16 (as the engine's)
+        trainer = max(evaluating, result.between_steps_bytes if sleep else result.peak_bytes)
         utilization = min(card.highest_utilization(trainer), engine.utilization_for_all(card.capacity))
         chosen = replace(card, utilization=utilization)
         if chosen.verdict(result.peak_bytes, result.between_steps_bytes, sleep, engine.weights, engine.overhead,
-                          engine.sequence) == "fits":
+                          engine.sequence, gathered=engine.weights) == "fits":
             return (f"memory.micro_batch_tokens={tokens:,}, rollout.gpu_memory_utilization={utilization:.2f} (KV for "
                     f"{engine.sequences(chosen)} of a process's {engine.rollouts} rollouts at once)")
     return "no planned micro-batch fits"
@@ -597,7 +607,7 @@ def run_preset(name: str, args: argparse.Namespace) -> None:
     print(f"\nWith vLLM on the same GPU (tensor parallel 1: weights {gib(engine.weights)} GiB in bf16, "
           f"{args.vllm_overhead_gib:g} GiB of other memory awake, {args.vllm_asleep_gib:g} asleep; "
           f"{gib(engine.sequence)} GiB of KV per {preset.row_tokens:,}-token sequence): GiB in use at the busiest "
-          f"moment (generating or training; reserve {args.reserve_gib:g} GiB, fragmentation "
+          f"moment (training, generating or evaluating; reserve {args.reserve_gib:g} GiB, fragmentation "
           f"{args.fragmentation:.0%} of the trainer's bytes) and the verdict:\n")
     cards = [Card(card, capacity, utilization, **margins)
              for card, capacity in CARDS.items() for utilization in args.gpu_memory_utilization]

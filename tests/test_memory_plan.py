@@ -76,6 +76,13 @@ def test_with_sleep_the_peak_has_the_whole_card_and_the_state_between_steps_shar
     assert card(asleep=200).verdict(601, 100, True, WEIGHTS, OVERHEAD, sequence=100) == "does not fit"
 
 
+def test_an_evaluation_holds_the_gathered_policy_beside_the_awake_engine():
+    # evaluating: (460 + 100 gathered) · 1.25 + 50 + 250 = 1000, while training asleep and generating fit easily
+    assert card().verdict(600, 460, True, WEIGHTS, OVERHEAD, sequence=100, gathered=100) == "fits"
+    assert card().verdict(600, 461, True, WEIGHTS, OVERHEAD, sequence=100, gathered=100) == "does not fit"
+    assert card().verdict(600, 461, True, WEIGHTS, OVERHEAD, sequence=100) == "fits"  # no evaluation
+
+
 def test_the_engine_needs_room_for_one_whole_sequence():
     assert card().verdict(100, 100, True, WEIGHTS, OVERHEAD, sequence=130) == "fits"
     assert card().verdict(100, 100, True, WEIGHTS, OVERHEAD, sequence=131) == "does not fit"
