@@ -196,15 +196,15 @@ def test_bad_truncation_settings_name_the_key_and_what_is_accepted(key, value, a
 
 
 def test_truncation_keys_are_settings_of_the_composed_config():
-    """``method.reprompt.max_prompt_tokens`` / ``truncation`` (set with ``+`` while conf/method lists neither)
-    pass the config check and reach the settings; a bad value stops the run before anything loads."""
+    """``method.reprompt.max_prompt_tokens`` / ``truncation`` (conf/method/demopsd.yaml lists them) pass the config
+    check and reach the settings; a bad value stops the run before anything loads."""
     from demopsd.config.check import ConfigError, validate_config
     from tests.test_config import compose_train
 
-    settings = validate_config(compose_train(["method=sdpo", "+method.reprompt.max_prompt_tokens=null",
-                                              "+method.reprompt.truncation=left"]))
+    settings = validate_config(compose_train(["method=sdpo", "method.reprompt.max_prompt_tokens=null",
+                                              "method.reprompt.truncation=left"]))
     assert (settings.method.reprompt.max_prompt_tokens, settings.method.reprompt.truncation) == (None, "left")
     default = validate_config(compose_train(["method=sdpo"])).method.reprompt
     assert (default.max_prompt_tokens, default.truncation) == (10240, "right")
     with pytest.raises(ConfigError, match=r"method.reprompt.truncation='middle'"):
-        validate_config(compose_train(["method=sdpo", "+method.reprompt.truncation=middle"]))
+        validate_config(compose_train(["method=sdpo", "method.reprompt.truncation=middle"]))
