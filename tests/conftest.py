@@ -35,6 +35,18 @@ def restore_global_random_states():
         yield
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """A test that changes ``os.environ`` leaves it as it found it: the subprocesses later tests start inherit it,
+    and a leftover ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` (which the vLLM engine sets for itself in a process
+    group) makes a two-process run wait for processes that never come."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_process_group_left_behind():
     """A module that opens a torch.distributed process group must close it, or later modules inherit it."""

@@ -141,7 +141,7 @@ def test_a_nonfinite_loss_skips_the_update(nan_loss, tmp_path, caplog):
         assert not same(snaps.weights[k], snaps.weights[k + 1])
     assert skipped_column(metrics) == [0, 0, 1, 1, 1]
     assert all(torch.isfinite(w).all() for w in snaps.weights[-1].values())
-    assert "Skipped optimizer step 2: the loss was non-finite" in caplog.text
+    assert "Skipped an update at step 2: the loss was non-finite" in caplog.text
 
 
 def test_a_nonfinite_gradient_skips_the_update_and_names_the_parameter(tmp_path, caplog):
@@ -171,7 +171,7 @@ def test_consecutive_skips_stop_the_run_and_point_at_the_last_checkpoint(tmp_pat
 
     message = str(error.value)
     assert isinstance(error.value, RuntimeError)
-    assert "3 optimizer steps in a row (steps 2-4) were skipped" in message
+    assert "3 updates in a row (steps 2-4) were skipped" in message
     assert "guards.max_consecutive_skips=3" in message and "the loss was non-finite" in message
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert str(last) in message and last.is_file()

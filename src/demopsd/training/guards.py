@@ -15,7 +15,7 @@ On trouble it *skips the step*: it sets every gradient to ``None``, so the optim
 touches neither the weights nor its state; the module asks :func:`step_was_skipped` after each update, and
 moves its EMA teacher and learning-rate schedule only after a step with an update that was not skipped. Skips are counted (``train/skipped_steps``, cumulative, logged
 every step) and warned about, naming the loss or the first parameters with non-finite gradients. After
-``max_consecutive_skips`` skipped steps in a row the run stops with :class:`NonFiniteTrainingError`.
+``max_consecutive_skips`` skipped updates in a row the run stops with :class:`NonFiniteTrainingError`.
 
 Lightning's ``trainer.global_step`` still advances on a skipped step, so skipped steps count toward
 ``trainer.max_steps``.
@@ -45,7 +45,7 @@ COLLAPSE_METRICS = {"entropy": "train/entropy", "length": "train/response_length
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient: the run is not recovering."""
+    """Too many updates in a row had a non-finite loss or gradient: the run is not recovering."""
 
 
 class CollapseTracker:
@@ -92,7 +92,7 @@ class CollapseTracker:
 
 
 class NumericalGuard(Callback):
-    """Skips optimizer steps with a non-finite loss or gradient; stops after ``max_consecutive_skips`` in a row.
+    """Skips updates with a non-finite loss or gradient; stops after ``max_consecutive_skips`` in a row.
 
     Also tracks entropy and response-length collapse (see :class:`CollapseTracker`). Arguments are the keys
     of the ``guards:`` section of conf/train.yaml.
@@ -116,6 +116,7 @@ class NumericalGuard(Callback):
         }
         self.skipped_steps = 0  # cumulative
         self.consecutive_skips = 0
+        self.first_skipped_step = 0  # the training step of the first update of the current run of skips
         self.step_skipped = False  # the current optimizer step was skipped (read by `step_was_skipped`)
         self._loss_finite: bool | None = None  # None: no backward this batch (training_step returned None)
 
@@ -153,9 +154,11 @@ class NumericalGuard(Callback):
             p.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
         self.step_skipped = True
         self.skipped_steps += 1
+        if self.consecutive_skips == 0:
+            self.first_skipped_step = trainer.global_step
         self.consecutive_skips += 1
         log.warning(
-            "Skipped optimizer step %d: %s; weights, optimizer state and EMA teacher left as they were "
+            "Skipped an update at step %d: %s; weights, optimizer state and EMA teacher left as they were "
             "(%d skipped in a row, %d in all)",
             trainer.global_step, problem, self.consecutive_skips, self.skipped_steps,
         )
@@ -163,7 +166,7 @@ class NumericalGuard(Callback):
             raise NonFiniteTrainingError(self._stop_message(trainer, problem))
 
     def _stop_message(self, trainer: L.Trainer, problem: str) -> str:
-        first = trainer.global_step - self.consecutive_skips + 1
+        first = self.first_skipped_step
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer.checkpoint_callback else ""
         where = (
             f"The last good checkpoint is {checkpoint}: its weights are from before the trouble (skipped steps never "
@@ -173,7 +176,7 @@ class NumericalGuard(Callback):
             "checkpoint.every_n_train_steps steps); no non-finite update ever reached the weights."
         )
         return (
-            f"Training stopped: {self.consecutive_skips} optimizer steps in a row "
+            f"Training stopped: {self.consecutive_skips} updates in a row "
             f"(steps {first}-{trainer.global_step}) were skipped for a non-finite loss or gradient "
             f"(guards.max_consecutive_skips={self.max_consecutive_skips}); the last one: {problem}. {where}"
         )
@@ -196,12 +199,14 @@ class NumericalGuard(Callback):
         return {
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
+            "first_skipped_step": self.first_skipped_step,
             "trackers": {kind: t.state_dict() for kind, t in self.trackers.items()},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped_steps = state_dict["skipped_steps"]
         self.consecutive_skips = state_dict["consecutive_skips"]
+        self.first_skipped_step = state_dict.get("first_skipped_step", 0)
         for kind, state in state_dict.get("trackers", {}).items():
             self.trackers[kind].load_state_dict(state)
 
