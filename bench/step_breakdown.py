@@ -93,7 +93,7 @@ def phases_alone(cfg, repeats: int) -> dict[str, float]:
                 loss = step.micro_batch_loss(rows, micro_batch, clock)
                 with clock.phase("backward"):
                     loss.backward()
-            step.end(1)
+            step.end()
             with clock.phase("optimizer"):
                 optimizer.step()
                 optimizer.zero_grad()

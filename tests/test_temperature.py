@@ -169,7 +169,7 @@ def test_the_distillation_step_scores_student_and_teacher_at_the_rollout_tempera
                             teacher_kind="live")
     step.begin(step_batch(tokenizer, [1.0, 1.0]))
     loss = step.micro_batch_loss(range(0, 2), range(0, 2), StepClock())
-    step.end(1)
+    step.end()
 
     model64 = copy.deepcopy(policy).double().eval()
     student_prompt = chat_ids(tokenizer, STEP_SYSTEM, STEP_PROMPT)
@@ -210,7 +210,7 @@ def test_the_grpo_step_takes_the_gradient_of_the_tempered_log_probs(tokenizer):
     step = GRPOStep(policy, GRPOConfig(), SamplingConfig(n=2, temperature=T))
     step.begin(step_batch(tokenizer, [1.0, 0.0]))
     step.micro_batch_loss(range(0, 2), range(0, 2), StepClock()).backward()
-    entropy = step.end(1)["train/entropy"]
+    entropy = step.end()["train/entropy"]
     gradient = policy.get_output_embeddings().weight.grad.double()
 
     prompt = chat_ids(tokenizer, STEP_SYSTEM, STEP_PROMPT)

@@ -113,7 +113,7 @@ class SelfDistillationModule(L.LightningModule):
                 self.update(optimizer, counts_as_step=index == len(updates) - 1)
                 updated |= not step_was_skipped(self._trainer)
         optimizer.zero_grad(set_to_none=True)
-        metrics.update(self.method_step.end(len(updates)))
+        metrics.update(self.method_step.end())
         metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
         self.after_updates(updated)
         distributed = self._trainer is not None and self.trainer.world_size > 1

@@ -70,8 +70,8 @@ class MethodStep(Protocol):
         step's batch); a mini-batch's loss is the sum of its micro-batches' shares. The forward passes and the
         loss are timed on ``clock`` (:mod:`demopsd.training.timing`)."""
 
-    def end(self, updates: int) -> dict[str, torch.Tensor]:
-        """The step's metrics after its ``updates`` mini-batch updates; forgets the step's work."""
+    def end(self) -> dict[str, torch.Tensor]:
+        """The step's metrics over all its micro-batches and updates; forgets the step's work."""
 
     def after_optimizer_step(self) -> None:
         """Called once per step after its updates, if any of them changed the policy."""
@@ -302,7 +302,7 @@ class DistillationStep:
         work.token_weights.append(token_weights)
         return loss
 
-    def end(self, updates: int) -> dict[str, torch.Tensor]:
+    def end(self) -> dict[str, torch.Tensor]:
         """The step's metrics over all its micro-batches; the discrepancy normaliser moves once per step."""
         work, self.work = self.work, None
         stats = {name: torch.cat([s[name] for s in work.token_stats]) for name in work.token_stats[0]}
@@ -462,7 +462,7 @@ class GRPOStep:
         work.update_losses[mini_batch.start] = work.update_losses.get(mini_batch.start, 0) + loss.detach()
         return loss
 
-    def end(self, updates: int) -> dict[str, torch.Tensor]:
+    def end(self) -> dict[str, torch.Tensor]:
         work, self.work = self.work, None
         n = self.sampling.n
         tokens = max(work.tokens, 1)
