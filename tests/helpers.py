@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +75,9 @@ def run_python(*args: str, env: dict[str, str] | None = None, timeout: int = 600
 
 @contextlib.contextmanager
 def global_random_states():
-    """Restore Python's, NumPy's and torch's global (CPU) random states on exit."""
-    import numpy as np
-    import torch
+    """Restore Python's, NumPy's and torch's global random states on exit (imported when first used, after
+    tests/conftest.py has put this checkout's package first)."""
+    from demopsd.runtime.randomness import random_states_kept
 
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
+    with random_states_kept():
         yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])

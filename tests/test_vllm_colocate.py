@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 
 from demopsd.config.settings import EngineConfig, SamplingConfig, ShardingConfig
 from demopsd.rollout.batch import PromptBatch
-from demopsd.rollout.vllm import VLLMEngine, engine_arguments, engine_state, import_vllm, sleep_level
-from demopsd.runtime.sharding import shard_model
+from demopsd.rollout.vllm import VLLMEngine, engine_arguments, import_vllm, sleep_level
+from demopsd.runtime.sharding import full_state, shard_model
 from tests.helpers import tiny_llama
 
 vllm = import_vllm()
@@ -227,7 +227,7 @@ def test_a_sharded_policys_weights_are_cast_before_they_are_gathered_one_at_a_ti
         return full_tensor(self, *args, **kwargs)
 
     monkeypatch.setattr(DTensor, "full_tensor", recording_full_tensor)
-    weights = engine_state(sharded, torch.bfloat16)
+    weights = full_state(sharded, torch.bfloat16)
     name, first = next(weights)
     assert gathered_dtypes == [torch.bfloat16]  # a generator: one tensor gathered so far, cast before the gather
     rest = dict(weights)

@@ -37,6 +37,7 @@ from demopsd.runtime.checkpoints import (
 from demopsd.runtime.loggers import wandb_loggers
 from demopsd.runtime.models import load_model_and_tokenizer
 from demopsd.runtime.provenance import write_provenance
+from demopsd.runtime.randomness import random_states_kept
 from demopsd.runtime.sharding import gathered
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ def run_all(
     plan = [(name, i) for name, examples in datasets.items() for i in range(num_batches(examples, config))]
     mine = plan[rank::world]
     engine = rollout_engine or GenerateEngine(policy, tokenizer)
-    devices = [policy.device] if policy.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the caller's (training) stream does not depend on evaluation
+    with random_states_kept():  # the caller's (training) stream does not depend on evaluation
         share = {
             name: evaluate_batches(
                 policy, tokenizer, examples, name, config, [i for d, i in mine if d == name],

