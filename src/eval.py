@@ -9,10 +9,13 @@ It runs in one process, on a GPU where torch finds one (``device=auto``, the def
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+import demopsd.config.store  # noqa: F401 - stores the settings' defaults, which conf/ extends
 
 os.environ.setdefault("DEMOPSD_ROOT", str(Path(__file__).resolve().parents[1]))
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -20,9 +23,16 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from demopsd.config.check import ConfigError, validate_eval_config
+
+    try:
+        settings = validate_eval_config(cfg)  # before torch & transformers load: a bad value stops in seconds
+    except ConfigError as error:
+        print(f"Invalid config ({len(error.problems)} problem(s)):\n{error}", file=sys.stderr)
+        sys.exit(2)
     from demopsd.evaluation.runner import run_evaluation
 
-    run_evaluation(cfg)
+    run_evaluation(settings)
 
 
 if __name__ == "__main__":

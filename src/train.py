@@ -15,6 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import demopsd.config.store  # noqa: F401 - stores the settings' defaults, which conf/ extends
+
 os.environ.setdefault("DEMOPSD_ROOT", str(Path(__file__).resolve().parents[1]))
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -30,15 +32,14 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     from demopsd.training.run import run  # after Hydra has parsed the command line: `--help` stays instant
 
-    return optimized_value(cfg, run(cfg, settings))
+    return optimized_value(settings.optimized_metric, run(settings))
 
 
-def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None:
     """The last value of the metric ``optimized_metric`` names (what Hydra sweepers optimise); None if unset.
 
     ``metrics`` is what ``run`` returns: the last logged value of every training and evaluation metric.
     """
-    name = cfg.get("optimized_metric")
     if name is None:
         return None
     if name not in metrics:

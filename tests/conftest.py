@@ -22,6 +22,8 @@ if "demopsd" in sys.modules and not Path(sys.modules["demopsd"].__file__).resolv
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+import demopsd.config.store  # noqa: E402,F401 - the settings' defaults, which conf/ extends, for every composition
+
 # The same examples on every run (derandomize, which also turns off the example database), and no timing
 # limits: a shared 2-core CI machine can take seconds for an example that takes milliseconds on a laptop.
 settings.register_profile("demopsd", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -109,22 +109,23 @@ def test_the_paper_presets_run_as_the_reference_runs_them():
 
     sdpo = compose_train(["experiment=sdpo_paper_qwen3_8b", "method=sdpo"])
     settings = validate_config(sdpo)
-    assert settings.backend == "vllm" and settings.engine.dtype == "bfloat16" and settings.engine.sleep_level == 2
+    assert settings.rollout.backend == "vllm" and settings.rollout.dtype == "bfloat16"
+    assert settings.rollout.sleep_level == 2
     assert (sdpo.trainer.max_epochs, sdpo.trainer.max_steps) == (30, -1)
-    assert settings.evaluation.config.k == 16 and settings.evaluation.every_n_steps == 5
-    assert settings.method.updates_per_batch == 1 and settings.memory.micro_batch_tokens is not None
+    assert settings.eval.k == 16 and settings.eval.every_n_steps == 5
+    assert settings.updates_per_batch == 1 and settings.memory.micro_batch_tokens is not None
     grpo = validate_config(compose_train(["experiment=grpo_paper_qwen3_8b"]))
-    assert grpo.method.name == "grpo" and grpo.method.updates_per_batch == 4 and grpo.optim.lr == 1e-6
-    assert grpo.backend == "vllm" and grpo.evaluation.config.k == 16
+    assert grpo.method.name == "grpo" and grpo.updates_per_batch == 4 and grpo.optim.lr == 1e-6
+    assert grpo.rollout.backend == "vllm" and grpo.eval.k == 16
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         sweep = compose(config_name="train", overrides=["experiment=grpo_paper_sweep"], return_hydra_config=True)
     assert dict(sweep.hydra.sweeper.params) == {"optim.lr": "1.0e-5,1.0e-6", "method.mini_batch_size": "8,32"}
     one_gpu = compose_train(["experiment=qwen3_1_7b_1gpu"])
     assert one_gpu.model.name_or_path == "Qwen/Qwen3-1.7B" and one_gpu.trainer.devices == 1
-    assert validate_config(one_gpu).evaluation.config.k == 16 and one_gpu.trainer.max_epochs == 30
+    assert validate_config(one_gpu).eval.k == 16 and one_gpu.trainer.max_epochs == 30
     for mini_batch_size, updates in ((8, 4), (32, 1)):
         cell = compose_train(["experiment=grpo_paper_sweep", f"method.mini_batch_size={mini_batch_size}"])
-        assert validate_config(cell).method.updates_per_batch == updates
+        assert validate_config(cell).updates_per_batch == updates
 
 
 def test_the_leakage_benchmark_sweeps_the_laptop_job():
@@ -147,10 +148,11 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def callbacks_of(*overrides: str, tmp_path) -> list:
+    from demopsd.config.check import validate_config
     from demopsd.training.run import build_callbacks
 
-    cfg = compose_train(["experiment=leakage_laptop", *overrides])
-    return build_callbacks(cfg, tmp_path, evaluation=None)
+    settings = validate_config(compose_train(["experiment=leakage_laptop", *overrides]))
+    return build_callbacks(settings, tmp_path, evaluation=None)
 
 
 def test_the_progress_bar_is_a_callback_of_the_config_that_can_be_dropped_or_turned_off(tmp_path):

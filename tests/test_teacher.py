@@ -43,5 +43,7 @@ def test_rate_one_copies_and_repeated_updates_converge_geometrically():
 
 @pytest.mark.parametrize("rate", [0.0, -0.1, 1.5])
 def test_bad_rate_is_refused_with_its_value(rate):
-    with pytest.raises(ValueError, match=rf"ema_rate={rate}.*\(0, 1\]"):
-        ema_update(tiny_llama(), tiny_llama(), rate)
+    from demopsd.config.methods import DistillMethodConfig
+
+    with pytest.raises(ValueError, match=rf"method.ema_rate={rate}.*\(0, 1\]"):
+        DistillMethodConfig(ema_rate=rate)

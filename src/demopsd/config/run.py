@@ -1,73 +1,96 @@
-"""The typed settings of a training run, built once from the composed config by
-:func:`demopsd.config.check.validate_config`, which owns every rule across sections."""
+"""The typed settings of a whole run, built once from the composed config by
+:func:`demopsd.config.check.validate_config`, which also owns the rules across sections.
+
+Each field is the config key of the same name; what no dataclass types is Lightning's own: ``trainer`` and
+``callbacks`` are instantiation specs handed to Hydra as they are.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from demopsd.config.batching import MemoryConfig
-from demopsd.config.objectives import DistillationConfig, GRPOConfig
-from demopsd.config.settings import (
-    EngineConfig,
-    EvalConfig,
-    OptimConfig,
-    PromptConfig,
-    RepromptConfig,
-    SamplingConfig,
-    ShardingConfig,
+from demopsd.config.methods import DistillMethodConfig, MethodConfig
+from demopsd.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    EvalSettings,
+    GuardConfig,
+    LoggerConfig,
+    ModelConfig,
+    PathsConfig,
+    SciKnowEvalData,
 )
+from demopsd.config.settings import OptimConfig, PromptConfig, RolloutConfig, ShardingConfig, check_rules
 
-
-@dataclass(frozen=True)
-class MethodSettings:
-    """``method``: its ``name`` and objective; for a distillation objective also how the teacher's contexts are
-    built (``reprompt``), which teacher (``"ema"``: a moving average moved ``ema_rate`` per step; ``"live"``).
-    ``updates_per_batch``: optimizer updates per training step, each on an equal share of the step's prompts
-    (``data.batch_size / method.mini_batch_size``; 1 when the mini-batch is the whole batch)."""
-
-    name: str
-    objective: DistillationConfig | GRPOConfig
-    reprompt: RepromptConfig | None = None
-    teacher: str = "ema"
-    ema_rate: float = 0.05
-    updates_per_batch: int = 1
-
-    @property
-    def distills(self) -> bool:
-        return isinstance(self.objective, DistillationConfig)
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """``eval``: how to evaluate (``config``) and when: before training (``at_start``), every ``every_n_steps``
-    training steps (0: never), after the last one (``at_end``)."""
-
-    config: EvalConfig
-    every_n_steps: int = 0
-    at_start: bool = False
-    at_end: bool = True
-
-    @property
-    def scheduled(self) -> bool:
-        return bool(self.every_n_steps or self.at_start or self.at_end)
+EVAL_DEVICES = ("auto", "cpu", "cuda")
+"""Values of ``python src/eval.py``'s ``device`` key."""
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Everything the training step is built from; ``backend`` names the rollout engine (``engine`` sizes vLLM's)."""
+    """``python src/train.py``'s config, typed: ``run_name`` labels the run's directory, ``ckpt_path`` resumes one
+    (a ``.ckpt``, a run directory or ``last``), ``optimized_metric`` names the metric ``main()`` returns to Hydra's
+    sweepers. ``resolved`` is the whole composed config with its interpolations resolved, as saved beside the run."""
 
-    seed: int
-    method: MethodSettings
-    sampling: SamplingConfig
-    backend: str
-    engine: EngineConfig
-    optim: OptimConfig
-    prompts: PromptConfig
-    sharding: ShardingConfig
-    evaluation: EvalSettings
-    memory: MemoryConfig = MemoryConfig()
+    SECTION: ClassVar[str] = ""
+    seed: int = 0
+    task_name: str = "train"
+    run_name: str = ""
+    ckpt_path: str | None = None
+    optimized_metric: str | None = None
+    method: MethodConfig = field(default_factory=DistillMethodConfig)
+    data: DataConfig = field(default_factory=SciKnowEvalData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    fsdp: ShardingConfig = field(default_factory=ShardingConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: dict = field(default_factory=dict)
+    callbacks: dict = field(default_factory=dict)
+    resolved: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def prompts(self) -> PromptConfig:
+        """How examples become the student's prompts: ``data.max_prompt_tokens``, ``model.chat_template_kwargs``."""
+        return PromptConfig(self.data.max_prompt_tokens, self.model.chat_template_kwargs)
 
     @property
     def max_model_len(self) -> int:
         """The longest sequence a rollout can be: the prompt limit plus the response budget."""
-        return self.prompts.max_prompt_tokens + self.sampling.max_new_tokens
+        return self.data.max_prompt_tokens + self.rollout.max_new_tokens
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer updates per training step: ``data.batch_size / method.mini_batch_size`` (1 without a
+        mini-batch or with one of at least the whole batch)."""
+        mini = self.method.mini_batch_size
+        return 1 if mini is None or mini >= self.data.batch_size else self.data.batch_size // mini
+
+
+@dataclass(frozen=True)
+class EvalRunSettings:
+    """``python src/eval.py``'s config, typed: the policy ``ckpt_path`` names (null: the base ``model``), evaluated
+    on ``device`` (``auto``: CUDA where torch has it, else the CPU) as ``eval`` says."""
+
+    SECTION: ClassVar[str] = ""
+    seed: int = 0
+    task_name: str = "eval"
+    run_name: str = ""
+    ckpt_path: str | None = None
+    device: str = "auto"
+    data: DataConfig = field(default_factory=SciKnowEvalData)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    resolved: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_rules(self.SECTION, (self.device in EVAL_DEVICES, "device", self.device, f"one of {EVAL_DEVICES}"))

@@ -7,16 +7,33 @@ checks every rule on construction and raises one :class:`SettingError` listing e
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-METHOD_KINDS = ("distill", "grpo")
-TEACHER_KINDS = ("ema", "live")
-ROLLOUT_BACKENDS = ("hf", "vllm")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # of model.dtype and the fsdp dtypes
 REWARD_RULES = ("answer_tag", "last_letter", "strict")
 """Accepted values of ``data.reward`` (see :mod:`demopsd.data.rewards`)."""
+
+
+SET_ELSEWHERE = "set_elsewhere"
+"""Field metadata naming the top-level key a field is taken from: it is not a key of its own section."""
+
+
+def defaults_of(cls: type, keys: tuple[str, ...] | None = None) -> dict:
+    """The defaults of the settings dataclass ``cls`` as a plain mapping of its keys (nested dataclasses too; not
+    ``resolved``, nor the fields another key sets); only ``keys`` when given."""
+    values = _keys_of(cls())
+    return values if keys is None else {key: values[key] for key in keys}
+
+
+def _keys_of(settings: Any) -> Any:
+    if not dataclasses.is_dataclass(settings):
+        return list(settings) if isinstance(settings, tuple) else settings
+    return {f.name: _keys_of(getattr(settings, f.name)) for f in dataclasses.fields(settings)
+            if f.name != "resolved" and SET_ELSEWHERE not in f.metadata}
+
 
 
 class SettingError(ValueError):
@@ -24,7 +41,7 @@ class SettingError(ValueError):
     ``(field, value, what is accepted)``; the message has one ``<section>.<field>=<value>`` clause per problem."""
 
     def __init__(self, section: str, problems: list[tuple[str, Any, str]]) -> None:
-        super().__init__("; ".join(f"{section}.{name}={value!r} is invalid: {accepted} is accepted"
+        super().__init__("; ".join(f"{section + '.' if section else ''}{name}={value!r} is invalid: {accepted} is accepted"
                                    for name, value, accepted in problems))
         self.section, self.problems = section, problems
 
@@ -62,7 +79,7 @@ class EvalConfig:
     :attr:`sampling`, under the same rules), plus a greedy answer."""
 
     SECTION: ClassVar[str] = "eval"
-    k: int = 16
+    k: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
@@ -218,7 +235,8 @@ class RepromptConfig:
     """Regex (DOTALL) removed from demonstrations when ``remove_thinking`` is on."""
     selection: str = "first"
     """Which successful sibling: ``first`` in group order (SDPO) or ``random`` (seeded)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={SET_ELSEWHERE: "seed"})
+    """The run's ``seed`` (not a key of ``method.reprompt``)."""
     max_prompt_tokens: int | None = 10240
     """Most tokens of the teacher's prompt (system prompt, prompt and context, chat template included); None: no
     limit. The reference's ``max_reprompt_len``."""
@@ -238,3 +256,33 @@ class RepromptConfig:
             *((all(p in getattr(self, key) for p in needed), key, getattr(self, key),
                f"a text containing {' and '.join(needed)}") for key, needed in placeholders.items()),
         )
+
+
+@dataclass(frozen=True)
+class RolloutConfig(SamplingConfig):
+    """``rollout``: what to sample (:class:`SamplingConfig`) and which engine samples it: ``backend`` (a key of
+    :data:`ROLLOUT_BACKENDS`): Hugging Face ``generate`` on the policy's live weights (``hf``)."""
+
+    backend: str = "hf"
+
+
+@dataclass(frozen=True)
+class VLLMRolloutConfig(EngineConfig, RolloutConfig):
+    """``rollout=vllm``: vLLM's offline engine colocated with training (:class:`EngineConfig`), sampling as
+    :class:`SamplingConfig` says."""
+
+    backend: str = "vllm"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for rules in (RolloutConfig.__post_init__, EngineConfig.__post_init__):
+            try:
+                rules(self)
+            except SettingError as error:
+                problems += error.problems
+        if problems:
+            raise SettingError(self.SECTION, problems)
+
+
+ROLLOUT_BACKENDS: dict[str, type[RolloutConfig]] = {"hf": RolloutConfig, "vllm": VLLMRolloutConfig}
+"""The settings class of each ``rollout.backend``."""

@@ -10,14 +10,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from demopsd.config.sections import DataConfig
 from demopsd.data.loading import load_split
 from demopsd.data.types import LoadedSplit, MCQExample, render_prompt, student_conversation
 
 log = logging.getLogger(__name__)
 SKIPPED_ROWS_METRIC = "data/skipped_rows"
-ON_LONG_PROMPT = ("filter", "error")
-"""Accepted values of ``data.on_long_prompt``: leave out, or refuse, training prompts over ``data.max_prompt_tokens``
-(the first is the default, the reference's ``filter_overlong_prompts: True``)."""
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -41,7 +39,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data: Mapping,
+        data: DataConfig,
         *,
         data_dir: str | Path | None,
         seed: int = 0,
@@ -49,40 +47,34 @@ class PromptDataModule(L.LightningDataModule):
         chat_template_kwargs: Mapping | None = None,
     ) -> None:
         super().__init__()
-        if data["batch_size"] < 1:
-            raise ValueError(f"data.batch_size={data['batch_size']} is invalid: at least 1 prompt per step is accepted")
-        self.on_long_prompt = data.get("on_long_prompt", ON_LONG_PROMPT[0])
-        if self.on_long_prompt not in ON_LONG_PROMPT:
-            raise ValueError(
-                f"data.on_long_prompt={self.on_long_prompt!r} is invalid: one of {ON_LONG_PROMPT} is accepted"
-            )
+        self.on_long_prompt = data.on_long_prompt
         self.data, self.data_dir, self.seed = data, data_dir, seed
         self.tokenizer, self.chat_template_kwargs = tokenizer, chat_template_kwargs
-        self.batch_size, self.num_workers = data["batch_size"], data.get("num_workers", 0)
+        self.batch_size, self.num_workers = data.batch_size, data.num_workers
         self.train_examples: list[MCQExample] = []
         self.skipped_rows = 0
         self._skipped_rows_logged = False
 
     def setup(self, stage: str | None = None) -> None:
         if not self.train_examples:
-            loaded = load_split(self.data, self.data["train_split"], self.data_dir)
+            loaded = load_split(self.data, self.data.train_split, self.data_dir)
             self.skipped_rows = getattr(loaded, "skipped", 0)
             if self.skipped_rows:
                 print(
-                    f"Notice: skipped {self.skipped_rows} bad rows of {self.data['name']}/{self.data['train_split']} "
+                    f"Notice: skipped {self.skipped_rows} bad rows of {self.data.name}/{self.data.train_split} "
                     f"(data.on_bad_row=skip; the warning above lists why); training on {len(loaded)}"
                 )
             self.train_examples = self._within_prompt_limit(loaded)
         if len(self.train_examples) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} exceeds the {len(self.train_examples)} examples of "
-                f"{self.data['name']}/{self.data['train_split']}"
+                f"{self.data.name}/{self.data.train_split}"
             )
 
     def _within_prompt_limit(self, examples: LoadedSplit) -> list[MCQExample]:
         """``examples`` whose rendered prompt has at most ``data.max_prompt_tokens`` tokens, the others handled as
         ``data.on_long_prompt`` says; all of them when there is no limit or no tokenizer to count with."""
-        limit = self.data.get("max_prompt_tokens")
+        limit = self.data.max_prompt_tokens
         module = getattr(self.trainer, "lightning_module", None)  # None without a trainer
         tokenizer = self.tokenizer or getattr(module, "tokenizer", None)
         if limit is None or tokenizer is None or not examples:
@@ -93,7 +85,7 @@ class PromptDataModule(L.LightningDataModule):
         texts = [render_prompt(tokenizer, student_conversation(e), kwargs) for e in examples]
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         long = [(e, n) for e, n in zip(examples, lengths) if n > limit]
-        where = f"{self.data['name']}/{self.data['train_split']}"
+        where = f"{self.data.name}/{self.data.train_split}"
         if long and self.on_long_prompt == "error":
             example, length = long[0]
             raise ValueError(
@@ -117,7 +109,7 @@ class PromptDataModule(L.LightningDataModule):
         for logger in trainer.loggers:
             logger.log_metrics({SKIPPED_ROWS_METRIC: float(self.skipped_rows)}, step=0)
         self._skipped_rows_logged = True
-        log.info("%s=%d (%s/%s)", SKIPPED_ROWS_METRIC, self.skipped_rows, self.data["name"], self.data["train_split"])
+        log.info("%s=%d (%s/%s)", SKIPPED_ROWS_METRIC, self.skipped_rows, self.data.name, self.data.train_split)
 
     def state_dict(self) -> dict:
         return {"skipped_rows_logged": self._skipped_rows_logged}

@@ -32,11 +32,10 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from demopsd.config.sections import GPQAData
 from demopsd.data.types import SYSTEM_PROMPT, LoadedSplit, MCQExample, RowChecker, resolve_data_dir
 
-SUBSETS = ("diamond", "main", "extended")
-PROMPT_STYLES = ("reference", "sciknoweval")
-"""Accepted values of ``data.prompt_style`` (GPQA only); the first is the default."""
+SUBSETS, PROMPT_STYLES = GPQAData.SUBSETS, GPQAData.PROMPT_STYLES
 REFERENCE_PROMPT = (
     "Return your final response within \\boxed{{}} and only include the letter choice (A, B, C, or D) as your "
     "final response.\nProblem: {question}\nOptions: {options}\nAnswer:"

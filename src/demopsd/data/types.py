@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from demopsd.config.sections import ON_BAD_ROW
+
 SYSTEM_PROMPT = """
 Given a question and four options, please select the right answer. Respond in the following format:
 <reasoning>
@@ -27,8 +29,6 @@ A
 """
 OPTION_LINE = re.compile(r"^([A-Z]): ", re.MULTILINE)
 OPTION_TEXT_LINE = re.compile(r"^([A-Z]): (.*)$", re.MULTILINE)
-ON_BAD_ROW = ("error", "skip")
-"""Accepted values of ``data.on_bad_row``: stop at the first bad row, or skip (and count) bad rows."""
 _REASONS_SHOWN = 5  # bad rows listed in the warning of a skip, the rest only counted
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.config.run import TrainSettings
+from demopsd.config.run import EvalRunSettings, TrainSettings
+from demopsd.config.sections import DataConfig, EvalSettings
 from demopsd.config.settings import EvalConfig
 from demopsd.data.loading import load_split
 from demopsd.data.types import MCQExample
@@ -30,9 +30,9 @@ from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.runtime.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_MODEL_DIR,
-    LAST_CHECKPOINT,
     is_checkpoint,
     load_policy_weights,
+    newest_checkpoint,
 )
 from demopsd.runtime.loggers import wandb_loggers
 from demopsd.runtime.models import load_model_and_tokenizer
@@ -47,25 +47,18 @@ CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accu
 """Logged also as ``<metric>_change`` from the starting model (step 0), when it was evaluated."""
 
 
-def eval_config(cfg: DictConfig) -> EvalConfig:
-    """``python src/eval.py``'s :class:`EvalConfig`, from the keys of ``cfg.eval`` that are its fields (a training
-    run's comes with its :class:`TrainSettings`)."""
-    settings = OmegaConf.to_container(cfg.eval, resolve=True)
-    return EvalConfig(**{f.name: settings[f.name] for f in dataclasses.fields(EvalConfig) if f.name in settings})
-
-
-def eval_datasets(cfg: DictConfig) -> dict[str, list[MCQExample]]:
-    """Dataset name → examples: the held-out data of ``data=`` (if ``eval.in_domain``) and every ``eval.ood`` entry.
+def eval_datasets(data: DataConfig, evaluation: EvalSettings, data_dir: str | None) -> dict[str, list[MCQExample]]:
+    """Dataset name → examples: the held-out data of ``data`` (if ``eval.in_domain``) and every ``eval.ood`` entry.
 
     The held-out data is the test split, or, for a ``data=`` config with ``held_out`` sets (the synthetic
     mix), the test split of each of them, reported separately. Bad rows follow each entry's ``on_bad_row``;
     ``data.on_bad_row=skip`` (what the error message suggests) skips them in the ``eval.ood`` datasets too.
     """
-    in_domain = list(cfg.data.get("held_out", {}).values()) or [cfg.data]
-    on_bad_row = "skip" if cfg.data.get("on_bad_row") == "skip" else None  # None: the entry's own setting
+    in_domain = list(getattr(data, "held_out", {}).values()) or [data]
+    on_bad_row = "skip" if data.on_bad_row == "skip" else None  # None: the entry's own setting
     return {
-        data.name: load_split(data, data.test_split, cfg.paths.data_dir, on_bad_row=on_bad_row)
-        for data in [*(in_domain if cfg.eval.in_domain else []), *cfg.eval.ood.values()]
+        entry.name: load_split(entry, entry.test_split, data_dir, on_bad_row=on_bad_row)
+        for entry in [*(in_domain if evaluation.in_domain else []), *evaluation.ood.values()]
     }
 
 
@@ -253,13 +246,13 @@ def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[
             if name in baseline and name.rsplit("/", 1)[-1] in CHANGE_METRICS}
 
 
-def periodic_evaluation(settings: TrainSettings, cfg: DictConfig, out_dir: Path) -> PeriodicEvaluation:
-    """The training run's evaluation callback, as ``settings.evaluation`` says; the datasets ``cfg``'s data sections
-    name are read now, so a missing file fails fast."""
-    evaluation = settings.evaluation
+def periodic_evaluation(settings: TrainSettings, out_dir: Path) -> PeriodicEvaluation:
+    """The training run's evaluation callback, as ``settings.eval`` says; its datasets are read now, so a missing
+    file fails fast."""
+    evaluation = settings.eval
     return PeriodicEvaluation(
-        eval_datasets(cfg) if evaluation.scheduled else {},
-        evaluation.config,
+        eval_datasets(settings.data, evaluation, settings.paths.data_dir) if evaluation.scheduled else {},
+        evaluation,
         out_dir,
         every_n_steps=evaluation.every_n_steps,
         at_start=evaluation.at_start,
@@ -274,45 +267,41 @@ def format_accuracies(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in shown.items())
 
 
-def load_policy(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+def load_policy(settings: EvalRunSettings) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The policy ``ckpt_path`` points at, and a description of it.
 
     ``ckpt_path``: null (the base model ``model.name_or_path``), a Hugging Face model directory (a
-    training run's ``model/``), a training run directory (its ``model/``, else ``checkpoints/last.ckpt``),
-    or a Lightning checkpoint: a ``.ckpt`` file or, from ``trainer=fsdp``, a sharded ``.ckpt`` directory
-    (the base model with the checkpoint's policy weights).
+    training run's ``model/``), a training run directory (its ``model/``, else its newest checkpoint, as a resumed
+    run picks it: :func:`demopsd.runtime.checkpoints.newest_checkpoint`), or a Lightning checkpoint: a ``.ckpt``
+    file or, from ``trainer=fsdp``, a sharded ``.ckpt`` directory (the base model with the checkpoint's policy
+    weights).
     """
-    load = dict(cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype)
-    if cfg.ckpt_path is None:
-        return *load_model_and_tokenizer(cfg.model.name_or_path, **load), cfg.model.name_or_path
-    path = Path(cfg.ckpt_path).expanduser()
+    model_settings = settings.model
+    load = dict(cache_dir=settings.paths.cache_dir, dtype=model_settings.dtype)
+    if settings.ckpt_path is None:
+        return *load_model_and_tokenizer(model_settings.name_or_path, **load), model_settings.name_or_path
+    path = Path(settings.ckpt_path).expanduser()
     if path.is_dir() and not (path / "config.json").exists() and not is_checkpoint(path):
         if (path / FINAL_MODEL_DIR / "config.json").exists():
             path = path / FINAL_MODEL_DIR
-        elif (path / CHECKPOINT_DIR / LAST_CHECKPOINT).exists():
-            path = path / CHECKPOINT_DIR / LAST_CHECKPOINT
+        elif newest_checkpoint(path) is not None:
+            path = newest_checkpoint(path)
         else:
-            raise FileNotFoundError(f"ckpt_path={str(path)!r} holds neither model/ nor checkpoints/last.ckpt")
+            raise FileNotFoundError(f"ckpt_path={str(path)!r} holds neither model/ nor a checkpoint in {CHECKPOINT_DIR}/")
     if path.is_dir() and not is_checkpoint(path):
         return *load_model_and_tokenizer(str(path), **load), str(path)
     if not is_checkpoint(path):
         raise FileNotFoundError(
             f"ckpt_path={str(path)!r} does not exist: give a run directory, a model directory or a .ckpt file"
         )
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, **load)
+    model, tokenizer = load_model_and_tokenizer(model_settings.name_or_path, **load)
     load_policy_weights(model, path)
     return model, tokenizer, str(path)
-
-
-EVAL_DEVICES = ("auto", "cpu", "cuda")
-"""Values of ``python src/eval.py``'s ``device`` key."""
 
 
 def eval_device(choice: str) -> torch.device:
     """Where ``python src/eval.py`` decodes, as its ``device`` key says: ``cuda``, ``cpu``, or ``auto`` (CUDA
     where torch has it, else the CPU). Asking for CUDA where there is none is an error naming the key."""
-    if choice not in EVAL_DEVICES:
-        raise ValueError(f"device={choice!r} is invalid: one of {', '.join(EVAL_DEVICES)} is accepted")
     cuda = torch.cuda.is_available()
     if choice == "cuda" and not cuda:
         raise ValueError("device=cuda, but torch finds no CUDA device on this machine: device=auto or device=cpu "
@@ -320,22 +309,22 @@ def eval_device(choice: str) -> torch.device:
     return torch.device("cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu")
 
 
-def run_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """``python src/eval.py``: evaluate the policy ``cfg`` names on the device ``cfg.device`` names; results land
-    in the Hydra run directory."""
-    device = eval_device(cfg.device)
-    output_dir = Path(cfg.paths.output_dir)
+def run_evaluation(settings: EvalRunSettings) -> dict[str, float]:
+    """``python src/eval.py``: evaluate the policy ``settings`` name on the device they name; results land in the
+    Hydra run directory."""
+    device = eval_device(settings.device)
+    output_dir = Path(settings.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
-    write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
-    config, datasets = eval_config(cfg), eval_datasets(cfg)
+    OmegaConf.save(OmegaConf.create(settings.resolved), output_dir / "config_resolved.yaml")
+    write_provenance(output_dir / "provenance.json", settings.paths.root_dir)
+    datasets = eval_datasets(settings.data, settings.eval, settings.paths.data_dir)
     if not datasets:
         raise ValueError("nothing to evaluate: eval.in_domain is false and eval.ood is empty")
-    policy, tokenizer, source = load_policy(cfg)
+    policy, tokenizer, source = load_policy(settings)
     log.info("Evaluating %s on %s", source, device)
     metrics = run_all(
-        policy.to(device), tokenizer, datasets, config, output_dir, seed=cfg.seed,
-        chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs), evaluated=source,
+        policy.to(device), tokenizer, datasets, settings.eval, output_dir, seed=settings.seed,
+        chat_template_kwargs=settings.model.chat_template_kwargs, evaluated=source,
     )
     for name, value in metrics.items():
         log.info("%-48s %.4f", name, value)

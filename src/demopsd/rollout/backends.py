@@ -8,27 +8,24 @@ from functools import partial
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demopsd.config.settings import ROLLOUT_BACKENDS, EngineConfig
+from demopsd.config.settings import RolloutConfig, VLLMRolloutConfig
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 
 
 def engine_factory(
-    backend: str,
+    rollout: RolloutConfig,
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    engine: EngineConfig,
     *,
     max_model_len: int,
     seed: int,
 ) -> Callable[..., RolloutEngine]:
-    """A function of the process's ``local_rank`` that builds the engine of ``backend`` over ``policy``; the
-    training module calls it once the processes are connected. vLLM is imported now, so a missing install
-    fails before anything loads."""
-    if backend not in ROLLOUT_BACKENDS:
-        raise ValueError(f"rollout.backend={backend!r} is invalid: one of {ROLLOUT_BACKENDS} is accepted")
-    if backend == "hf":
+    """A function of the process's ``local_rank`` that builds the engine ``rollout`` (by its class, which
+    ``rollout.backend`` picked) describes over ``policy``; the training module calls it once the processes are
+    connected. vLLM is imported now, so a missing install fails before anything loads."""
+    if not isinstance(rollout, VLLMRolloutConfig):
         return lambda local_rank=0: GenerateEngine(policy, tokenizer)
     from demopsd.rollout.vllm import VLLMEngine, import_vllm
 
     import_vllm()
-    return partial(VLLMEngine, policy, tokenizer, engine, max_model_len=max_model_len, seed=seed)
+    return partial(VLLMEngine, policy, tokenizer, rollout, max_model_len=max_model_len, seed=seed)

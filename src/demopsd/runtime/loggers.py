@@ -94,7 +94,7 @@ def make_wandb_logger(
                 project=wandb_cfg.project,
                 entity=wandb_cfg.entity,
                 group=wandb_cfg.group,
-                job_type=wandb_cfg.get("job_type"),
+                job_type=wandb_cfg.job_type,
                 tags=list(wandb_cfg.tags),
                 config=config,
                 mode=attempt,

@@ -1,9 +1,11 @@
-"""From a composed Hydra config to a finished run: build the pieces, fit, say where everything went."""
+"""From a run's typed settings to a finished run: build the pieces, fit, say where everything went."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+import dataclasses
 
 import hydra
 import lightning as L
@@ -12,9 +14,9 @@ from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from demopsd.config.check import validate_config
+from demopsd.config.methods import METHODS
 from demopsd.config.run import TrainSettings
 from demopsd.data.datamodule import PromptDataModule
 from demopsd.evaluation.runner import PeriodicEvaluation, periodic_evaluation
@@ -35,40 +37,31 @@ from demopsd.runtime.resume import (
 from demopsd.runtime.sharding import save_pretrained, shards_the_model
 from demopsd.training.guards import NumericalGuard
 from demopsd.training.module import SelfDistillationModule
-from demopsd.training.steps import DistillationStep, GRPOStep
 from demopsd.training.timing import TimedModelCheckpoint
 from demopsd.training.warmup import build_warmed_model
 
 log = logging.getLogger(__name__)
 
 def build_module(settings: TrainSettings, policy, tokenizer) -> SelfDistillationModule:
-    """The LightningModule of ``settings``, around the step of its method."""
-    method = settings.method
-    if method.distills:
-        step = DistillationStep(
-            policy, tokenizer, method.objective, settings.sampling, method.reprompt,
-            teacher_kind=method.teacher, ema_rate=method.ema_rate, prompts=settings.prompts,
-        )
-    else:
-        step = GRPOStep(policy, method.objective, settings.sampling)
+    """The LightningModule of ``settings``, around the step the method registry names for its method's kind."""
+    step = hydra.utils.get_class(METHODS[settings.method.kind].step).from_settings(policy, tokenizer, settings)
     return SelfDistillationModule(
         policy,
         tokenizer,
         step,
-        settings.sampling,
+        settings.rollout,
         optim=settings.optim,
         prompts=settings.prompts,
         make_rollout_engine=engine_factory(
-            settings.backend, policy, tokenizer, settings.engine, max_model_len=settings.max_model_len,
-            seed=settings.seed,
+            settings.rollout, policy, tokenizer, max_model_len=settings.max_model_len, seed=settings.seed
         ),
-        sharding=settings.sharding,
-        updates_per_batch=method.updates_per_batch,
+        sharding=settings.fsdp,
+        updates_per_batch=settings.updates_per_batch,
         memory=settings.memory,
     )
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, resumed_state: dict | None = None) -> list[Logger]:
+def build_loggers(settings: TrainSettings, output_dir: Path, resumed_state: dict | None = None) -> list[Logger]:
     """``metrics.csv`` in the run directory (flushed every step), plus W&B unless disabled.
 
     ``resumed_state``: for a resumed run, the :class:`RunStateCheckpoint` state of its checkpoint (empty for a
@@ -82,12 +75,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resumed_state: dict | None 
         continue_csv_log(csv_logger, kept)
     resumed_state = resumed_state or {}
     loggers: list[Logger] = [csv_logger]
-    if cfg.logger.wandb.enabled:
+    if settings.logger.wandb.enabled:
         wandb_logger = make_wandb_logger(
-            cfg.logger.wandb,
+            settings.logger.wandb,
             save_dir=output_dir,
-            run_name=f"{cfg.run_name}_{output_dir.name}",
-            config=OmegaConf.to_container(cfg, resolve=True),
+            run_name=f"{settings.run_name}_{output_dir.name}",
+            config=settings.resolved,
             run_id=resumed_state.get("wandb_run_id"),
         )
         if wandb_logger is not None:
@@ -95,42 +88,42 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resumed_state: dict | None 
     return loggers
 
 
-def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, float]:
-    """Train as ``cfg`` says (``settings``: its typed settings, built from ``cfg`` when not given); returns the
-    last logged value of every training and evaluation metric."""
-    settings = settings or validate_config(cfg)
+def run(settings: TrainSettings) -> dict[str, float]:
+    """Train as ``settings`` say (:func:`demopsd.config.check.validate_config` builds them from the composed config);
+    returns the last logged value of every training and evaluation metric."""
     quiet_known_notices()
-    resume = None
-    if cfg.ckpt_path is not None:
-        resume = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs", cfg.run_name)
-    output_dir = resume.run_dir if resume else Path(cfg.paths.output_dir)
+    paths, resume = settings.paths, None
+    if settings.ckpt_path is not None:
+        resume = resolve_checkpoint(settings.ckpt_path, Path(paths.log_dir) / settings.task_name / "runs",
+                                    settings.run_name)
+    output_dir = resume.run_dir if resume else Path(paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_state = read_run_state(resume.checkpoint) if resume else None
-    record_run_start(cfg, output_dir, resume.checkpoint if resume else None)
-    L.seed_everything(cfg.seed, workers=True)
+    record_run_start(settings, output_dir, resume.checkpoint if resume else None)
+    L.seed_everything(settings.seed, workers=True)
 
-    if cfg.model.name_or_path == WARMED_MODEL:
-        build_warmed_model(cfg.paths.cache_dir)  # once: every later run reads it from the cache
+    model = settings.model
+    if model.name_or_path == WARMED_MODEL:
+        build_warmed_model(paths.cache_dir)  # once: every later run reads it from the cache
     # under trainer=fsdp only global rank 0 reads the weights; configure_model fills every process's shards from them
     policy, tokenizer = load_model_and_tokenizer(
-        cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir, dtype=cfg.model.dtype,
-        sharded=shards_the_model(cfg.trainer),
+        model.name_or_path, cache_dir=paths.cache_dir, dtype=model.dtype, sharded=shards_the_model(settings.trainer)
     )
     module = build_module(settings, policy, tokenizer)
-    datamodule = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed, tokenizer=tokenizer,
+    datamodule = PromptDataModule(settings.data, data_dir=paths.data_dir, seed=settings.seed, tokenizer=tokenizer,
                                   chat_template_kwargs=settings.prompts.chat_template_kwargs)
-    evaluation = periodic_evaluation(settings, cfg, output_dir / "eval")
+    evaluation = periodic_evaluation(settings, output_dir / "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        logger=build_loggers(cfg, output_dir, run_state),
-        callbacks=build_callbacks(cfg, output_dir, evaluation),
+        settings.trainer,
+        logger=build_loggers(settings, output_dir, run_state),
+        callbacks=build_callbacks(settings, output_dir, evaluation),
         plugins=[AtomicCheckpointIO()],
-        enable_checkpointing=cfg.checkpoint.every_n_train_steps > 0,
+        enable_checkpointing=settings.checkpoint.every_n_train_steps > 0,
         default_root_dir=output_dir,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None)
 
-    if cfg.checkpoint.save_final_model:
+    if settings.checkpoint.save_final_model:
         save_pretrained(module.policy, tokenizer, output_dir / FINAL_MODEL_DIR, is_global_zero=trainer.is_global_zero)
     final = {**{k: float(v) for k, v in trainer.logged_metrics.items()}, **evaluation.last_metrics}
     finish_wandb(trainer.loggers)
@@ -141,38 +134,39 @@ def run(cfg: DictConfig, settings: TrainSettings | None = None) -> dict[str, flo
         "provenance.json, report/%s%s",
         trainer.global_step,
         output_dir,
-        "checkpoints/, " if cfg.checkpoint.every_n_train_steps else "",
-        ", model/" if cfg.checkpoint.save_final_model else "",
+        "checkpoints/, " if settings.checkpoint.every_n_train_steps else "",
+        ", model/" if settings.checkpoint.save_final_model else "",
         ", wandb/" if any(not isinstance(lg, CSVLogger) for lg in trainer.loggers) else "",
     )
     return final
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path, evaluation: PeriodicEvaluation) -> list[L.Callback]:
+def build_callbacks(settings: TrainSettings, output_dir: Path, evaluation: PeriodicEvaluation) -> list[L.Callback]:
     """The callbacks every run needs (checkpoints, ``evaluation``, numerical guards, process seeds, resume state),
-    then the optional ones of ``cfg.callbacks`` (the progress bar only while ``trainer.enable_progress_bar``)."""
+    then the optional ones of ``callbacks`` (the progress bar only while ``trainer.enable_progress_bar``)."""
+    checkpoint = settings.checkpoint
     required = [
-        *checkpointing(cfg.checkpoint.every_n_train_steps, output_dir / CHECKPOINT_DIR, cfg.checkpoint.keep),
+        *checkpointing(checkpoint.every_n_train_steps, output_dir / CHECKPOINT_DIR, checkpoint.keep),
         evaluation,
-        NumericalGuard(**cfg.get("guards", {})),
-        ProcessSeeds(cfg.seed),
+        NumericalGuard(**dataclasses.asdict(settings.guards)),
+        ProcessSeeds(settings.seed),
         RunStateCheckpoint(output_dir / "metrics.csv"),
     ]
-    progress = cfg.trainer.get("enable_progress_bar", True)
-    optional = [hydra.utils.instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
+    progress = settings.trainer.get("enable_progress_bar", True)
+    optional = [hydra.utils.instantiate(spec) for spec in settings.callbacks.values()]
     return required + [c for c in optional if progress or not isinstance(c, ProgressBar)]
 
 
 @rank_zero_only
-def record_run_start(cfg: DictConfig, output_dir: Path, resumed_from: Path | None) -> None:
+def record_run_start(settings: TrainSettings, output_dir: Path, resumed_from: Path | None) -> None:
     """``config_resolved.yaml`` and ``provenance.json`` for a new run; for a resumed one, a warning about every
     changed key and ``provenance_resumed_<checkpoint>.json``. Only the first process writes."""
     if resumed_from is None:
-        OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
-        write_provenance(output_dir / "provenance.json", cfg.paths.root_dir)
+        OmegaConf.save(OmegaConf.create(settings.resolved), output_dir / "config_resolved.yaml")
+        write_provenance(output_dir / "provenance.json", settings.paths.root_dir)
         return
-    warn_about_changed_config(output_dir / "config_resolved.yaml", cfg)
-    write_provenance(output_dir / f"provenance_resumed_{resumed_from.stem}.json", cfg.paths.root_dir)
+    warn_about_changed_config(output_dir / "config_resolved.yaml", settings.resolved)
+    write_provenance(output_dir / f"provenance_resumed_{resumed_from.stem}.json", settings.paths.root_dir)
     log.info("Resuming from %s; outputs continue in %s", resumed_from, output_dir)
 
 
@@ -199,12 +193,6 @@ def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> li
     newest; none at all for 0 (the run then cannot be resumed). Their work is timed as each step's
     ``checkpoint`` phase. ``keep``: how many stay on disk, the newest
     (``-1``: all)."""
-    if every_n_train_steps < 0:
-        raise ValueError(
-            f"checkpoint.every_n_train_steps={every_n_train_steps} is invalid: 0 (no checkpoints) or a positive number"
-        )
-    if keep == 0 or keep < -1:
-        raise ValueError(f"checkpoint.keep={keep} is invalid: a positive number (the newest kept) or -1 (all)")
     if every_n_train_steps == 0:
         return []
     return [
@@ -222,12 +210,13 @@ def checkpointing(every_n_train_steps: int, dirpath: Path, keep: int = -1) -> li
     ]
 
 
-def warn_about_changed_config(saved: Path, cfg: DictConfig) -> None:
-    """Warn about every key whose value differs between the run's saved config and ``cfg`` (its resumption)."""
+def warn_about_changed_config(saved: Path, resolved: dict) -> None:
+    """Warn about every key whose value differs between the run's saved config and ``resolved`` (the resolved
+    config of its resumption)."""
     if not saved.is_file():
         return
     before = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    now = _flatten(resolved)
     ignored = {"ckpt_path", "paths.output_dir"}
     changed = sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
     if changed:

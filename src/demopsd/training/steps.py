@@ -62,6 +62,11 @@ class MethodStep(Protocol):
     progress_bar: dict[str, str]
     """Short name on the progress bar → metric key of :meth:`end`."""
 
+    @classmethod
+    def from_settings(cls, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings) -> MethodStep:
+        """The step a run's :class:`~demopsd.config.run.TrainSettings` describes (the method registry names the
+        class of each ``method.kind``: :data:`demopsd.config.methods.METHODS`)."""
+
     def begin(self, batch: StepBatch) -> None:
         """Prepare the step's work on ``batch`` (contexts, advantages) before its first micro-batch."""
 
@@ -213,6 +218,13 @@ class DistillationStep:
     """
 
     progress_bar = {"λ": "distill/lambda_mean"}
+
+    @classmethod
+    def from_settings(cls, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings) -> DistillationStep:
+        """The step of a run's :class:`~demopsd.config.run.TrainSettings` (its method a ``DistillMethodConfig``)."""
+        method = settings.method
+        return cls(policy, tokenizer, method.objective, settings.rollout, method.reprompt,
+                   teacher_kind=method.teacher, ema_rate=method.ema_rate, prompts=settings.prompts)
 
     def __init__(
         self,
@@ -416,6 +428,11 @@ class GRPOStep:
     progress_bar: dict[str, str] = {}
     TOKEN_MEANS = {"grpo/clip_fraction": "clip_fraction", "grpo/clip_fraction_lower": "clip_fraction_lower",
                    "grpo/ratio_mean": "ratio_mean", "grpo/sampler_weight_mean": "sampler_weight_mean"}
+
+    @classmethod
+    def from_settings(cls, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings) -> GRPOStep:
+        """The step of a run's :class:`~demopsd.config.run.TrainSettings` (its method a ``GRPOMethodConfig``)."""
+        return cls(policy, settings.method.objective, settings.rollout)
 
     def __init__(
         self, policy: PreTrainedModel, objective: GRPOConfig, sampling: SamplingConfig, *, chunk_size: int = 512

@@ -46,10 +46,8 @@ def fill_ema_teacher(teacher: nn.Module, policy: nn.Module) -> None:
 def ema_update(teacher: nn.Module, student: nn.Module, rate: float) -> None:
     """θ̄ ← (1 - rate)·θ̄ + rate·θ for every parameter; buffers are copied.
 
-    ``rate`` in (0, 1]; 1 makes the teacher a copy of the student.
+    ``rate`` in (0, 1] (``method.ema_rate``, checked with the config); 1 makes the teacher a copy of the student.
     """
-    if not 0 < rate <= 1:
-        raise ValueError(f"method.ema_rate={rate} is invalid: a value in (0, 1] is accepted")
     teacher_params = list(teacher.parameters())
     student_params = list(student.parameters())
     if len(teacher_params) != len(student_params):
