@@ -11,7 +11,8 @@ leakage.md, leakage.csv, leakage_runs.csv and heldout_probe.png.
 import argparse
 import sys
 
-from demopsd.report.runs import LEAKAGE_RUNS_FILE, write_report
+from demopsd.report.leakage import LEAKAGE_RUNS_FILE
+from demopsd.report.plots import write_report
 
 
 def build_parser() -> argparse.ArgumentParser:

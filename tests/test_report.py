@@ -10,22 +10,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from demopsd.report.runs import (
-    LEAKAGE_QUANTITIES,
-    NoRunsError,
-    Run,
-    find_runs,
-    format_mean_se,
-    has_heldout_probe,
-    leakage_scalars,
-    mean_se,
-    plot_curves,
-    probe_curve_specs,
-    seed_band,
-    smoothing_window,
-    summarize,
-    write_report,
-)
+from demopsd.report.leakage import LEAKAGE_QUANTITIES, has_heldout_probe, leakage_scalars
+from demopsd.report.plots import plot_curves, probe_curve_specs, seed_band, smoothing_window, write_report
+from demopsd.report.runs import NoRunsError, Run, find_runs
+from demopsd.report.tables import format_mean_se, mean_se, summarize
 from tests.helpers import REPO_ROOT
 
 DATASET = "sciknoweval-biology"

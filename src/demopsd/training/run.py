@@ -20,7 +20,7 @@ from demopsd.config.methods import METHODS
 from demopsd.config.run import TrainSettings
 from demopsd.data.datamodule import PromptDataModule
 from demopsd.evaluation.runner import PeriodicEvaluation, periodic_evaluation
-from demopsd.report.runs import write_report
+from demopsd.report.plots import write_report
 from demopsd.report.summary import run_summary
 from demopsd.rollout.backends import engine_factory
 from demopsd.runtime.checkpoints import CHECKPOINT_DIR, FINAL_MODEL_DIR, AtomicCheckpointIO
