@@ -56,7 +56,7 @@ def job_config(overrides: list[str], steps: int, output_dir: Path):
 
 def logged_phases(cfg) -> dict[str, float]:
     """Train as ``cfg`` says; the mean of each ``perf/*_seconds`` over its steps after the first."""
-    run(cfg)
+    run(validate_config(cfg))
     metrics = pd.read_csv(Path(cfg.paths.output_dir) / "metrics.csv").dropna(subset=["perf/step_seconds"])
     metrics = metrics.iloc[1:] if len(metrics) > 1 else metrics
     return {c.removeprefix("perf/").removesuffix("_seconds"): float(metrics[c].mean())
@@ -66,16 +66,16 @@ def logged_phases(cfg) -> dict[str, float]:
 def phases_alone(cfg, repeats: int) -> dict[str, float]:
     """The median seconds of each phase run on its own, outside Lightning, with the job's first batch; and under
     ``start-up``, the seconds the rollout engine took to start (vLLM's; next to nothing for ``generate``)."""
-    if cfg.model.name_or_path == WARMED_MODEL:
-        build_warmed_model(cfg.paths.cache_dir)
     settings = validate_config(cfg)
-    policy, tokenizer = load_model_and_tokenizer(cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir,
-                                                 dtype=cfg.model.dtype)
+    model, paths = settings.model, settings.paths
+    if model.name_or_path == WARMED_MODEL:
+        build_warmed_model(paths.cache_dir)
+    policy, tokenizer = load_model_and_tokenizer(model.name_or_path, cache_dir=paths.cache_dir, dtype=model.dtype)
     module = build_module(settings, policy, tokenizer)
     started = time.perf_counter()
     module.rollout_engine = engine = module.make_rollout_engine(local_rank=0)
     startup = time.perf_counter() - started
-    data = PromptDataModule(cfg.data, data_dir=cfg.paths.data_dir, seed=cfg.seed)
+    data = PromptDataModule(settings.data, data_dir=paths.data_dir, seed=settings.seed)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     optimizer = module.configure_optimizers()["optimizer"]
@@ -137,9 +137,9 @@ def main() -> None:
         alone = phases_alone(config, args.repeats)
 
     settings = validate_config(config)
-    sampling = settings.sampling
+    sampling = settings.rollout
     print(f"{config.model.name_or_path} ({config.model.dtype}), method={config.method.name}, "
-          f"rollout={settings.backend}: {config.data.batch_size} prompts x {sampling.n} rollouts of up to "
+          f"rollout={settings.rollout.backend}: {config.data.batch_size} prompts x {sampling.n} rollouts of up to "
           f"{sampling.max_new_tokens} tokens; {platform.machine()} CPU, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; means over steps 2-{args.steps}, alone: median of {args.repeats}")
     startup = alone.pop("start-up")

@@ -164,7 +164,7 @@ def test_the_teachers_prompts_are_cut_as_the_reprompt_settings_say():
     module = build_module(settings, tiny_policy(tokenizer), tokenizer)
     rollouts = FixedRollouts.of(tokenizer, RESPONSES[:4])
     batch = StepBatch(rollouts.generate(demopsd.training.module.encode_prompts(
-        tokenizer, [demopsd.training.module.student_conversation(BATCH[0])]), settings.sampling),
+        tokenizer, [demopsd.training.module.student_conversation(BATCH[0])]), settings.rollout),
         [BATCH[0]] * 4, [MCQScore(r, r > 0, True, "B" if r else None) for r in REWARDS[:4]], 0)
     step = module.method_step
     step.begin(batch)

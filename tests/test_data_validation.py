@@ -4,12 +4,15 @@ import json
 import logging
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from demopsd.config.check import validate_config
+from demopsd.config.sections import DATA_SOURCES, SciKnowEvalData, SyntheticData
 from demopsd.data.datamodule import SKIPPED_ROWS_METRIC, PromptDataModule
 from demopsd.data.gpqa import load_gpqa
 from demopsd.data.loading import load_split
@@ -155,20 +158,17 @@ def test_unknown_on_bad_row_is_named(tmp_path):
     write_split(tmp_path, [good_row(0)])
     with pytest.raises(ValueError, match=r"data.on_bad_row='ignore' is invalid: one of \('error', 'skip'\)"):
         load_sciknoweval(tmp_path, "biology", "train", on_bad_row="ignore")
-    data = {"source": "sciknoweval", "domain": "biology", "on_bad_row": "warn"}
     with pytest.raises(ValueError, match=r"data.on_bad_row='warn' is invalid"):
-        load_split(data, "train", tmp_path)
+        SciKnowEvalData(on_bad_row="warn")
 
 
 def test_load_split_reads_on_bad_row_from_the_config(tmp_path):
     path = write_split(tmp_path, [good_row(0), good_row(1, "AB", "C")])
-    data = {"source": "sciknoweval", "domain": "biology"}
+    data = SciKnowEvalData()
     with pytest.raises(BadRowError, match=f"^{path}:2: "):
-        load_split(data, "train", tmp_path)  # no key: error
-    with pytest.raises(BadRowError):
-        load_split(data | {"on_bad_row": "error"}, "train", tmp_path)
-    assert load_split(data | {"on_bad_row": "skip"}, "train", tmp_path).skipped == 1
-    assert load_split(data | {"on_bad_row": "error"}, "train", tmp_path, on_bad_row="skip").skipped == 1
+        load_split(data, "train", tmp_path)  # the default: error
+    assert load_split(replace(data, on_bad_row="skip"), "train", tmp_path).skipped == 1
+    assert load_split(data, "train", tmp_path, on_bad_row="skip").skipped == 1
 
 
 def test_loaded_split_behaves_as_a_list(tmp_path):
@@ -183,27 +183,24 @@ def test_loaded_split_behaves_as_a_list(tmp_path):
 
 
 def test_synthetic_split_has_no_skipped_rows():
-    data = {"source": "synthetic", "kind": "uninferable", "generator_seed": 0, "train_size": 5}
+    data = SyntheticData(kind="uninferable", train_size=5)
     examples = load_split(data, "train")
     assert len(examples) == 5 and examples.skipped == 0
 
 
-def test_config_groups_default_to_error():
-    conf = Path(__file__).resolve().parents[1] / "conf" / "data"
-    for group in ("sciknoweval", "gpqa"):
-        assert OmegaConf.load(conf / group / "_base.yaml").on_bad_row == "error"
-    assert "on_bad_row" not in OmegaConf.load(conf / "synthetic" / "_base.yaml")
+def test_every_data_source_defaults_to_error():
+    assert {cls().on_bad_row for cls in DATA_SOURCES.values()} == {"error"}
 
 
 # ------------------------------------------------------------------------------------------- the data directory
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_the_data_directory_has_no_bad_rows(domain, caplog):
-    data = {"source": "sciknoweval", "domain": domain, "on_bad_row": "error"}
+    data = SciKnowEvalData(domain=domain, on_bad_row="error")
     with caplog.at_level(logging.WARNING, logger="demopsd.data.types"):
         for split in ("train", "test"):
             strict = load_split(data, split, DATA_DIR)
             assert strict.skipped == 0 and len(strict) > 0
-            assert load_split(data | {"on_bad_row": "skip"}, split, DATA_DIR) == strict
+            assert load_split(replace(data, on_bad_row="skip"), split, DATA_DIR) == strict
     assert not caplog.records
 
 
@@ -298,12 +295,11 @@ def test_gpqa_through_load_split_and_the_composed_config(tmp_path):
     rows = [gpqa_row(0), gpqa_row(1) | {"Question": ""}]
     write_csv(tmp_path, rows)
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
-        cfg = compose("train", overrides=["data=gpqa/diamond"])
-    assert cfg.data.on_bad_row == "error"
+        data = validate_config(compose("train", overrides=["data=gpqa/diamond"])).data
+    assert data.on_bad_row == "error"
     with pytest.raises(BadRowError):
-        load_split(cfg.data, "test", tmp_path)
-    cfg.data.on_bad_row = "skip"
-    assert load_split(cfg.data, "test", tmp_path).skipped == 1
+        load_split(data, "test", tmp_path)
+    assert load_split(replace(data, on_bad_row="skip"), "test", tmp_path).skipped == 1
 
 
 # ------------------------------------------------------------------------------------------- datamodule
@@ -321,9 +317,8 @@ class FakeTrainer:
         self.global_step, self.global_rank, self.world_size = 0, 0, 1
 
 
-def biology(**changes) -> dict:
-    return {"name": "toy-biology", "source": "sciknoweval", "domain": "biology", "train_split": "train",
-            "batch_size": 2, **changes}
+def biology(**changes) -> SciKnowEvalData:
+    return SciKnowEvalData(name="toy-biology", batch_size=2, **changes)
 
 
 def test_datamodule_counts_prints_and_logs_skipped_rows_once(tmp_path, capsys):
@@ -384,13 +379,17 @@ def test_eval_datasets_pass_data_on_bad_row_to_the_ood_sets(tmp_path):
     write_csv(tmp_path, [gpqa_row(0), gpqa_row(1) | {"Question": ""}, gpqa_row(2)])
     overrides = ["data=sciknoweval/biology", "eval=gpqa", f"paths.data_dir={tmp_path}"]
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base=None):
-        strict = compose("train", overrides=overrides)
-        lenient = compose("train", overrides=[*overrides, "data.on_bad_row=skip"])
-        ood_only = compose("train", overrides=[*overrides, "eval.ood.gpqa_diamond.on_bad_row=skip"])
+        strict = validate_config(compose("train", overrides=overrides))
+        lenient = validate_config(compose("train", overrides=[*overrides, "data.on_bad_row=skip"]))
+        ood_only = validate_config(compose("train", overrides=[*overrides, "eval.ood.gpqa_diamond.on_bad_row=skip",
+                                                               "eval.in_domain=false"]))
+
+    def datasets_of(settings):
+        return eval_datasets(settings.data, settings.eval, settings.paths.data_dir)
+
     with pytest.raises(BadRowError, match="biology/test.json:2: "):
-        eval_datasets(strict)
-    datasets = eval_datasets(lenient)
+        datasets_of(strict)
+    datasets = datasets_of(lenient)
     assert {name: (len(d), d.skipped) for name, d in datasets.items()} == {
         "sciknoweval-biology": (2, 1), "gpqa-diamond": (2, 1)}
-    ood_only.eval.in_domain = False
-    assert eval_datasets(ood_only)["gpqa-diamond"].skipped == 1
+    assert datasets_of(ood_only)["gpqa-diamond"].skipped == 1

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from demopsd.config.sections import SciKnowEvalData
 from demopsd.data.datamodule import PromptDataModule, StepIndexedBatches
 from demopsd.data.sciknoweval import load_sciknoweval
 from demopsd.data.types import SYSTEM_PROMPT
@@ -13,9 +14,8 @@ from tests.helpers import data_dir
 
 DATA_DIR = data_dir()
 
-def biology(**changes) -> dict:
-    return {"name": "sciknoweval-biology", "source": "sciknoweval", "domain": "biology", "train_split": "train",
-            "batch_size": 4, **changes}
+def biology(**changes) -> SciKnowEvalData:
+    return SciKnowEvalData(name="sciknoweval-biology", **changes)
 
 
 def batches(seed: int, n: int = 1) -> list[list[int]]:
@@ -30,17 +30,6 @@ def test_batches_are_lists_of_examples_in_a_seeded_order():
     assert all(len(b) == 4 for b in first)
     assert first == batches(seed=0)
     assert first != batches(seed=1)
-
-
-def test_unknown_source_names_the_value():
-    dm = PromptDataModule(biology(source="mmlu"), data_dir=DATA_DIR)
-    with pytest.raises(ValueError, match="data.source='mmlu' is invalid.*sciknoweval"):
-        dm.setup("fit")
-
-
-def test_bad_batch_size_names_the_value():
-    with pytest.raises(ValueError, match="data.batch_size=0 is invalid"):
-        PromptDataModule(biology(batch_size=0), data_dir=DATA_DIR)
 
 
 def test_batch_larger_than_the_split_is_refused():
@@ -195,11 +184,6 @@ def test_prompts_within_the_limit_load_unchanged_in_both_modes(tmp_path, caplog)
             dm.setup("fit")
         assert [e.idx for e in dm.train_examples] == list(range(6))
     assert caplog.records == []
-
-
-def test_bad_on_long_prompt_names_the_value():
-    with pytest.raises(ValueError, match=r"data.on_long_prompt='skip' is invalid: one of \('filter', 'error'\)"):
-        PromptDataModule(biology(on_long_prompt="skip"), data_dir=DATA_DIR)
 
 
 def test_the_attached_module_lends_its_tokenizer_and_chat_template_arguments(tmp_path):

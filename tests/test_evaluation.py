@@ -172,16 +172,17 @@ def test_eval_runs_on_cuda_where_torch_has_it(monkeypatch, cuda, choice, expecte
 
 
 @pytest.mark.parametrize("choice, message", [("cuda", r"device=cuda, but torch finds no CUDA device.*device=cpu"),
-                                             ("gpu", r"device='gpu' is invalid: one of auto, cpu, cuda")])
+                                             ("gpu", r"device='gpu': one of \('auto', 'cpu', 'cuda'\)")])
 def test_a_device_that_cannot_be_had_is_an_error_naming_the_key(monkeypatch, tmp_path, choice, message):
     from hydra import compose, initialize_config_dir
 
+    from demopsd.config.check import ConfigError, validate_eval_config
     from demopsd.evaluation.runner import run_evaluation
     from tests.helpers import CONFIG_DIR
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[f"device={choice}", f"paths.output_dir={tmp_path / 'out'}"])
-    with pytest.raises(ValueError, match=message):
-        run_evaluation(cfg)
+    with pytest.raises((ValueError, ConfigError), match=message):
+        run_evaluation(validate_eval_config(cfg))
     assert not (tmp_path / "out").exists()  # refused before anything was loaded or written

@@ -12,6 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from demopsd.config.run import EvalRunSettings
+from demopsd.config.sections import ModelConfig, PathsConfig
 from demopsd.evaluation.runner import load_policy
 from tests.helpers import train_tiny
 
@@ -92,9 +94,10 @@ def test_sharded_checkpoint_and_final_model_hold_the_trained_policy(runs):
 
     final = AutoModelForCausalLM.from_pretrained(directory / "model")
     assert final.config.architectures == ["LlamaForCausalLM"]
-    cfg = OmegaConf.load(directory / "config_resolved.yaml")
-    cfg.ckpt_path = str(checkpoint)
-    from_checkpoint, _, _ = load_policy(cfg)
+    saved = OmegaConf.load(directory / "config_resolved.yaml")
+    settings = EvalRunSettings(ckpt_path=str(checkpoint), model=ModelConfig(saved.model.name_or_path),
+                               paths=PathsConfig(cache_dir=saved.paths.cache_dir))
+    from_checkpoint, _, _ = load_policy(settings)
     for model in (final, from_checkpoint):
         for name, tensor in model.state_dict().items():
             torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)  # the same bytes, saved and loaded

@@ -195,12 +195,13 @@ def test_reference_layout_is_scored_by_the_references_gpqa_rule(tmp_path, comple
     ``feedback/gpqa.py``), the rule data=gpqa/* sets; the answer-tag rule would score it 0."""
     from hydra import compose, initialize_config_dir
 
+    from demopsd.config.check import validate_config
     from demopsd.data.loading import load_split
     from tests.helpers import CONFIG_DIR
 
     write_csv(tmp_path, [make_rows(1)[0] | WEAK_FORCE])
     with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-        data = compose("train", overrides=["data=gpqa/diamond"]).data
+        data = validate_config(compose("train", overrides=["data=gpqa/diamond"])).data
     assert (data.prompt_style, data.reward) == ("reference", "last_letter")
     (e,) = load_split(data, "test", tmp_path)
     assert (e.prompt, e.reward_rule) == (WEAK_FORCE_PROMPT, "last_letter")

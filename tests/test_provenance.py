@@ -9,6 +9,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from demopsd.runtime.provenance import git_revision, package_versions, write_provenance
+from demopsd.config.run import TrainSettings
+from demopsd.config.sections import PathsConfig
 from demopsd.training.run import record_run_start
 from tests.helpers import REPO_ROOT
 
@@ -42,9 +44,9 @@ def test_written_record_is_json(tmp_path):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_only_the_first_process_records_the_run(tmp_path, monkeypatch, rank):
     monkeypatch.setattr(rank_zero_only, "rank", rank)
-    cfg = OmegaConf.create({"seed": 3, "paths": {"root_dir": str(REPO_ROOT)}})
-    record_run_start(cfg, tmp_path, resumed_from=None)
-    record_run_start(cfg, tmp_path, resumed_from=tmp_path / "checkpoints" / "step=4.ckpt")
+    settings = TrainSettings(seed=3, paths=PathsConfig(root_dir=str(REPO_ROOT)), resolved={"seed": 3})
+    record_run_start(settings, tmp_path, resumed_from=None)
+    record_run_start(settings, tmp_path, resumed_from=tmp_path / "checkpoints" / "step=4.ckpt")
     written = {path.name for path in tmp_path.iterdir()}
     if rank == 0:
         assert written == {"config_resolved.yaml", "provenance.json", "provenance_resumed_step=4.json"}

@@ -199,7 +199,7 @@ def test_a_changed_config_on_resume_is_reported_key_by_key(tmp_path, caplog):
 
     saved = tmp_path / "config_resolved.yaml"
     OmegaConf.save(OmegaConf.create({"seed": 0, "optim": {"lr": 1e-5}, "ckpt_path": None}), saved)
-    now = OmegaConf.create({"seed": 0, "optim": {"lr": 2e-5}, "ckpt_path": "last"})
+    now = {"seed": 0, "optim": {"lr": 2e-5}, "ckpt_path": "last"}
     with caplog.at_level("WARNING"):
         warn_about_changed_config(saved, now)
     assert "optim.lr: 1e-05 -> 2e-05" in caplog.text
@@ -254,14 +254,16 @@ def _round_trip(obj):
 
 
 def test_checkpoint_every_zero_steps_means_none_and_negative_is_refused(tmp_path):
+    from demopsd.config.sections import CheckpointConfig
+
     (periodic,) = checkpointing(3, tmp_path)
     assert periodic.dirpath == str(tmp_path) and periodic._every_n_train_steps == 3 and periodic.save_last == "link"
     assert checkpointing(0, tmp_path) == []
     with pytest.raises(ValueError, match=r"every_n_train_steps=-1 is invalid: 0 \(no checkpoints\)"):
-        checkpointing(-1, tmp_path)
+        CheckpointConfig(every_n_train_steps=-1)
     for keep in (0, -2):
         with pytest.raises(ValueError, match=rf"checkpoint.keep={keep} is invalid: a positive number"):
-            checkpointing(3, tmp_path, keep)
+            CheckpointConfig(keep=keep)
 
 
 @pytest.mark.parametrize("keep, kept", [(1, ["step000006.ckpt"]), (2, ["step000004.ckpt", "step000006.ckpt"]),

@@ -117,6 +117,7 @@ def test_the_sharded_load_follows_the_trainer_strategy():
 @pytest.mark.parametrize("trainer, sharded", [("fsdp", True), ("ddp", False), ("default", False)])
 def test_a_run_loads_the_policy_on_rank_zero_only_under_trainer_fsdp(tmp_path, monkeypatch, trainer, sharded):
     import demopsd.training.run
+    from demopsd.config.check import validate_config
     from tests.fixed_step import train_config
 
     class Loaded(Exception):
@@ -127,7 +128,8 @@ def test_a_run_loads_the_policy_on_rank_zero_only_under_trainer_fsdp(tmp_path, m
 
     monkeypatch.setattr(demopsd.training.run, "load_model_and_tokenizer", load)
     with pytest.raises(Loaded) as loaded:
-        demopsd.training.run.run(train_config("demopsd", f"trainer={trainer}", f"paths.output_dir={tmp_path}"))
+        demopsd.training.run.run(
+            validate_config(train_config("demopsd", f"trainer={trainer}", f"paths.output_dir={tmp_path}")))
     assert loaded.value.args[0]["sharded"] is sharded
 
 

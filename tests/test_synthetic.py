@@ -7,6 +7,8 @@ from functools import cache
 
 import pytest
 
+from demopsd.config.check import validate_config
+from demopsd.config.sections import SyntheticData
 from demopsd.data.loading import load_split
 from demopsd.data.rewards import score_mcq
 from demopsd.data.synthetic import (
@@ -334,7 +336,7 @@ def test_naive_bayes_finds_a_planted_signal():
 
 # ------------------------------------------------------------------------------------------ wiring
 def test_load_split_dispatches_to_the_generator():
-    data = {"source": "synthetic", "kind": "uninferable", "generator_seed": 2, "train_size": 9, "test_size": None}
+    data = SyntheticData(kind="uninferable", generator_seed=2, train_size=9)
     assert load_split(data, "train") == generate_synthetic("uninferable", "train", seed=2, size=9)
     assert load_split(data, "test") == list(synthetic("uninferable", "test", 2))
     with pytest.raises(ValueError, match="unknown synthetic split 'dev'"):
@@ -350,5 +352,6 @@ def test_configs_compose_and_load(kind):
     assert (cfg.data.generator_seed, cfg.data.train_size, cfg.data.test_size) == (0, None, None)
     assert (cfg.data.train_split, cfg.data.test_split, cfg.data.batch_size) == ("train", "test", 4)
     assert (cfg.data.max_prompt_tokens, cfg.data.num_workers) == (768, 0)
-    assert load_split(cfg.data, cfg.data.test_split) == list(synthetic(kind, "test"))
-    assert load_split(cfg.data, cfg.data.train_split) == list(synthetic(kind, "train"))
+    data = validate_config(cfg).data
+    assert load_split(data, data.test_split) == list(synthetic(kind, "test"))
+    assert load_split(data, data.train_split) == list(synthetic(kind, "train"))

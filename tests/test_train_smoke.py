@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import demopsd.training.module
+from demopsd.config.check import validate_config
 from demopsd.data.rewards import MCQScore
 from demopsd.runtime.models import load_model_and_tokenizer
 from demopsd.training.run import run
@@ -66,11 +67,11 @@ def smoke_config(method: str, output_dir: Path, model_dir: Path, *extra: str):
     overrides = ["debug=smoke", f"method={method}", "data=sciknoweval/biology", f"paths.output_dir={output_dir}",
                  f"model.name_or_path={model_dir}", "logger.wandb.mode=disabled", *SIGNAL[method], *extra]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return validate_config(compose(config_name="train", overrides=overrides))
 
 
-def initial_weights(cfg) -> dict[str, torch.Tensor]:
-    model, _ = load_model_and_tokenizer(cfg.model.name_or_path, cache_dir=cfg.paths.cache_dir)
+def initial_weights(settings) -> dict[str, torch.Tensor]:
+    model, _ = load_model_and_tokenizer(settings.model.name_or_path, cache_dir=settings.paths.cache_dir)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
