@@ -50,6 +50,6 @@ def test_only_the_first_process_records_the_run(tmp_path, monkeypatch, rank):
     written = {path.name for path in tmp_path.iterdir()}
     if rank == 0:
         assert written == {"config_resolved.yaml", "provenance.json", "provenance_resumed_step=4.json"}
-        assert OmegaConf.load(tmp_path / "config_resolved.yaml") == cfg
+        assert OmegaConf.load(tmp_path / "config_resolved.yaml") == settings.resolved
     else:
         assert written == set()

@@ -269,7 +269,7 @@ def main(cfg):
     out.mkdir(parents=True, exist_ok=True)
     accuracy = 1.0 - abs(cfg.method.objective.lambda_max - 0.5)
     (out / "metrics.csv").write_text(f"step,{{cfg.optimized_metric}}\\n2,{{accuracy}}\\n", encoding="utf-8")
-    return train.optimized_value(cfg, {{cfg.optimized_metric: accuracy}})
+    return train.optimized_value(cfg.optimized_metric, {{cfg.optimized_metric: accuracy}})
 
 
 main()
@@ -342,22 +342,18 @@ def train_script():
     return module
 
 
-def run_cfg(output_dir: Path, metric):
-    return OmegaConf.create({"optimized_metric": metric, "paths": {"output_dir": str(output_dir)}})
-
-
 def test_main_returns_nothing_without_an_optimized_metric(train_script, tmp_path):
-    assert train_script.optimized_value(run_cfg(tmp_path, None), {"train/entropy": 1.0}) is None
+    assert train_script.optimized_value(None, {"train/entropy": 1.0}) is None
 
 
 def test_main_returns_the_named_metric(train_script, tmp_path):
-    assert train_script.optimized_value(run_cfg(tmp_path, "train/entropy"), {"train/entropy": 1.25}) == 1.25
+    assert train_script.optimized_value("train/entropy", {"train/entropy": 1.25}) == 1.25
 
 
 def test_missing_metric_names_the_key_and_what_was_logged(train_script, tmp_path):
     logged = {"train/entropy": 1.0, "eval/gpqa-diamond/acc_avg@4": 0.3}
     with pytest.raises(LookupError) as error:
-        train_script.optimized_value(run_cfg(tmp_path, "eval/typo/acc_avg@4"), logged)
+        train_script.optimized_value("eval/typo/acc_avg@4", logged)
     message = str(error.value)
     assert "optimized_metric='eval/typo/acc_avg@4'" in message
     assert "train/entropy" in message and "eval/gpqa-diamond/acc_avg@4" in message

@@ -51,17 +51,20 @@ def validate_config(cfg: DictConfig) -> TrainSettings:
 
 
 def validate_eval_config(cfg: DictConfig) -> EvalRunSettings:
-    """The typed settings of the composed eval config ``cfg``, or :class:`ConfigError` listing every problem."""
-    return _validate(cfg, EvalRunSettings, lambda built, report: None)
+    """The typed settings of the composed eval config ``cfg``, or :class:`ConfigError` listing every problem. The
+    train config's own keys, which a preset shared by both apps (``debug=smoke``, ``experiment=...``) may set, are
+    left out."""
+    train_only = {f.name for f in dataclasses.fields(TrainSettings)} - {f.name for f in dataclasses.fields(EvalRunSettings)}
+    return _validate(cfg, EvalRunSettings, lambda built, report: None, ignored=train_only)
 
 
-def _validate(cfg: DictConfig, cls: type, cross_rules: Callable[[Any, Report], None]):
+def _validate(cfg: DictConfig, cls: type, cross_rules: Callable[[Any, Report], None], ignored: set[str] = frozenset()):
     problems: dict[str, str] = {}
 
     def report(key: str, value: Any, accepted: str) -> None:
         problems.setdefault(key, f"{key}={value!r}: {accepted}")
 
-    values = _resolved(cfg, report)
+    values = {key: value for key, value in _resolved(cfg, report).items() if key not in ignored}
     built: dict[str, Any] = {}
     settings = build(cls, "", values, report, root=values, built=built)
     cross_rules(built, report)

@@ -95,7 +95,7 @@ class GRPOMethodConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class MethodKind:
-    """A row of the registry: the settings class of ``method`` and the import path (``module:Class``) of the
+    """A row of the registry: the settings class of ``method`` and the dotted import path of the
     :class:`demopsd.training.steps.MethodStep` that trains with it."""
 
     settings: type[MethodConfig]
@@ -117,5 +117,5 @@ def store_method_settings(settings: type[MethodConfig]) -> None:
     ConfigStore.instance().store(group="settings/method", name=settings.KIND, node=defaults_of(settings))
 
 
-register_method(DistillMethodConfig, "demopsd.training.steps:DistillationStep")
-register_method(GRPOMethodConfig, "demopsd.training.steps:GRPOStep")
+register_method(DistillMethodConfig, "demopsd.training.steps.DistillationStep")
+register_method(GRPOMethodConfig, "demopsd.training.steps.GRPOStep")
