@@ -190,3 +190,17 @@ def test_the_progress_bar_counts_training_steps_and_shows_no_run_id():
     ours = StepProgressBar()
     assert ours._get_train_description(0) == "training steps"
     assert ours.get_metrics(trainer, None) == {"reward": 0.375, "λ": 0.93}
+
+
+def test_no_yaml_value_repeats_its_dataclass_default(tmp_path):
+    """The settings dataclasses hold every default; conf/ only what differs (python -m tests.repeated_defaults)."""
+    from tests.repeated_defaults import repeated_defaults
+
+    assert repeated_defaults() == []
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "grpo.yaml").write_text(
+        "defaults:\n  - /settings/method/grpo@_here_\nname: grpo\nmini_batch_size: 8\nobjective:\n  clip_low: 0.25\n"
+    )
+    (tmp_path / "train.yaml").write_text("seed: 0\noptim:\n  lr: 1.0e-5\n  grad_clip: 2.0\n")
+    assert repeated_defaults(tmp_path) == [("method/grpo.yaml", "method.mini_batch_size", 8),
+                                           ("train.yaml", "seed", 0), ("train.yaml", "optim.lr", 1e-5)]
