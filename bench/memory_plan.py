@@ -9,7 +9,7 @@ forward under ``no_grad`` on the same response after a longer, privileged prompt
 ``make_ema_teacher``, sharded the same way), ``chunked_distillation_loss`` (DemoPSD's defaults), backward, AdamW
 (fp32 master weights and moments, ``foreach`` as torch picks it on GPUs), the EMA update, ``zero_grad``. It runs under
 ``FakeTensorMode`` (shapes and dtypes, no data, no arithmetic) with a fake process group of the preset's world size
-and a CPU device mesh; ``shard_model`` shards both models as conf/train.yaml's fsdp section says (FSDP2, bf16
+and a CPU device mesh; ``shard_model`` shards both models as the ``fsdp`` settings say (FSDP2, bf16
 gathered weights, fp32 gradient reduction, activation checkpointing); torch's ``FSDPMemTracker`` records the peak of
 each category. The model is built from Qwen3's published shapes alone (nothing downloaded), all its layers.
 

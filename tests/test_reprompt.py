@@ -196,7 +196,7 @@ def test_bad_truncation_settings_name_the_key_and_what_is_accepted(key, value, a
 
 
 def test_truncation_keys_are_settings_of_the_composed_config():
-    """``method.reprompt.max_prompt_tokens`` / ``truncation`` (conf/method/demopsd.yaml lists them) pass the config
+    """``method.reprompt.max_prompt_tokens`` / ``truncation`` (RepromptConfig holds their defaults) pass the config
     check and reach the settings; a bad value stops the run before anything loads."""
     from demopsd.config.check import ConfigError, validate_config
     from tests.test_config import compose_train
