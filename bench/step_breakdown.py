@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 
+import demopsd.config.store  # noqa: F401 - the settings' defaults, which conf/ extends
 import demopsd.rollout.engine
 import demopsd.runtime.models
 from demopsd.config.check import validate_config
