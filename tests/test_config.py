@@ -11,7 +11,8 @@ from demopsd.config.objectives import DistillationConfig, GRPOConfig
 from demopsd.config.settings import RepromptConfig
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
-METHODS = ["demopsd", "sdpo", "opsd", "grpo"]
+METHODS = sorted(path.stem for path in (CONFIG_DIR / "method").glob("*.yaml"))
+"""Every method of conf/method/ (the registry's kinds are in demopsd.config.methods.METHODS)."""
 DATASETS = [f"sciknoweval/{d}" for d in ("biology", "chemistry", "material", "physics")] + [f"synthetic/{k}" for k in ("mixed", "inferable", "uninferable")]
 
 
