@@ -75,9 +75,11 @@ def sweep_job() -> Iterator[None]:
     if entry.__spec__ is not None:  # a launcher's module (submitit's `python -m submitit.core._submit`), not ours
         entry.__spec__ = None  # Lightning then starts the script sys.argv[0] names
         sys.argv[0] = __file__
+    config_dirs = [f"--config-dir={source.path}" for source in hydra_cfg.runtime.config_sources
+                   if source.provider == "command-line"]
     hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]
-    sys.argv[1:] = [f"--config-name={hydra_cfg.job.config_name}", *hydra_overrides, *hydra_cfg.overrides.task,
-                    "hydra.mode=RUN"]
+    sys.argv[1:] = [f"--config-name={hydra_cfg.job.config_name}", *config_dirs, *hydra_overrides,
+                    *hydra_cfg.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     environment = dict(os.environ)

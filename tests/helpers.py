@@ -54,9 +54,9 @@ def tiny_policy(tokenizer, seed: int = 0):
 
 
 def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None,
-               multirun: bool = False) -> subprocess.CompletedProcess:
+               flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``src/train.py``: the laptop job, smoke-sized, on the tiny model, optionally with a
-    ``tests/instrumented_train.py`` hook; ``multirun``: with ``-m``, as a user starts a sweep."""
+    ``tests/instrumented_train.py`` hook; ``flags`` go before the overrides (``-m`` for a sweep)."""
     overrides = [
         "experiment=leakage_laptop", "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}",
         "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", "checkpoint.keep=-1",  # tests compare steps 2 and 4
@@ -64,7 +64,7 @@ def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None,
         "logger.wandb.mode=offline", *extra,
     ]
     script = "tests/instrumented_train.py" if hook else "src/train.py"
-    return run_python(script, *(["-m"] if multirun else []), *overrides,
+    return run_python(script, *flags, *overrides,
                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "DEMOPSD_TEST_HOOK": hook or ""})
 
 

@@ -73,13 +73,20 @@ def ran_each_job_once(result: subprocess.CompletedProcess, log_dir: Path) -> lis
 
 
 def test_a_ddp_multirun_runs_each_job_once_in_its_own_directory(tmp_path, tiny_model_dir):
-    ran_each_job_once(train_tiny(tmp_path, tiny_model_dir, *TWO_DDP_JOBS, multirun=True), tmp_path)
+    """With a config directory of the command line's (``callbacks=quiet`` is only there): the job's further
+    processes compose from it too."""
+    extra = tmp_path / "extra_conf" / "callbacks"
+    extra.mkdir(parents=True)
+    (extra / "quiet.yaml").write_text("{}\n")
+    result = train_tiny(tmp_path, tiny_model_dir, *TWO_DDP_JOBS, "callbacks=quiet",
+                        flags=("-m", "--config-dir", str(extra.parent)))
+    ran_each_job_once(result, tmp_path)
 
 
 def test_the_local_launcher_runs_the_sweep_as_local_processes(tmp_path, tiny_model_dir):
     """``hydra/launcher=local``: each job a process of its own under submitit, with its log in .submitit/, and the
     second DDP process, which Lightning starts from submitit's entry point (a module, not src/train.py), in it."""
-    result = train_tiny(tmp_path, tiny_model_dir, "hydra/launcher=local", *TWO_DDP_JOBS, multirun=True)
+    result = train_tiny(tmp_path, tiny_model_dir, "hydra/launcher=local", *TWO_DDP_JOBS, flags=("-m",))
     jobs = ran_each_job_once(result, tmp_path)
     submitted = [folder for folder in (jobs[0].parent / ".submitit").iterdir() if folder.name.isdigit()]
     assert len(submitted) == 2  # one folder per job, named by the process id of the job's controller
