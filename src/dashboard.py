@@ -1,10 +1,11 @@
 """Create or update the project's W&B dashboard: leakage, entropy, blending, reward and accuracy, throughput;
-runs grouped by method and dataset, seeds as a mean with a standard-error band.
+runs grouped by their run group (method and dataset), seeds as a mean with a standard-error band.
 
     python src/dashboard.py --entity E --project demopsd                  # a new saved workspace; prints its URL
     python src/dashboard.py --entity E --project demopsd --url <its URL>  # update that workspace in place
 
-Needs a W&B login (`wandb login`, or WANDB_API_KEY) and the `wandb-workspaces` package (installed with the project).
+Needs a W&B login for the server wandb is set to (`wandb login`, `wandb login --host <server>`, or WANDB_API_KEY)
+and the `wandb-workspaces` package (installed with the project).
 """
 
 import argparse

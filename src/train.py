@@ -6,6 +6,7 @@
     python src/train.py debug=smoke            # two tiny steps, to check the setup
     python src/train.py --cfg job              # print the composed config
     python src/train.py hparams_search=demopsd_optuna   # Optuna search; main() returns `optimized_metric`
+    python src/train.py -m hydra/launcher=slurm trainer=ddp trainer.devices=8 seed=0,1,2   # one SLURM job per run
 """
 
 import os
@@ -16,9 +17,11 @@ import hydra
 from omegaconf import DictConfig
 
 import demopsd.config.store  # noqa: F401 - stores the settings' defaults, which conf/ extends
+from demopsd.runtime.launch import name_the_launch, sweep_job
 
 os.environ.setdefault("DEMOPSD_ROOT", str(Path(__file__).resolve().parents[1]))
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+name_the_launch()  # before Hydra composes the run directory: one name for every process of an srun/torchrun launch
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -32,7 +35,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     from demopsd.training.run import run  # after Hydra has parsed the command line: `--help` stays instant
 
-    return optimized_value(settings.optimized_metric, run(settings))
+    with sweep_job(__file__):
+        return optimized_value(settings.optimized_metric, run(settings))
 
 
 def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None:

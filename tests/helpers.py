@@ -53,9 +53,10 @@ def tiny_policy(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None) -> subprocess.CompletedProcess:
+def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None,
+               flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``src/train.py``: the laptop job, smoke-sized, on the tiny model, optionally with a
-    ``tests/instrumented_train.py`` hook."""
+    ``tests/instrumented_train.py`` hook; ``flags`` go before the overrides (``-m`` for a sweep)."""
     overrides = [
         "experiment=leakage_laptop", "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}",
         "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", "checkpoint.keep=-1",  # tests compare steps 2 and 4
@@ -63,8 +64,8 @@ def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None) -> subp
         "logger.wandb.mode=offline", *extra,
     ]
     script = "tests/instrumented_train.py" if hook else "src/train.py"
-    return run_python(script, *overrides, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                                               "DEMOPSD_TEST_HOOK": hook or ""})
+    return run_python(script, *flags, *overrides,
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "DEMOPSD_TEST_HOOK": hook or ""})
 
 
 def run_python(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -81,3 +82,15 @@ def global_random_states():
 
     with random_states_kept():
         yield
+
+
+def compose_entry(config_name: str, overrides: list[str]):
+    """The config ``src/<config_name>.py <overrides>`` runs with (conf/<config_name>.yaml, Hydra's compose API, in
+    this process), the ``hydra:`` node kept; the config package is imported first, as the entry points do."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    importlib.import_module("demopsd.config.store")  # the settings' defaults, as the entry points import them
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)

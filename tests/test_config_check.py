@@ -184,7 +184,7 @@ def test_vllm_engine_settings_are_checked_before_anything_loads():
     assert len(problems) == 3
 
 
-@pytest.mark.parametrize("trainer", [[], ["trainer=gpu"], ["trainer=ddp"], ["trainer=fsdp"], ["+trainer.num_nodes=2"]])
+@pytest.mark.parametrize("trainer", [[], ["trainer=gpu"], ["trainer=ddp"], ["trainer=fsdp"], ["trainer.num_nodes=2"]])
 def test_vllm_tensor_parallelism_is_refused_with_the_reason(trainer):
     """The engine runs in the training process and is handed its weights as a generator of tensors, which a
     tensor-parallel engine's worker processes would need pickled: one device per engine, whatever the trainer."""

@@ -5,17 +5,21 @@ and the evaluator's summaries of a held-out evaluation (with the changes from th
 dataset names of ``conf/data``. A renamed metric then fails here instead of leaving an empty panel.
 """
 
+import math
 import re
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from demopsd.evaluation.evaluate import summarize
 from demopsd.evaluation.runner import changes_from
-from demopsd.report.dashboard import GROUP_BY, SECTIONS, NotLoggedInError, build_workspace, save_workspace
+from demopsd.report.dashboard import (
+    GROUP_BY, MAX_RUNS, SECTIONS, NotLoggedInError, build_workspace, save_workspace,
+)
 from demopsd.runtime.loggers import STEP_METRIC
 from tests.fixed_step import example, setup_step
-from tests.helpers import CONFIG_DIR, run_python
+from tests.helpers import CONFIG_DIR, REPO_ROOT, run_python
 from tests.test_config import compose_train
 
 RESPONSES = ["<reasoning>\nTwo.\n</reasoning>\n<answer>\nB\n</answer>", "I would say A", "Maybe C", "D"]
@@ -63,14 +67,14 @@ def test_the_collected_names_hold_what_the_sections_are_about(logged_names):
         assert name in logged_names
 
 
-def test_workspace_groups_by_method_and_dataset_with_a_band_over_seeds():
+def test_workspace_groups_by_the_run_group_with_a_band_over_seeds():
     workspace = build_workspace("someone", "demopsd")
     assert [s.name for s in workspace.sections] == ["Leakage", "Entropy", "Blending", "Reward and accuracy",
                                                     "Throughput"]
-    assert [g.name for g in workspace.runset_settings.groupby] == list(GROUP_BY)
-    config = compose_train([])
-    for key in GROUP_BY:
-        assert OmegaConf.select(config, key) is not None  # keys of the config each run logs to W&B
+    (group,) = workspace.runset_settings.groupby
+    assert (group.section, group.name) == ("run", GROUP_BY)  # the W&B run's group, not a config key
+    wandb = compose_train(["method=sdpo", "data=sciknoweval/chemistry"]).logger.wandb
+    assert wandb.group == "sdpo_sciknoweval-chemistry"  # what each run passes as its group: method and dataset
     plots = [p for s in workspace.sections for p in s.panels]
     assert len(plots) == len(panels())
     for plot in plots:
@@ -79,12 +83,27 @@ def test_workspace_groups_by_method_and_dataset_with_a_band_over_seeds():
     assert workspace._to_model()  # serialises to what the W&B API receives
 
 
+def sweep_size(spec: dict) -> int:
+    """Runs a W&B sweep spec starts: its grid, or its run cap."""
+    if spec["method"] == "grid":
+        return math.prod(len(p.get("values", [p.get("value")])) for p in spec["parameters"].values())
+    return spec["run_cap"]
+
+
+def test_each_panel_shows_every_run_of_the_largest_sweep():
+    sizes = {path.stem: sweep_size(yaml.safe_load(path.read_text())) for path in (REPO_ROOT / "sweeps").glob("*.yaml")}
+    assert sizes["methods_seeds"] == 12 and sizes["demopsd_support"] == 20  # the grids their comments state
+    assert build_workspace("someone", "demopsd").settings.max_runs == MAX_RUNS >= max(sizes.values()) > 10
+
+
 def test_without_a_login_the_command_says_so_and_exits_2(tmp_path, monkeypatch):
     result = run_python("src/dashboard.py", "--entity", "someone", env={
-        "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"), "HOME": str(tmp_path)})
+        "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc"), "HOME": str(tmp_path),
+        "WANDB_BASE_URL": "https://wandb.example.com"})
     assert result.returncode == 2
-    assert "no W&B login" in result.stderr and "wandb login" in result.stderr
+    assert "no login for https://wandb.example.com" in result.stderr
+    assert "wandb login --host https://wandb.example.com" in result.stderr
     assert "Traceback" not in result.stderr
-    monkeypatch.setattr("demopsd.report.dashboard.has_wandb_credentials", lambda: False)
-    with pytest.raises(NotLoggedInError):
+    monkeypatch.setattr("demopsd.report.dashboard.wandb_login", lambda: ("https://w.example", "no login"))
+    with pytest.raises(NotLoggedInError, match="https://w.example"):
         save_workspace("someone", "demopsd")

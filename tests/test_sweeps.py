@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,12 @@ RANGE_DISTRIBUTIONS = {"int_uniform", "uniform", "q_uniform", "log_uniform", "lo
 EXPONENT_DISTRIBUTIONS = {"log_uniform", "q_log_uniform"}  # min and max are natural logs of the bounds
 MACROS = {"${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}", "${args_json}",
           "${args_json_file}", "${args_no_boolean_flags}", "${args_append_hydra}", "${args_override_hydra}"}
+
+
+def project_venv() -> str:
+    """The environment `make setup` creates (the Makefile's ``VENV``), whose Python the sweeps' runs use."""
+    (venv,) = re.findall(r"^VENV \?= (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M)
+    return venv
 
 
 def load_spec(path: Path) -> dict:
@@ -140,7 +147,7 @@ def test_spec_follows_the_wandb_schema(path):
             assert value is not None, f"{key}: W&B writes None as 'None'; use the string \"null\" for Hydra's null"
 
     command = spec["command"]
-    assert command[:3] == ["${env}", "${interpreter}", "src/train.py"]
+    assert command[:3] == ["${env}", f"{project_venv()}/bin/python", "src/train.py"]  # not ${interpreter}: `python`
     assert command.count("${args_no_hyphens}") == 1
     assert not {"${args}", "${program}"} & set(command[3:]), "Hydra takes key=value, not --key=value"
     for item in fixed_overrides(spec):

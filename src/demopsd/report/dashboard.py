@@ -1,5 +1,5 @@
-"""The project's W&B workspace as code: leakage, entropy, blending, reward and throughput, runs grouped by method
-and dataset, seeds drawn as a mean with a standard-error band.
+"""The project's W&B workspace as code: leakage, entropy, blending, reward and throughput, runs grouped by their run
+group (method and dataset), seeds drawn as a mean with a standard-error band.
 
 :func:`build_workspace` only builds the object (no server involved; ``tests/test_dashboard.py`` checks each panel
 against the metrics the trainer and the evaluator log); :func:`save_workspace` writes it to W&B.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from demopsd.runtime.loggers import STEP_METRIC, has_wandb_credentials
+from demopsd.runtime.loggers import STEP_METRIC, wandb_login
 
 WORKSPACE_NAME = "demopsd: leakage and exploration"
 PROBE = ("letter_confidence", "overconfidence", "letter_entropy", "letter_accuracy")
@@ -68,17 +68,22 @@ SECTIONS: dict[str, tuple[Panel, ...]] = {
         Panel("rollout tokens per second", ("perf/rollout_tokens_per_s",)),
     ),
 }
-GROUP_BY = ("method.name", "data.name")
-"""Run config keys the workspace groups runs by: one line (mean over seeds, s.e. band) per method and dataset."""
+GROUP_BY = "group"
+"""The W&B run attribute the workspace groups runs by: the run group, ``logger.wandb.group`` (``<method>_<dataset>``),
+one line (mean over seeds, s.e. band) per method and dataset. A run's config cannot serve: a W&B sweep over
+``method`` (sweeps/methods_seeds.yaml) replaces the config's ``method`` section with the option's name."""
+MAX_RUNS = 100
+"""Runs (or groups) each panel draws: every run of the largest sweep in sweeps/ (W&B's default is 10)."""
 
 
 def build_workspace(entity: str, project: str, name: str = WORKSPACE_NAME):
-    """The ``wandb_workspaces`` Workspace of :data:`SECTIONS`, its runs grouped by :data:`GROUP_BY`."""
+    """The ``wandb_workspaces`` Workspace of :data:`SECTIONS`, its runs grouped by :data:`GROUP_BY`, up to
+    :data:`MAX_RUNS` of them in each panel."""
     with warnings.catch_warnings():  # the package's pydantic-v1-style validators, nothing a user can act on
         warnings.simplefilter("ignore", DeprecationWarning)
         import wandb_workspaces.reports.v2 as wr
         import wandb_workspaces.workspaces as ws
-        from wandb_workspaces.expr import Config
+        from wandb_workspaces.expr import Metric
 
     def plot(panel: Panel):
         return wr.LinePlot(
@@ -92,8 +97,8 @@ def build_workspace(entity: str, project: str, name: str = WORKSPACE_NAME):
         name=name,
         sections=[ws.Section(name=title, panels=[plot(p) for p in panels], is_open=True)
                   for title, panels in SECTIONS.items()],
-        settings=ws.WorkspaceSettings(x_axis=STEP_METRIC),
-        runset_settings=ws.RunsetSettings(groupby=[Config(key) for key in GROUP_BY]),
+        settings=ws.WorkspaceSettings(x_axis=STEP_METRIC, max_runs=MAX_RUNS),
+        runset_settings=ws.RunsetSettings(groupby=[Metric(GROUP_BY)]),
     )
 
 
@@ -105,12 +110,13 @@ def save_workspace(entity: str, project: str, name: str = WORKSPACE_NAME, url: s
     """Save the workspace to ``entity/project``: a new saved view, or, given the ``url`` of one saved before, that
     view updated in place. Returns its URL.
 
-    Raises :class:`NotLoggedInError` without W&B credentials (``wandb login`` or ``WANDB_API_KEY``).
+    Raises :class:`NotLoggedInError` where ``wandb`` has no login for its server (:func:`wandb_login`).
     """
-    if not has_wandb_credentials():
+    server, problem = wandb_login()
+    if problem:
         raise NotLoggedInError(
-            "the dashboard is saved to a W&B server, and this machine has no W&B login: run `wandb login` "
-            "(or set WANDB_API_KEY), then run this command again. Offline runs are uploaded with `wandb sync`."
+            f"the dashboard is saved to the W&B server {server}, and {problem}: log in, then run this command "
+            "again. Offline runs are uploaded with `wandb sync`."
         )
     workspace = build_workspace(entity, project, name)
     if url is not None:

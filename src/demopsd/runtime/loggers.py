@@ -1,4 +1,5 @@
-"""Weights & Biases that never blocks or crashes a run: online with a key, offline without, CSV-only on failure."""
+"""Weights & Biases that never blocks or crashes a run: online where ``wandb`` has a login, offline (saying why)
+where not, CSV-only on failure."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from demopsd.config.settings import WANDB_MODES
 
@@ -54,23 +56,46 @@ def quiet_known_notices() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DROP_ADVERTS)  # added once however often
 
 
+def wandb_login() -> tuple[str, str | None]:
+    """``(server, problem)``: the W&B server ``wandb`` is set to (``WANDB_BASE_URL``, else the host of the last
+    ``wandb login --host``, else api.wandb.ai) and why ``wandb`` could not log in to it, None when it could.
+
+    ``wandb`` itself decides, as ``wandb.init`` does before an online run: an API key in ``WANDB_API_KEY`` or in
+    its settings, an identity token file (``WANDB_IDENTITY_TOKEN_FILE``), or a netrc entry for that server
+    (what ``wandb login`` writes). Only files and the environment are read: nothing is sent to the server.
+    """
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    server = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    try:
+        auth = wbauth.authenticate_session(host=server, source="demopsd", prompt=False, update_session=False)
+    except AuthenticationError as error:
+        return server.url, f"the W&B credentials for {server.url} are unusable: {error}"
+    if auth is None:
+        return server.url, (f"wandb has no login for {server.url} (`wandb login --host {server.url}`, "
+                            "WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE)")
+    return server.url, None
+
+
 def has_wandb_credentials() -> bool:
-    """True when an API key is in the environment or in ~/.netrc (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    """True when ``wandb`` would log in to the server it is set to (:func:`wandb_login`)."""
+    return wandb_login()[1] is None
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """``auto`` → ``online`` with credentials, else ``offline``; ``WANDB_MODE`` in the environment wins."""
+def resolve_wandb_mode(mode: str) -> tuple[str, str]:
+    """The mode a run starts W&B in, and why: ``WANDB_MODE`` in the environment wins; ``auto`` is ``online`` when
+    ``wandb`` has a login (:func:`wandb_login`), else ``offline``."""
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} is invalid: one of {WANDB_MODES} is accepted")
     if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if mode == "auto":
-        return "online" if has_wandb_credentials() else "offline"
-    return mode
+        return os.environ["WANDB_MODE"], f"WANDB_MODE={os.environ['WANDB_MODE']} in the environment"
+    if mode != "auto":
+        return mode, f"logger.wandb.mode={mode}"
+    server, problem = wandb_login()
+    return ("offline", problem) if problem else ("online", f"logged in to {server}")
 
 
 def make_wandb_logger(
@@ -81,8 +106,8 @@ def make_wandb_logger(
     ``run_id``: continue that run (same id, charts carry on) rather than start a new one.
     An online start that fails (no network, bad key) falls back to offline; ``wandb sync`` uploads it later.
     """
-    mode = resolve_wandb_mode(wandb_cfg.mode)
-    if mode == "disabled":
+    mode, why = resolve_wandb_mode(wandb_cfg.mode)
+    if mode == "disabled" or rank_zero_only.rank > 0:  # W&B runs in the first process; Lightning logs from there
         return None
     import wandb
 
@@ -108,10 +133,12 @@ def make_wandb_logger(
             if attempt == "online":
                 log.info("W&B run: %s", logger.experiment.url)
             else:
-                log.info("W&B is offline; the run is uploaded after it ends with `wandb sync %s`", offline_dir(logger))
+                log.info("W&B is offline (%s); the run is uploaded after it ends with `wandb sync %s`",
+                         why, offline_dir(logger))
             return logger
         except Exception as error:  # noqa: BLE001 - W&B must never take a run down
             log.warning("W&B could not start in %s mode (%s); continuing", attempt, error)
+            why = f"the {attempt} start failed"
     log.warning("W&B is off for this run; metrics.csv in %s still has every metric", save_dir)
     return None
 
