@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import demopsd.rollout.scored
 import demopsd.training.guards
-import demopsd.training.module
 import demopsd.training.steps
 from demopsd.config.objectives import DistillationConfig
 from demopsd.config.settings import OptimConfig, RepromptConfig, SamplingConfig
@@ -262,7 +262,7 @@ def stubbed_rollouts(monkeypatch):
             generator = torch.Generator().manual_seed(int(prompts.ids.sum()))
             response = torch.randint(3, 64, (rows, 5), generator=generator)
             prompt = PromptBatch(prompts.ids.repeat_interleave(n, 0), prompts.mask.repeat_interleave(n, 0))
-            return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01)
+            return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01, n)
 
         def policy_updated(self):
             pass
@@ -270,7 +270,7 @@ def stubbed_rollouts(monkeypatch):
         def sync(self):
             pass
 
-    monkeypatch.setattr(demopsd.training.module, "encode_prompts", encode_prompts)
+    monkeypatch.setattr(demopsd.rollout.scored, "encode_prompts", encode_prompts)
     monkeypatch.setattr(demopsd.training.steps, "encode_prompts", encode_prompts)
     # no tokenizer to find the answer letters' tokens with (tests/test_answer_letter_probe.py covers that)
     monkeypatch.setattr(demopsd.training.steps, "answer_letter_positions", lambda *args: ([], [], []))

@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import demopsd.training.module
+import demopsd.rollout.scored
 from demopsd.data.rewards import MCQScore
 from demopsd.runtime.models import load_model_and_tokenizer
 from demopsd.training.run import run
@@ -54,7 +54,7 @@ def alternating_reward(monkeypatch):
         correct = next(calls) % 2 == 0
         return MCQScore(reward=float(correct), correct=correct, well_formed=True, predicted=answer)
 
-    monkeypatch.setattr(demopsd.training.module, "score_mcq", score)
+    monkeypatch.setattr(demopsd.rollout.scored, "score_mcq", score)
 
 
 @pytest.fixture

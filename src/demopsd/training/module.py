@@ -1,8 +1,9 @@
 """The LightningModule: Lightning's hooks around one training step, whatever the method.
 
-prompts → rollouts (the rollout engine) → rewards → the method's step (:mod:`demopsd.training.steps`: contexts,
-teacher and student states, objective) → one optimizer update per mini-batch, each accumulating the gradients of
-its micro-batches (:mod:`demopsd.training.batching`) → the step's after-update work (EMA teacher).
+prompts → scored rollouts (:func:`demopsd.rollout.scored.scored_rollouts`) → the method's step
+(:mod:`demopsd.training.steps`: contexts, teacher and student states, objective) → one optimizer update per
+mini-batch, each accumulating the gradients of its micro-batches (:mod:`demopsd.training.batching`) → the step's
+after-update work (EMA teacher).
 
 The module drives its optimizer itself (Lightning's manual optimization), as the reference's actor does:
 ``trainer.global_step`` counts training steps (batches of prompts), whatever the number of updates in each.
@@ -20,10 +21,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.batching import MemoryConfig
 from demopsd.config.settings import OptimConfig, PromptConfig, SamplingConfig, ShardingConfig
-from demopsd.data.rewards import MCQScore, score_mcq
-from demopsd.data.types import MCQExample, student_conversation
-from demopsd.rollout.batch import RolloutBatch, encode_prompts
+from demopsd.data.types import MCQExample
+from demopsd.rollout.batch import RolloutBatch
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
+from demopsd.rollout.scored import scored_rollouts
 from demopsd.runtime.models import awaits_rank0_weights
 from demopsd.runtime.sharding import fsdp_units, gathered, shard_from_rank0, shard_model
 from demopsd.training.batching import micro_batches, mini_batches
@@ -81,8 +82,9 @@ class SelfDistillationModule(L.LightningModule):
     def training_step(self, batch: list[MCQExample], batch_idx: int) -> None:
         """Sample and score the batch's rollouts, then one update per mini-batch (each skipped by the numerical
         guard when its loss or gradients are not finite), the learning-rate schedule and the EMA teacher once."""
-        with self.clock.phase("rollout"):
-            rollouts, examples, scores = self.scored_rollouts(batch)
+        engine = self.rollout_engine
+        with self.clock.phase("rollout"), gathered(self.policy) if engine.uses_policy_weights else nullcontext():
+            rollouts, examples, scores = scored_rollouts(engine, self.tokenizer, batch, self.sampling, self.prompts)
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
         metrics = {
             "train/reward_mean": rewards.mean(),
@@ -91,7 +93,7 @@ class SelfDistillationModule(L.LightningModule):
             "train/response_length": rollouts.response_mask.sum(-1).float().mean(),
             "perf/rollout_tokens_per_s": torch.tensor(rollouts.num_tokens / max(rollouts.seconds, 1e-9)),
         }
-        updates = mini_batches(len(examples), self.sampling.n, self.updates_per_batch)
+        updates = mini_batches(len(examples), rollouts.group_size, self.updates_per_batch)
         step_batch = StepBatch(rollouts, examples, scores, self.global_step)
         if len(updates) > 1:
             with self.clock.phase("old_log_probs"):
@@ -160,22 +162,6 @@ class SelfDistillationModule(L.LightningModule):
         self.rollout_engine.policy_updated()
         with self.clock.phase("ema"):
             self.method_step.after_optimizer_step()
-
-    def scored_rollouts(self, batch: list[MCQExample]) -> tuple[RolloutBatch, list[MCQExample], list[MCQScore]]:
-        """``sampling.n`` rollouts per question of ``batch`` from the rollout engine, the question each row answers,
-        and each row's score."""
-        prompts = encode_prompts(
-            self.tokenizer,
-            [student_conversation(e) for e in batch],
-            max_tokens=self.prompts.max_prompt_tokens,
-            chat_template_kwargs=self.prompts.chat_template_kwargs,
-        )
-        engine = self.rollout_engine
-        with gathered(self.policy) if engine.uses_policy_weights else nullcontext():
-            rollouts = engine.generate(prompts, self.sampling)
-        examples = [e for e in batch for _ in range(self.sampling.n)]
-        scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
-        return rollouts, examples, scores
 
     # ------------------------------------------------------------------ around the step
     def setup(self, stage: str) -> None:
