@@ -3,7 +3,7 @@
 prompts → scored rollouts (:func:`demopsd.rollout.scored.scored_rollouts`) → the method's step
 (:mod:`demopsd.training.steps`: contexts, teacher and student states, objective) → one optimizer update per
 mini-batch, each accumulating the gradients of its micro-batches (:mod:`demopsd.training.batching`) → the step's
-after-update work (EMA teacher).
+after-update work (EMA teacher), if the numerical guard let one of the updates through.
 
 The module drives its optimizer itself (Lightning's manual optimization), as the reference's actor does:
 ``trainer.global_step`` counts training steps (batches of prompts), whatever the number of updates in each.
@@ -103,7 +103,7 @@ class SelfDistillationModule(L.LightningModule):
                 )
         self.method_step.begin(step_batch)
         optimizer = self.optimizers()
-        grad_norms, updated = [], False
+        grad_norms = []
         for index, mini_batch in enumerate(updates):
             optimizer.zero_grad(set_to_none=True)
             for micro_batch in self.micro_batches(rollouts, mini_batch):
@@ -113,11 +113,11 @@ class SelfDistillationModule(L.LightningModule):
             with self.clock.phase("optimizer"):
                 grad_norms.append(self.clip_gradient_norm())
                 self.update(optimizer, counts_as_step=index == len(updates) - 1)
-                updated |= not step_was_skipped(self._trainer)
         optimizer.zero_grad(set_to_none=True)
         metrics.update(self.method_step.end())
         metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
-        self.after_updates(updated)
+        if not step_was_skipped(self._trainer):
+            self.after_updates()
         distributed = self._trainer is not None and self.trainer.world_size > 1
         self.log_dict(  # under DDP each metric is the mean over the ranks
             {k: v.float() for k, v in metrics.items()}, on_step=True, batch_size=len(examples), sync_dist=distributed
@@ -152,12 +152,10 @@ class SelfDistillationModule(L.LightningModule):
         else:
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
 
-    def after_updates(self, updated: bool) -> None:
+    def after_updates(self) -> None:
         """After a step that changed the policy: the learning-rate schedule, the engine's copy of the weights
         and the method's after-update work (the EMA teacher). A step whose every update was skipped leaves the
         warm-up and the teacher where they were."""
-        if not updated:
-            return
         self.lr_schedulers().step()
         self.rollout_engine.policy_updated()
         with self.clock.phase("ema"):
