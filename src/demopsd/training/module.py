@@ -45,7 +45,7 @@ class SelfDistillationModule(L.LightningModule):
     mini-batch); the log-probabilities the updates' ratios start from are recorded before the first.
     ``memory``: the token budget of the micro-batches a mini-batch is run in.
     ``sharding``: how :meth:`configure_model` shards the policy and the teacher under ``trainer=fsdp``.
-    ``clock`` times the phases of each step (:mod:`demopsd.training.timing`), logged as ``perf/*_seconds``.
+    ``clock`` times each step and its phases (:mod:`demopsd.training.timing`), logged as ``perf/*_seconds``.
     """
 
     def __init__(
@@ -82,6 +82,8 @@ class SelfDistillationModule(L.LightningModule):
     def training_step(self, batch: list[MCQExample], batch_idx: int) -> None:
         """Sample and score the batch's rollouts, then one update per mini-batch (each skipped by the numerical
         guard when its loss or gradients are not finite), the learning-rate schedule and the EMA teacher once."""
+        if self.clock.started is None:  # the run's first step; each later one starts where the one before ended
+            self.clock.start_step()
         engine = self.rollout_engine
         with self.clock.phase("rollout"), gathered(self.policy) if engine.uses_policy_weights else nullcontext():
             rollouts, examples, scores = scored_rollouts(engine, self.tokenizer, batch, self.sampling, self.prompts)
@@ -125,6 +127,7 @@ class SelfDistillationModule(L.LightningModule):
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
         for name, key in self.method_step.progress_bar.items():
             self.log(name, metrics[key].float(), prog_bar=True, logger=False, batch_size=len(examples))
+        self.log_dict(self.clock.lap(), on_step=True, batch_size=1)
 
     def micro_batches(self, rollouts: RolloutBatch, rows: range) -> list[range]:
         """``rows`` of ``rollouts`` cut to ``memory.micro_batch_tokens`` padded tokens per forward."""
@@ -195,13 +198,6 @@ class SelfDistillationModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
         return batch  # plain examples; tokens are moved when they are made
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.clock.start_step()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Log the step's timings; the checkpoint callback, which Lightning runs last, has run by now."""
-        self.log_dict(self.clock.metrics(), on_step=True, batch_size=1)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
