@@ -88,7 +88,8 @@ def test_smoke_run_logs_finite_metrics_and_updates_weights(method, tmp_path, tin
     assert set(expected) <= set(metrics.columns), set(expected) - set(metrics.columns)
     for column in expected:
         values = metrics[column].dropna()
-        assert len(values) == 2, f"{column} logged {len(values)} times in 2 steps"
+        logged = 1 if column == "perf/checkpoint_seconds" else 2  # the checkpoint's work is logged with the next step
+        assert len(values) == logged, f"{column} logged {len(values)} times in 2 steps"
         assert values.map(math.isfinite).all(), f"{column} has non-finite values: {values.tolist()}"
     assert metrics["step"].max() == 1
     if method != "grpo":
