@@ -36,6 +36,7 @@ import demopsd.rollout.engine
 import demopsd.runtime.models
 from demopsd.config.check import validate_config
 from demopsd.data.datamodule import PromptDataModule
+from demopsd.rollout.scored import scored_rollouts
 from demopsd.runtime.models import WARMED_MODEL, load_model_and_tokenizer
 from demopsd.training.run import build_module, run
 from demopsd.training.steps import StepBatch
@@ -86,7 +87,7 @@ def phases_alone(cfg, repeats: int) -> dict[str, float]:
             clock = StepClock()
             clock.start_step()
             with clock.phase("rollout"):
-                rollouts, examples, scores = module.scored_rollouts(batch)
+                rollouts, examples, scores = scored_rollouts(engine, tokenizer, batch, module.sampling, module.prompts)
             step = module.method_step
             step.begin(StepBatch(rollouts, examples, scores, 0))
             rows = range(len(examples))

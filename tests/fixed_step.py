@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-import demopsd.training.module
+import demopsd.rollout.scored
 import demopsd.training.steps
 from demopsd.config.check import validate_config
 from demopsd.data.rewards import MCQScore
@@ -94,7 +94,7 @@ class FixedRollouts:
         assert len(self.texts) == prompts.ids.shape[0] * sampling.n, "fixed responses do not match the batch"
         batch = RolloutBatch(
             prompt=repeat_prompts(prompts, sampling.n), response_ids=self.response_ids.clone(),
-            response_mask=self.response_mask.clone(), texts=list(self.texts), seconds=0.0,
+            response_mask=self.response_mask.clone(), texts=list(self.texts), seconds=0.0, group_size=sampling.n,
         )
         self.served.append(batch)
         return batch
@@ -169,7 +169,7 @@ def setup_step(monkeypatch, method: str, responses: list[str], rewards: list[flo
     initial = copy.deepcopy(policy).eval().requires_grad_(False)
     rollouts = FixedRollouts.of(tokenizer, responses)
     assert len(set(rollouts.texts)) == len(rollouts.texts), "responses must decode to distinct texts"
-    monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
+    monkeypatch.setattr(demopsd.rollout.scored, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
     module = build_module(validate_config(cfg), policy, tokenizer)
     module.make_rollout_engine = lambda local_rank=0: rollouts
     return Step(module, cfg, rollouts, initial)
@@ -197,7 +197,7 @@ def one_step_with_fixed_rollouts(monkeypatch, cfg: DictConfig, policy, responses
     metrics the step logged."""
     tokenizer = default_tokenizer()
     rollouts = FixedRollouts.of(tokenizer, responses)
-    monkeypatch.setattr(demopsd.training.module, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
+    monkeypatch.setattr(demopsd.rollout.scored, "score_mcq", rewards_by_text(dict(zip(rollouts.texts, rewards))))
     module = build_module(validate_config(cfg), policy, tokenizer)
     module.make_rollout_engine = lambda local_rank=0: rollouts
     logged = {}

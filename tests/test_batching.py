@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-import demopsd.training.module
 from demopsd.config.check import validate_config
 from demopsd.data.rewards import MCQScore
-from demopsd.rollout.batch import PromptBatch, RolloutBatch
+from demopsd.data.types import student_conversation
+from demopsd.rollout.batch import PromptBatch, RolloutBatch, encode_prompts
 from demopsd.rollout.forward import response_hidden_states
 from demopsd.training.batching import micro_batches, mini_batches, select_rows
 from demopsd.training.run import build_module
@@ -73,7 +73,7 @@ def test_selected_rows_give_each_row_the_states_it_has_in_the_whole_batch():
         prompt.mask[row, 6 - p:] = 1
         response_ids[row, :r] = torch.randint(5, 200, (r,), generator=generator)
         response_mask[row, :r] = 1
-    batch = RolloutBatch(prompt, response_ids, response_mask, ["a", "b", "c", "d"], 0.0)
+    batch = RolloutBatch(prompt, response_ids, response_mask, ["a", "b", "c", "d"], 0.0, group_size=2)
     with torch.no_grad():
         whole = response_hidden_states(policy, prompt, response_ids, response_mask)
         for rows in (range(0, 1), range(1, 3), range(2, 4)):
@@ -163,9 +163,9 @@ def test_the_teachers_prompts_are_cut_as_the_reprompt_settings_say():
     settings = validate_config(train_config("sdpo", "rollout.n=4", "method.reprompt.use_reference_answer=false"))
     module = build_module(settings, tiny_policy(tokenizer), tokenizer)
     rollouts = FixedRollouts.of(tokenizer, RESPONSES[:4])
-    batch = StepBatch(rollouts.generate(demopsd.training.module.encode_prompts(
-        tokenizer, [demopsd.training.module.student_conversation(BATCH[0])]), settings.rollout),
-        [BATCH[0]] * 4, [MCQScore(r, r > 0, True, "B" if r else None) for r in REWARDS[:4]], 0)
+    prompts = encode_prompts(tokenizer, [student_conversation(BATCH[0])])
+    batch = StepBatch(rollouts.generate(prompts, settings.rollout), [BATCH[0]] * 4,
+                      [MCQScore(r, r > 0, True, "B" if r else None) for r in REWARDS[:4]], 0)
     step = module.method_step
     step.begin(batch)
     full = step.work.teacher_prompts

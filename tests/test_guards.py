@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import demopsd.rollout.scored
 import demopsd.training.guards
-import demopsd.training.module
 import demopsd.training.steps
 from demopsd.config.objectives import DistillationConfig
 from demopsd.config.settings import OptimConfig, RepromptConfig, SamplingConfig
@@ -262,7 +262,7 @@ def stubbed_rollouts(monkeypatch):
             generator = torch.Generator().manual_seed(int(prompts.ids.sum()))
             response = torch.randint(3, 64, (rows, 5), generator=generator)
             prompt = PromptBatch(prompts.ids.repeat_interleave(n, 0), prompts.mask.repeat_interleave(n, 0))
-            return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01)
+            return RolloutBatch(prompt, response, torch.ones_like(response), ["<answer>A</answer>"] * rows, 0.01, n)
 
         def policy_updated(self):
             pass
@@ -270,7 +270,7 @@ def stubbed_rollouts(monkeypatch):
         def sync(self):
             pass
 
-    monkeypatch.setattr(demopsd.training.module, "encode_prompts", encode_prompts)
+    monkeypatch.setattr(demopsd.rollout.scored, "encode_prompts", encode_prompts)
     monkeypatch.setattr(demopsd.training.steps, "encode_prompts", encode_prompts)
     # no tokenizer to find the answer letters' tokens with (tests/test_answer_letter_probe.py covers that)
     monkeypatch.setattr(demopsd.training.steps, "answer_letter_positions", lambda *args: ([], [], []))
@@ -320,3 +320,40 @@ def test_self_distillation_module_skips_policy_teacher_and_schedule(tmp_path, mo
     assert skipped_column(metrics) == [0, 1, 1, 2, 2]
     assert "step 1: the loss was non-finite" in caplog.text
     assert "step 3: non-finite gradients in 1 parameter(s): policy.model.embed_tokens.weight" in caplog.text
+
+
+def test_a_step_changes_teacher_and_schedule_when_one_of_its_updates_was_not_skipped(tmp_path, monkeypatch,
+                                                                                     stubbed_rollouts):
+    """Two updates a step: at step 1 only the second (the last) has a NaN loss, at step 3 both. The guard alone
+    knows which: step 1 still moves the policy, the EMA teacher and the schedule; step 3 moves none of them."""
+    policy, sampling = tiny_llama(), SamplingConfig(n=2, max_new_tokens=5)
+    step = DistillationStep(policy, None, DistillationConfig(top_k=8), sampling,
+                            RepromptConfig(use_reference_answer=True), teacher_kind="ema", ema_rate=0.5)
+    module = SelfDistillationModule(policy, None, step, sampling, optim=OptimConfig(lr=1e-2, warmup_steps=0),
+                                    make_rollout_engine=stubbed_rollouts, updates_per_batch=2)
+    real_loss, calls = demopsd.training.steps.chunked_distillation, []
+
+    def loss_with_nan(*args, **kwargs):  # one call per update: one micro-batch per mini-batch
+        loss, stats = real_loss(*args, **kwargs)
+        calls.append(module.global_step)
+        nan = module.global_step == 3 or (module.global_step == 1 and calls.count(1) == 2)
+        return (loss * NAN if nan else loss), stats
+
+    monkeypatch.setattr(demopsd.training.steps, "chunked_distillation", loss_with_nan)
+    examples = [MCQExample(f"Question {i}?\nA: yes\nB: no", "A", "Answer.", i, "AB") for i in range(10)]
+    snapshots, guard = Snapshots(module_attr="teacher"), NumericalGuard()
+    trainer = L.Trainer(
+        max_steps=5, accelerator="cpu", logger=CSVLogger(tmp_path, name="", version=""),
+        callbacks=[guard, snapshots], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1,
+    )
+    trainer.fit(module, DataLoader(examples, batch_size=2, collate_fn=list))
+
+    assert calls == [step for step in range(5) for _ in range(2)]
+    policy, teacher = snapshots.weights, snapshots.extra
+    for k in (0, 1, 2, 4):
+        assert not same(policy[k], policy[k + 1]) and not same(teacher[k], teacher[k + 1])
+    assert same(policy[3], policy[4]) and same(teacher[3], teacher[4])
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # every step but the third
+    assert skipped_column(pd.read_csv(tmp_path / "metrics.csv")) == [0, 1, 1, 3, 3]
+    assert guard.step_updates == [False, False]  # the last step's two updates, both applied

@@ -4,10 +4,20 @@ from prompts read once."""
 import pytest
 import torch
 
-from demopsd.config.settings import SamplingConfig
-from demopsd.rollout.batch import PromptBatch, encode_prompts, eos_token_ids, repeat_prompts, response_mask
+from demopsd.config.settings import PromptConfig, SamplingConfig
+from demopsd.data.rewards import score_mcq
+from demopsd.data.types import MCQExample, student_conversation
+from demopsd.rollout.batch import (
+    PromptBatch,
+    RolloutBatch,
+    encode_prompts,
+    eos_token_ids,
+    repeat_prompts,
+    response_mask,
+)
 from demopsd.rollout.engine import generate_rollouts
 from demopsd.rollout.forward import lm_head_weight, response_hidden_states
+from demopsd.rollout.scored import scored_rollouts
 from tests.fixed_step import default_tokenizer
 from tests.helpers import tiny_llama, tiny_policy
 
@@ -74,8 +84,51 @@ def test_generate_reads_each_prompt_once_and_samples_what_plain_generate_samples
                                eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                                **decoding)[:, repeated.ids.shape[1]:]
     plain = plain.masked_fill(response_mask(plain, eos_token_ids(model, tokenizer)) == 0, tokenizer.pad_token_id)
-    assert ours.response_ids.shape[0] == 2 * copies
+    assert ours.response_ids.shape[0] == 2 * copies and ours.group_size == copies
     assert torch.equal(ours.response_ids, plain)
+
+
+def test_a_rollout_batch_refuses_rows_that_are_not_whole_groups():
+    ids = torch.ones(6, 2, dtype=torch.long)
+    prompt = PromptBatch(ids, ids)
+    assert RolloutBatch(prompt, ids, ids, ["x"] * 6, 0.0, group_size=3).group_size == 3
+    for group_size in (4, 0):
+        with pytest.raises(ValueError, match=f"group_size={group_size}"):
+            RolloutBatch(prompt, ids, ids, ["x"] * 6, 0.0, group_size=group_size)
+
+
+# ------------------------------------------------------------------------------------ scored rollouts
+class ServedTexts:
+    """A rollout engine that answers with ``texts`` (one token each) and keeps the prompts it was given."""
+
+    uses_policy_weights = False
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts, self.prompts = texts, []
+
+    def generate(self, prompts, sampling, greedy=False):
+        self.prompts.append(prompts)
+        ids = torch.ones(len(self.texts), 1, dtype=torch.long)
+        return RolloutBatch(repeat_prompts(prompts, sampling.n), ids, ids, list(self.texts), 0.0, sampling.n)
+
+
+def test_scored_rollouts_give_each_row_its_question_and_its_score():
+    """Three rollouts of two questions with other answers and reward rules: each row is scored against its own
+    question (a bare letter counts under ``answer_tag``, not under ``strict``)."""
+    tokenizer = default_tokenizer()
+    questions = [MCQExample("Which letter? A or B.", "A", "Answer.", 0, "AB"),
+                 MCQExample("Which letter? A, B or C.", "C", None, 1, "ABC", reward_rule="strict")]
+    texts = ["<answer>A</answer>", "<answer>B</answer>", "A", "<answer>C</answer>", "C", "<answer>A</answer>"]
+    engine = ServedTexts(texts)
+    rollouts, examples, scores = scored_rollouts(engine, tokenizer, questions, SamplingConfig(n=3), PromptConfig())
+
+    assert rollouts.texts == texts and examples == [questions[0]] * 3 + [questions[1]] * 3
+    assert [s.reward for s in scores] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert scores == [score_mcq(t, e.answer, e.letters, e.reward_rule) for t, e in zip(texts, examples)]
+    expected = encode_prompts(tokenizer, [student_conversation(e) for e in questions])
+    assert torch.equal(engine.prompts[0].ids, expected.ids) and torch.equal(engine.prompts[0].mask, expected.mask)
+    with pytest.raises(ValueError, match="data.max_prompt_tokens"):
+        scored_rollouts(engine, tokenizer, questions, SamplingConfig(n=3), PromptConfig(max_prompt_tokens=5))
 
 
 # ------------------------------------------------------------------------------------ prompt truncation

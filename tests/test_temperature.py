@@ -140,7 +140,8 @@ def step_batch(tokenizer, rewards: list[float]):
     ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
     prompts = repeat_prompts(encode_prompts(tokenizer, [student_conversation(example)]), 2)
-    rollouts = RolloutBatch(prompt=prompts, response_ids=ids, response_mask=mask, texts=list(STEP_TEXTS), seconds=0.0)
+    rollouts = RolloutBatch(prompt=prompts, response_ids=ids, response_mask=mask, texts=list(STEP_TEXTS), seconds=0.0,
+                            group_size=2)
     scores = [MCQScore(reward=r, correct=r == 1.0, well_formed=True, predicted="A") for r in rewards]
     return StepBatch(rollouts, [example, example], scores, global_step=0)
 

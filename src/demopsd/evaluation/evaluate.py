@@ -166,7 +166,7 @@ def evaluate_batch(
     lengths = sampled.response_mask.sum(-1).tolist()
     records = []
     for i, example in enumerate(batch):
-        rows = range(i * config.k, (i + 1) * config.k)
+        rows = range(i * sampled.group_size, (i + 1) * sampled.group_size)
         record = {
             "idx": example.idx,
             "answer": example.answer,

@@ -25,12 +25,14 @@ class PromptBatch:
 
 @dataclass
 class RolloutBatch:
-    """``n`` responses per prompt, grouped consecutively (rows ``i*n .. i*n+n-1`` share prompt ``i``).
+    """``n = group_size`` responses per prompt, grouped consecutively (rows ``i*n .. i*n+n-1`` share prompt ``i``).
 
     ``prompt`` is ``[B*n, P]``; ``response_ids`` / ``response_mask`` are ``[B*n, R]``, the mask covering
     the generated tokens up to and including the first end-of-sequence token. ``log_probs`` ``[B*n, R]`` holds
     the sampler's log-probability of each response token when it is not the trainer's live model (vLLM);
     ``None`` means the rollouts came from the policy being trained, so its own values are ``log π_old``.
+    ``group_size`` is set by the engine that sampled the rows; ``None`` for rows cut out of a batch
+    (:func:`demopsd.training.batching.select_rows`), which need not hold whole groups.
     """
 
     prompt: PromptBatch
@@ -38,7 +40,13 @@ class RolloutBatch:
     response_mask: torch.Tensor
     texts: list[str]
     seconds: float
+    group_size: int | None
     log_probs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        rows = self.response_ids.shape[0]
+        if self.group_size is not None and (self.group_size < 1 or rows % self.group_size):
+            raise ValueError(f"{rows} rollouts do not split into groups of group_size={self.group_size}")
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +60,7 @@ class RolloutBatch:
             response_mask=self.response_mask.to(device),
             texts=self.texts,
             seconds=self.seconds,
+            group_size=self.group_size,
             log_probs=None if self.log_probs is None else self.log_probs.to(device),
         )
 

@@ -98,7 +98,8 @@ def generate_rollouts(
     mask = response_mask(response_ids, eos_ids)
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds)
+    return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds,
+                        group_size=copies)
 
 
 def shared_prompt_cache(model: PreTrainedModel, prompts: PromptBatch, copies: int) -> DynamicCache | None:

@@ -263,5 +263,6 @@ class VLLMEngine:
             response_mask=response_mask,
             texts=texts,
             seconds=seconds,
+            group_size=copies,
             log_probs=log_probs,
         )

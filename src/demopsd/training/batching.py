@@ -57,7 +57,8 @@ def select_prompts(prompts: PromptBatch, rows: range | list[int]) -> PromptBatch
 
 def select_rows(rollouts: RolloutBatch, rows: range) -> RolloutBatch:
     """The rollouts of ``rows``, without the padding all of them share (left of the prompts, right of the
-    responses): the same tokens at the same positions, so every forward on them gives the same states."""
+    responses): the same tokens at the same positions, so every forward on them gives the same states. The rows
+    need not be whole groups, so the selection has no ``group_size``."""
     mask = rollouts.response_mask[rows]
     width = int(mask.sum(-1).max()) if len(mask) else 0
     return RolloutBatch(
@@ -66,5 +67,6 @@ def select_rows(rollouts: RolloutBatch, rows: range) -> RolloutBatch:
         response_mask=mask[:, :width],
         texts=rollouts.texts[rows.start:rows.stop],
         seconds=rollouts.seconds,
+        group_size=None,
         log_probs=None if rollouts.log_probs is None else rollouts.log_probs[rows, :width],
     )

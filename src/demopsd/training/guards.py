@@ -11,11 +11,13 @@ checks, after backward and before gradient clipping and the optimizer step:
 Under manual optimization (:class:`SelfDistillationModule` makes one update per mini-batch) each update is
 checked and skipped alone.
 
-On trouble it *skips the step*: it sets every gradient to ``None``, so the optimizer (AdamW, SGD, ...)
-touches neither the weights nor its state; the module asks :func:`step_was_skipped` after each update, and
-moves its EMA teacher and learning-rate schedule only after a step with an update that was not skipped. Skips are counted (``train/skipped_steps``, cumulative, logged
-every step) and warned about, naming the loss or the first parameters with non-finite gradients. After
-``max_consecutive_skips`` skipped updates in a row the run stops with :class:`NonFiniteTrainingError`.
+On trouble it *skips the update*: it sets every gradient to ``None``, so the optimizer (AdamW, SGD, ...)
+touches neither the weights nor its state. The guard alone knows whether the current training step changed the
+policy: the module asks :func:`step_was_skipped` after the step's updates, and moves its EMA teacher and
+learning-rate schedule only when one of them was not skipped. Skips are counted (``train/skipped_steps``,
+cumulative, logged every step) and warned about, naming the loss or the first parameters with non-finite
+gradients. After ``max_consecutive_skips`` skipped updates in a row the run stops with
+:class:`NonFiniteTrainingError`.
 
 Lightning's ``trainer.global_step`` still advances on a skipped step, so skipped steps count toward
 ``trainer.max_steps``.
@@ -117,12 +119,17 @@ class NumericalGuard(Callback):
         self.skipped_steps = 0  # cumulative
         self.consecutive_skips = 0
         self.first_skipped_step = 0  # the training step of the first update of the current run of skips
-        self.step_skipped = False  # the current optimizer step was skipped (read by `step_was_skipped`)
+        self.step_updates: list[bool] = []  # whether each update of the current training step was skipped
         self._loss_finite: bool | None = None  # None: no backward this batch (training_step returned None)
 
     # ------------------------------------------------------------------ the step
+    @property
+    def step_skipped(self) -> bool:
+        """Every update of the current training step was skipped: the step left the policy as it was."""
+        return bool(self.step_updates) and all(self.step_updates)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self.step_skipped = False
+        self.step_updates = []
         self._loss_finite = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -136,7 +143,6 @@ class NumericalGuard(Callback):
             self._loss_finite = None  # the next update's losses are checked afresh
 
     def _check_update(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        self.step_skipped = False
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._loss_finite is None:
             problem = "the loss was non-finite (training_step returned None)"
@@ -146,13 +152,14 @@ class NumericalGuard(Callback):
             bad = nonfinite_gradients(pl_module, params)
             if not bad:
                 self.consecutive_skips = 0
+                self.step_updates.append(False)
                 return
             more = len(bad) - MAX_NAMES_SHOWN
             shown = ", ".join(bad[:MAX_NAMES_SHOWN]) + (f" (+{more} more)" if more > 0 else "")
             problem = f"non-finite gradients in {len(bad)} parameter(s): {shown}"
         for p in params:
             p.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
-        self.step_skipped = True
+        self.step_updates.append(True)
         self.skipped_steps += 1
         if self.consecutive_skips == 0:
             self.first_skipped_step = trainer.global_step
@@ -235,6 +242,7 @@ def nonfinite_gradients(module: torch.nn.Module, params: list[torch.Tensor]) -> 
 
 
 def step_was_skipped(trainer: L.Trainer | None) -> bool:
-    """Whether a :class:`NumericalGuard` among ``trainer``'s callbacks skipped the current optimizer step."""
+    """Whether a :class:`NumericalGuard` among ``trainer``'s callbacks skipped every update of the current training
+    step (never without one)."""
     callbacks = getattr(trainer, "callbacks", None) or []
     return any(isinstance(cb, NumericalGuard) and cb.step_skipped for cb in callbacks)

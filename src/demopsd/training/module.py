@@ -1,8 +1,9 @@
 """The LightningModule: Lightning's hooks around one training step, whatever the method.
 
-prompts → rollouts (the rollout engine) → rewards → the method's step (:mod:`demopsd.training.steps`: contexts,
-teacher and student states, objective) → one optimizer update per mini-batch, each accumulating the gradients of
-its micro-batches (:mod:`demopsd.training.batching`) → the step's after-update work (EMA teacher).
+prompts → scored rollouts (:func:`demopsd.rollout.scored.scored_rollouts`) → the method's step
+(:mod:`demopsd.training.steps`: contexts, teacher and student states, objective) → one optimizer update per
+mini-batch, each accumulating the gradients of its micro-batches (:mod:`demopsd.training.batching`) → the step's
+after-update work (EMA teacher), if the numerical guard let one of the updates through.
 
 The module drives its optimizer itself (Lightning's manual optimization), as the reference's actor does:
 ``trainer.global_step`` counts training steps (batches of prompts), whatever the number of updates in each.
@@ -20,10 +21,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.batching import MemoryConfig
 from demopsd.config.settings import OptimConfig, PromptConfig, SamplingConfig, ShardingConfig
-from demopsd.data.rewards import MCQScore, score_mcq
-from demopsd.data.types import MCQExample, student_conversation
-from demopsd.rollout.batch import RolloutBatch, encode_prompts
+from demopsd.data.types import MCQExample
+from demopsd.rollout.batch import RolloutBatch
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
+from demopsd.rollout.scored import scored_rollouts
 from demopsd.runtime.models import awaits_rank0_weights
 from demopsd.runtime.sharding import fsdp_units, gathered, shard_from_rank0, shard_model
 from demopsd.training.batching import micro_batches, mini_batches
@@ -44,7 +45,7 @@ class SelfDistillationModule(L.LightningModule):
     mini-batch); the log-probabilities the updates' ratios start from are recorded before the first.
     ``memory``: the token budget of the micro-batches a mini-batch is run in.
     ``sharding``: how :meth:`configure_model` shards the policy and the teacher under ``trainer=fsdp``.
-    ``clock`` times the phases of each step (:mod:`demopsd.training.timing`), logged as ``perf/*_seconds``.
+    ``clock`` times each step and its phases (:mod:`demopsd.training.timing`), logged as ``perf/*_seconds``.
     """
 
     def __init__(
@@ -81,8 +82,11 @@ class SelfDistillationModule(L.LightningModule):
     def training_step(self, batch: list[MCQExample], batch_idx: int) -> None:
         """Sample and score the batch's rollouts, then one update per mini-batch (each skipped by the numerical
         guard when its loss or gradients are not finite), the learning-rate schedule and the EMA teacher once."""
-        with self.clock.phase("rollout"):
-            rollouts, examples, scores = self.scored_rollouts(batch)
+        if self.clock.started is None:  # the run's first step; each later one starts where the one before ended
+            self.clock.start_step()
+        engine = self.rollout_engine
+        with self.clock.phase("rollout"), gathered(self.policy) if engine.uses_policy_weights else nullcontext():
+            rollouts, examples, scores = scored_rollouts(engine, self.tokenizer, batch, self.sampling, self.prompts)
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device)
         metrics = {
             "train/reward_mean": rewards.mean(),
@@ -91,7 +95,7 @@ class SelfDistillationModule(L.LightningModule):
             "train/response_length": rollouts.response_mask.sum(-1).float().mean(),
             "perf/rollout_tokens_per_s": torch.tensor(rollouts.num_tokens / max(rollouts.seconds, 1e-9)),
         }
-        updates = mini_batches(len(examples), self.sampling.n, self.updates_per_batch)
+        updates = mini_batches(len(examples), rollouts.group_size, self.updates_per_batch)
         step_batch = StepBatch(rollouts, examples, scores, self.global_step)
         if len(updates) > 1:
             with self.clock.phase("old_log_probs"):
@@ -101,7 +105,7 @@ class SelfDistillationModule(L.LightningModule):
                 )
         self.method_step.begin(step_batch)
         optimizer = self.optimizers()
-        grad_norms, updated = [], False
+        grad_norms = []
         for index, mini_batch in enumerate(updates):
             optimizer.zero_grad(set_to_none=True)
             for micro_batch in self.micro_batches(rollouts, mini_batch):
@@ -111,11 +115,11 @@ class SelfDistillationModule(L.LightningModule):
             with self.clock.phase("optimizer"):
                 grad_norms.append(self.clip_gradient_norm())
                 self.update(optimizer, counts_as_step=index == len(updates) - 1)
-                updated |= not step_was_skipped(self._trainer)
         optimizer.zero_grad(set_to_none=True)
         metrics.update(self.method_step.end())
         metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
-        self.after_updates(updated)
+        if not step_was_skipped(self._trainer):
+            self.after_updates()
         distributed = self._trainer is not None and self.trainer.world_size > 1
         self.log_dict(  # under DDP each metric is the mean over the ranks
             {k: v.float() for k, v in metrics.items()}, on_step=True, batch_size=len(examples), sync_dist=distributed
@@ -123,6 +127,7 @@ class SelfDistillationModule(L.LightningModule):
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=len(examples))
         for name, key in self.method_step.progress_bar.items():
             self.log(name, metrics[key].float(), prog_bar=True, logger=False, batch_size=len(examples))
+        self.log_dict(self.clock.lap(), on_step=True, batch_size=1)
 
     def micro_batches(self, rollouts: RolloutBatch, rows: range) -> list[range]:
         """``rows`` of ``rollouts`` cut to ``memory.micro_batch_tokens`` padded tokens per forward."""
@@ -150,32 +155,14 @@ class SelfDistillationModule(L.LightningModule):
         else:
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
 
-    def after_updates(self, updated: bool) -> None:
+    def after_updates(self) -> None:
         """After a step that changed the policy: the learning-rate schedule, the engine's copy of the weights
         and the method's after-update work (the EMA teacher). A step whose every update was skipped leaves the
         warm-up and the teacher where they were."""
-        if not updated:
-            return
         self.lr_schedulers().step()
         self.rollout_engine.policy_updated()
         with self.clock.phase("ema"):
             self.method_step.after_optimizer_step()
-
-    def scored_rollouts(self, batch: list[MCQExample]) -> tuple[RolloutBatch, list[MCQExample], list[MCQScore]]:
-        """``sampling.n`` rollouts per question of ``batch`` from the rollout engine, the question each row answers,
-        and each row's score."""
-        prompts = encode_prompts(
-            self.tokenizer,
-            [student_conversation(e) for e in batch],
-            max_tokens=self.prompts.max_prompt_tokens,
-            chat_template_kwargs=self.prompts.chat_template_kwargs,
-        )
-        engine = self.rollout_engine
-        with gathered(self.policy) if engine.uses_policy_weights else nullcontext():
-            rollouts = engine.generate(prompts, self.sampling)
-        examples = [e for e in batch for _ in range(self.sampling.n)]
-        scores = [score_mcq(text, e.answer, e.letters, e.reward_rule) for text, e in zip(rollouts.texts, examples)]
-        return rollouts, examples, scores
 
     # ------------------------------------------------------------------ around the step
     def setup(self, stage: str) -> None:
@@ -211,13 +198,6 @@ class SelfDistillationModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: list[MCQExample], device, dataloader_idx: int) -> list[MCQExample]:
         return batch  # plain examples; tokens are moved when they are made
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.clock.start_step()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """Log the step's timings; the checkpoint callback, which Lightning runs last, has run by now."""
-        self.log_dict(self.clock.metrics(), on_step=True, batch_size=1)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(

@@ -253,7 +253,7 @@ class DistillationStep:
     def begin(self, batch: StepBatch) -> None:
         """Each rollout's privileged context (:func:`build_contexts`) and the teacher's prompts with it, cut at
         ``method.reprompt.max_prompt_tokens`` as ``method.reprompt.truncation`` says (the reference's: on the right)."""
-        rewards, n = [s.reward for s in batch.scores], self.sampling.n
+        rewards, n = [s.reward for s in batch.scores], batch.rollouts.group_size
         contexts = build_contexts(
             batch.rollouts.texts, rewards, n, self.reprompt, answers=[e.answer for e in batch.examples[::n]],
             step=batch.global_step,
@@ -343,8 +343,9 @@ class DistillationStep:
             "distill/mask_fraction": work.has_context.float().mean(),
             "distill/is_weight_mean": summary["is_weight_mean"],
             "distill/is_clip_fraction": summary["is_clip_fraction"],
-            "distill/demonstration_fraction": torch.tensor(demonstration_fraction(rewards, self.sampling.n,
-                                                                                  self.reprompt)),
+            "distill/demonstration_fraction": torch.tensor(
+                demonstration_fraction(rewards, work.batch.rollouts.group_size, self.reprompt)
+            ),
             "leakage/kl_teacher_student": kl_ts,
             "leakage/kl_target_student": kl_qs,
             "leakage/attenuation": attenuation(kl_qs, kl_ts),
@@ -444,7 +445,7 @@ class GRPOStep:
         """Group-relative advantages of the whole step's rollouts (every mini-batch uses the same ones)."""
         device = batch.rollouts.response_ids.device
         rewards = torch.tensor([s.reward for s in batch.scores], dtype=torch.float32, device=device)
-        advantages = grpo_advantages(rewards, self.sampling.n, scale_by_std=self.objective.scale_by_std)
+        advantages = grpo_advantages(rewards, batch.rollouts.group_size, scale_by_std=self.objective.scale_by_std)
         self.work = _GRPOWork(batch=batch, rewards=rewards, advantages=advantages)
 
     def micro_batch_loss(self, mini_batch: range, micro_batch: range, clock: StepClock) -> torch.Tensor:
@@ -484,13 +485,14 @@ class GRPOStep:
 
     def end(self) -> dict[str, torch.Tensor]:
         work, self.work = self.work, None
-        n = self.sampling.n
         tokens = max(work.tokens, 1)
         return {
             "grpo/loss": torch.stack(list(work.update_losses.values())).mean(),
             **{name: total / tokens for name, total in work.sums.items()},
             "grpo/advantage_abs_mean": work.advantages.abs().mean(),
-            "grpo/varied_group_fraction": (work.rewards.view(-1, n).std(-1, correction=0) > 0).float().mean(),
+            "grpo/varied_group_fraction": (
+                work.rewards.view(-1, work.batch.rollouts.group_size).std(-1, correction=0) > 0
+            ).float().mean(),
         }
 
     def after_optimizer_step(self) -> None:

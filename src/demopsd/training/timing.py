@@ -11,14 +11,21 @@ The phases of one step, in order (each logged only in the steps where it ran):
   to the hidden states), and the step's diagnostics;
 - ``backward``: from the hidden states through the policy;
 - ``optimizer``: after the backward pass up to the updated weights (gradient clipping and checks, AdamW);
-
-The forward, loss and backward phases add up over the step's micro-batches, the optimizer phase over its updates.
 - ``ema``: the EMA teacher's update;
 - ``checkpoint``: the checkpoint callback's work after the batch (saving a checkpoint on the steps that save one).
 
-``perf/step_seconds`` runs from the start of the batch to its end, less the time of any evaluation in between
-(``perf/eval_seconds``, logged with the evaluation's own metrics). What the phases leave out of the step is
-Lightning's bookkeeping, the logging and the progress bar.
+The forward, loss and backward phases add up over the step's micro-batches, the optimizer phase over its updates.
+
+One clock, driven by the step itself: ``training_step`` times its phases and ends with :meth:`StepClock.lap`,
+which returns the step's ``perf/*`` metrics (logged with the step's other metrics) and starts the next step. A step
+therefore runs from the end of the previous ``training_step`` to the end of its own (the first from its own start),
+less the time of any evaluation in between (``perf/eval_seconds``, logged with the evaluation's own metrics).
+Lightning saves checkpoints after ``training_step`` has returned, so the ``checkpoint`` phase
+(:class:`TimedModelCheckpoint`) falls in the following step and is logged with it; the checkpoint after the last
+step is timed but never logged. (Logging it with its own step would take a hook that runs after Lightning's
+checkpoint callbacks, which run after every other callback: only the module's own ``on_train_batch_end`` does.)
+What the phases leave out of the step is Lightning's bookkeeping, the logging, the progress bar and the loading
+of the batch.
 """
 
 from __future__ import annotations
@@ -45,9 +52,8 @@ class StepClock:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
+        self.started: float | None = None  # no step started yet
         self.excluded = 0.0
-        self._open: dict[str, float] = {}
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -56,26 +62,17 @@ class StepClock:
 
     def start_step(self) -> None:
         """Forget the previous step's phases and start timing a new step."""
-        self.seconds, self._open, self.excluded = {}, {}, 0.0
+        self.seconds, self.excluded = {}, 0.0
         self.started = self._now()
-
-    def begin(self, phase: str) -> None:
-        """Start ``phase``, which :meth:`end` closes (for phases that start and end in different hooks)."""
-        self._open[phase] = self._now()
-
-    def end(self, phase: str) -> None:
-        """Add the time since :meth:`begin` of ``phase`` to its total; nothing if it was not begun."""
-        if phase in self._open:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + self._now() - self._open.pop(phase)
 
     @contextmanager
     def phase(self, phase: str) -> Iterator[None]:
         """Time the block as ``phase`` (added to what that phase already took in this step)."""
-        self.begin(phase)
+        started = self._now()
         try:
             yield
         finally:
-            self.end(phase)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + self._now() - started
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` spent on other work (an evaluation) out of the step's time."""
@@ -90,10 +87,17 @@ class StepClock:
         phases = {f"perf/{name}_seconds": seconds for name, seconds in self.seconds.items()}
         return {**phases, "perf/step_seconds": self.step_seconds()}
 
+    def lap(self) -> dict[str, float]:
+        """End the step: its :meth:`metrics`; the next step starts now."""
+        metrics = self.metrics()
+        self.start_step()
+        return metrics
+
 
 class TimedModelCheckpoint(ModelCheckpoint):
-    """Lightning's :class:`ModelCheckpoint`, its work after each batch timed as the step's ``checkpoint`` phase on
-    the module's :class:`StepClock` (``pl_module.clock``; a module without one is not timed).
+    """Lightning's :class:`ModelCheckpoint`, its work after each batch timed as a ``checkpoint`` phase on the
+    module's :class:`StepClock` (``pl_module.clock``; a module without one is not timed): Lightning runs it after
+    ``training_step``, so the phase is logged with the following step.
 
     Under manual optimization Lightning warns at every save that the checkpoint holds the weights after the
     step's updates: what a checkpoint of a finished step is meant to hold, so the warning is silenced."""
