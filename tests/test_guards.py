@@ -23,6 +23,7 @@ import demopsd.rollout.scored
 import demopsd.training.guards
 import demopsd.training.steps
 from demopsd.config.objectives import DistillationConfig
+from demopsd.config.sections import GuardConfig
 from demopsd.config.settings import OptimConfig, RepromptConfig, SamplingConfig
 from demopsd.data.types import MCQExample
 from demopsd.rollout.batch import PromptBatch, RolloutBatch
@@ -165,7 +166,7 @@ def test_a_finite_run_skips_nothing(tmp_path, caplog):
 
 def test_consecutive_skips_stop_the_run_and_point_at_the_last_checkpoint(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_last=True)
-    guard = NumericalGuard(max_consecutive_skips=3)
+    guard = NumericalGuard(GuardConfig(max_consecutive_skips=3))
     with pytest.raises(NonFiniteTrainingError) as error:
         fit(TinyModule(nan_loss_steps=range(2, 100)), tmp_path, max_steps=20, guard=guard, checkpoint=checkpoint)
 
@@ -181,13 +182,13 @@ def test_consecutive_skips_stop_the_run_and_point_at_the_last_checkpoint(tmp_pat
 
 def test_the_stop_message_says_when_there_is_no_checkpoint(tmp_path):
     with pytest.raises(NonFiniteTrainingError, match="No checkpoint has been written yet"):
-        fit(TinyModule(nan_grad_steps=range(100)), tmp_path, guard=NumericalGuard(max_consecutive_skips=2))
+        fit(TinyModule(nan_grad_steps=range(100)), tmp_path, guard=NumericalGuard(GuardConfig(max_consecutive_skips=2)))
 
 
 def test_a_good_step_resets_the_consecutive_count(tmp_path):
     """Skips at 1, 2, 4, 5 with a limit of 3 in a row: the run finishes; 4 skipped in all."""
     _, metrics = fit(TinyModule(nan_loss_steps={1, 2, 4, 5}), tmp_path, max_steps=7,
-                     guard=NumericalGuard(max_consecutive_skips=3))
+                     guard=NumericalGuard(GuardConfig(max_consecutive_skips=3)))
     assert skipped_column(metrics) == [0, 1, 2, 2, 3, 4, 4]
 
 
@@ -202,11 +203,11 @@ def test_nonfinite_gradients_names_the_first_few():
 
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="guards.max_consecutive_skips=0"):
-        NumericalGuard(max_consecutive_skips=0)
+        GuardConfig(max_consecutive_skips=0)
     with pytest.raises(ValueError, match="guards.warmup_steps=0"):
-        NumericalGuard(warmup_steps=0)
+        GuardConfig(warmup_steps=0)
     with pytest.raises(ValueError, match="guards.length_collapse_ratio=1.5"):
-        NumericalGuard(length_collapse_ratio=1.5)
+        GuardConfig(length_collapse_ratio=1.5)
 
 
 # ---------------------------------------------------------------------------------- collapse

@@ -1,6 +1,6 @@
 """Numerical guards: a non-finite loss or gradient never reaches the weights, and collapse is flagged.
 
-:class:`NumericalGuard` is a Lightning callback (``guards:`` in conf/train.yaml). Each optimizer step it
+:class:`NumericalGuard` is a Lightning callback (the ``guards`` settings). Each optimizer step it
 checks, after backward and before gradient clipping and the optimizer step:
 
 * the loss: non-finite when ``training_step`` returned ``None`` (Lightning then skips backward) or when a loss
@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.tensor import DTensor
 
+from demopsd.config.sections import GuardConfig
 from demopsd.runtime.loggers import alert
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,6 @@ class CollapseTracker:
     """
 
     def __init__(self, name: str, ratio: float, warmup_steps: int) -> None:
-        if ratio < 0 or ratio >= 1:
-            raise ValueError(f"guards.{name}_collapse_ratio={ratio!r} is invalid: a value in [0, 1) is accepted")
-        if warmup_steps < 1:
-            raise ValueError(f"guards.warmup_steps={warmup_steps!r} is invalid: an integer >= 1 is accepted")
         self.name, self.ratio, self.warmup_steps = name, ratio, warmup_steps
         self.seen = 0  # finite values used for the reference mean
         self.reference = 0.0  # running mean of the first `warmup_steps` values
@@ -96,25 +93,15 @@ class CollapseTracker:
 class NumericalGuard(Callback):
     """Skips updates with a non-finite loss or gradient; stops after ``max_consecutive_skips`` in a row.
 
-    Also tracks entropy and response-length collapse (see :class:`CollapseTracker`). Arguments are the keys
-    of the ``guards:`` section of conf/train.yaml.
+    Also tracks entropy and response-length collapse (see :class:`CollapseTracker`), as ``config`` (the
+    ``guards`` settings, checked with the config) says.
     """
 
-    def __init__(
-        self,
-        max_consecutive_skips: int = 5,
-        entropy_collapse_ratio: float = 0.2,
-        length_collapse_ratio: float = 0.2,
-        warmup_steps: int = 5,
-    ) -> None:
-        if not (isinstance(max_consecutive_skips, int) and max_consecutive_skips >= 1):
-            raise ValueError(
-                f"guards.max_consecutive_skips={max_consecutive_skips!r} is invalid: an integer >= 1 is accepted"
-            )
-        self.max_consecutive_skips = max_consecutive_skips
+    def __init__(self, config: GuardConfig = GuardConfig()) -> None:
+        self.max_consecutive_skips = config.max_consecutive_skips
         self.trackers = {
-            "entropy": CollapseTracker("entropy", entropy_collapse_ratio, warmup_steps),
-            "length": CollapseTracker("length", length_collapse_ratio, warmup_steps),
+            "entropy": CollapseTracker("entropy", config.entropy_collapse_ratio, config.warmup_steps),
+            "length": CollapseTracker("length", config.length_collapse_ratio, config.warmup_steps),
         }
         self.skipped_steps = 0  # cumulative
         self.consecutive_skips = 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import dataclasses
-
 import hydra
 import lightning as L
 import numpy as np
@@ -148,7 +146,7 @@ def build_callbacks(settings: TrainSettings, output_dir: Path, evaluation: Perio
     required = [
         *checkpointing(checkpoint.every_n_train_steps, output_dir / CHECKPOINT_DIR, checkpoint.keep),
         evaluation,
-        NumericalGuard(**dataclasses.asdict(settings.guards)),
+        NumericalGuard(settings.guards),
         ProcessSeeds(settings.seed),
         RunStateCheckpoint(output_dir / "metrics.csv"),
     ]
