@@ -29,32 +29,41 @@ EVAL_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """``python src/train.py``'s config, typed: ``run_name`` labels the run's directory, ``ckpt_path`` resumes one
-    (a ``.ckpt``, a run directory or ``last``), ``optimized_metric`` names the metric ``main()`` returns to Hydra's
-    sweepers. ``resolved`` is the whole composed config with its interpolations resolved, as saved beside the run."""
+class RunSettings:
+    """What both entry points read: ``run_name`` labels the run's directory, ``ckpt_path`` names a checkpoint (a
+    ``.ckpt``, a run directory; ``last`` for training), the data, model, rollout, evaluation and paths sections.
+    ``resolved`` is the whole composed config with its interpolations resolved, as saved beside the run."""
 
     SECTION: ClassVar[str] = ""
     seed: int = 0
-    task_name: str = "train"
+    task_name: str = ""
     run_name: str = ""
     ckpt_path: str | None = None
-    optimized_metric: str | None = None
-    method: MethodConfig = field(default_factory=DistillMethodConfig)
     data: DataConfig = field(default_factory=SciKnowEvalData)
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    resolved: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TrainSettings(RunSettings):
+    """``python src/train.py``'s config, typed: a :class:`RunSettings` with the method, its optimizer and memory,
+    sharding, checkpoints, guards and loggers; ``ckpt_path`` resumes a run; ``optimized_metric`` names the metric
+    ``main()`` returns to Hydra's sweepers."""
+
+    task_name: str = "train"
+    optimized_metric: str | None = None
+    method: MethodConfig = field(default_factory=DistillMethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     fsdp: ShardingConfig = field(default_factory=ShardingConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: dict = field(default_factory=dict)
     callbacks: dict = field(default_factory=dict)
-    resolved: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def prompts(self) -> PromptConfig:
@@ -75,22 +84,12 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
-class EvalRunSettings:
+class EvalRunSettings(RunSettings):
     """``python src/eval.py``'s config, typed: the policy ``ckpt_path`` names (null: the base ``model``), evaluated
     on ``device`` (``auto``: CUDA where torch has it, else the CPU) as ``eval`` says."""
 
-    SECTION: ClassVar[str] = ""
-    seed: int = 0
     task_name: str = "eval"
-    run_name: str = ""
-    ckpt_path: str | None = None
     device: str = "auto"
-    data: DataConfig = field(default_factory=SciKnowEvalData)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    resolved: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_rules(self.SECTION, (self.device in EVAL_DEVICES, "device", self.device, f"one of {EVAL_DEVICES}"))
