@@ -127,11 +127,11 @@ def evaluate_batches(
     progress: bool = True,
     rollout_engine: RolloutEngine | None = None,
 ) -> dict[int, BatchResult]:
-    """Batch index → result, for the batches ``indices`` of ``examples`` (batch ``i``: questions
-    ``i * config.batch_size`` onwards) of the :func:`eval_questions` ``examples``: those of its questions among the
-    first :meth:`EvalConfig.answered` are answered, those among the first :meth:`EvalConfig.probed` probed. Batch
-    ``i`` samples after ``torch.manual_seed(seeds(i))``, or, without ``seeds``, from the caller's random stream, so
-    its answers do not depend on how many questions are probed. Nothing is logged for no batches."""
+    """Batch index → result, for the batches ``indices`` of ``examples``, a dataset's :func:`eval_questions` (batch
+    ``i``: questions ``i * config.batch_size`` onwards). A batch's questions among the first
+    :meth:`EvalConfig.answered` are answered, those among the first :meth:`EvalConfig.probed` probed. Batch ``i``
+    samples after ``torch.manual_seed(seeds(i))``, or, without ``seeds``, from the caller's random stream; its
+    answers do not depend on how many questions are probed. Nothing is logged for no batches."""
     if not indices:
         return {}
     engine = rollout_engine or GenerateEngine(model, tokenizer)
