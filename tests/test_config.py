@@ -72,6 +72,29 @@ def test_the_laptop_job_is_demopsd_on_the_leakage_task_with_the_answer_shown_to_
     assert "reprompt" not in compose_train(["method=grpo"]).method
 
 
+def test_the_laptop_job_evaluates_enough_balanced_questions_generated_from_its_seed():
+    """The probe on 200 held-out questions of each kind, 4 sampled answers to 64 of them, each prefix with as many
+    of each correct letter; each seed its own questions."""
+    from collections import Counter
+
+    from demopsd.config.check import validate_config
+    from demopsd.evaluation.runner import eval_datasets
+
+    prompts = {}
+    for seed in (0, 1):
+        settings = validate_config(compose_train(["experiment=leakage_laptop", f"seed={seed}"]))
+        assert settings.data.generator_seed == seed
+        datasets = eval_datasets(settings.data, settings.eval, None)
+        assert set(datasets) == {"synthetic-inferable", "synthetic-uninferable"}
+        for examples in datasets.values():
+            assert len(examples) == settings.eval.probed(len(examples)) == 200
+            assert settings.eval.answered(len(examples)) == 64 and settings.eval.k >= 4
+            for n in (64, 200):
+                assert Counter(e.answer for e in examples[:n]) == dict.fromkeys("ABCD", n // 4)
+        prompts[seed] = {e.prompt for examples in datasets.values() for e in examples}
+    assert len(prompts[0] & prompts[1]) < 20  # a few inferable questions recur by chance; the uninferable never
+
+
 def test_reprompt_keys_mirror_the_library_defaults():
     """Every reprompting setting is a plain config key, and the YAML defaults are SDPO's (the library's)."""
     overrides = ["method=sdpo", "data=sciknoweval/biology", "method.reprompt.success_threshold=1.0"]

@@ -34,7 +34,7 @@ def logged_names() -> set[str]:
             trainer = step.fit([example("Which option is the number two?", "B")])
             names |= set(trainer.logged_metrics) | set(trainer.callback_metrics)
     record = {"idx": 0, "answer": "B", "letter_probs": {"A": 0.1, "B": 0.6, "C": 0.2, "D": 0.1},
-              "samples": [{"correct": True, "well_formed": True, "length": 9}],
+              "samples": [{"predicted": "B", "correct": True, "well_formed": True, "length": 9}],
               "greedy": {"correct": True}}
     for dataset in dataset_names():  # two questions: one has no standard error over questions
         metrics = summarize(dataset, [record, {**record, "idx": 1}], k=1, entropy=1.0)

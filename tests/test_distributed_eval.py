@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 
 # 5 + 3 questions in batches of 2: batches 0-2 of one dataset and 0-1 of the other, dealt in turn to two
 # processes, give the first 3 batches (4 questions) and the second 2 (4 questions): shares of unequal size,
-# and a dataset split between the processes.
-CONFIG = EvalConfig(k=2, max_new_tokens=4, batch_size=2)
+# and a dataset split between the processes. The first 3 questions of each are answered and all 5 probed, so a
+# batch may be answered in part (batch 1 of the first dataset) or only probed (its batch 2).
+CONFIG = EvalConfig(k=2, max_new_tokens=4, batch_size=2, max_examples=3, probe_examples=5)
 STEP, SEED, TRAINING_SEED = 5, 3, 1234
 FP32 = ShardingConfig(param_dtype="float32", reduce_dtype="float32", activation_checkpointing=False)
 
@@ -103,21 +104,21 @@ def test_two_processes_evaluate_their_shares_and_agree_with_one(runs, layout):
     assert [(r["dataset"], r["idx"]) for r in records] == [
         (name, e.idx) for name, examples in datasets().items() for e in examples
     ]
-    texts = [s["text"] for r in records for s in r["samples"]]
+    texts = [s["text"] for r in records for s in r.get("samples", [])]
     assert len(set(texts)) > len(texts) // 2, "sampled answers this alike would make the comparison weak"
 
     # each process evaluated only its share: batches 0 and 2 of the first dataset and 1 of the second, or the rest
     greedy = " × 2 sampled answers, plus a greedy one"
     assert [m for m in reports[0]["messages"] if m.startswith("Evaluating")] == [
-        f"Evaluating synthetic-inferable: 3 questions{greedy} (3 of its 5 in this process)",
+        f"Evaluating synthetic-inferable: 2 questions{greedy}; the letter probe on 3 (3 of its 5 in this process)",
         f"Evaluating synthetic-uninferable: 1 question{greedy} (1 of its 3 in this process)",
     ]
     assert [m for m in reports[1]["messages"] if m.startswith("Evaluating")] == [
-        f"Evaluating synthetic-inferable: 2 questions{greedy} (2 of its 5 in this process)",
+        f"Evaluating synthetic-inferable: 1 question{greedy}; the letter probe on 2 (2 of its 5 in this process)",
         f"Evaluating synthetic-uninferable: 2 questions{greedy} (2 of its 3 in this process)",
     ]
     assert [m for m in alone["messages"] if m.startswith("Evaluating")] == [
-        f"Evaluating synthetic-inferable: 5 questions{greedy}",
+        f"Evaluating synthetic-inferable: 3 questions{greedy}; the letter probe on 5",
         f"Evaluating synthetic-uninferable: 3 questions{greedy}",
     ]
 
@@ -127,7 +128,9 @@ def test_two_processes_evaluate_their_shares_and_agree_with_one(runs, layout):
     assert metrics.pop("perf/eval_seconds") > 0
     assert metrics == summaries[0]["metrics"] == {k: v for k, v in alone["last_metrics"].items()
                                                   if k != "perf/eval_seconds"}
-    assert metrics["eval/synthetic-inferable/num_questions"] == 5
+    assert (metrics["eval/synthetic-inferable/num_questions"], metrics["eval/synthetic-inferable/num_probed"]) == (3, 5)
+    assert [set(r) - {"dataset"} for r in records if r["dataset"] == "synthetic-inferable"] == [
+        {"idx", "answer", "samples", "greedy", "letter_probs"}] * 3 + [{"idx", "answer", "letter_probs"}] * 2
     assert {"letter_entropy", "greedy_accuracy"} <= {name.rsplit("/", 1)[1] for name in metrics}
     for report in (alone, *reports):  # evaluating leaves the training stream where it was, and out of the step time
         assert report["training_stream_kept"] and report["excluded"] > 0

@@ -1,4 +1,5 @@
-"""Tests for pass@k and the per-question sample summary, against hand-computed values and brute force."""
+"""Tests for pass@k, the per-question sample summary and the answers' letters, against hand-computed values,
+brute force and scipy."""
 
 import itertools
 import math
@@ -6,8 +7,17 @@ from math import comb
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.stats import entropy as scipy_entropy
 
-from demopsd.evaluation.metrics import pass_at_k, summarize_samples
+from demopsd.evaluation.metrics import (
+    answer_letter_metrics,
+    marginal_entropy,
+    pass_at_k,
+    summarize_samples,
+    top_share,
+)
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -130,3 +140,78 @@ def test_accuracy_standard_error_is_over_questions_not_answers():
 
 def test_one_question_has_no_standard_error():
     assert set(summarize_samples([[True, False]])) == {"acc_avg@2", "pass@2"}
+
+
+# --------------------------------------------------------------------------- the answers' letters
+
+
+def test_collapse_onto_one_letter_and_an_even_spread_by_hand():
+    collapsed = [["B"] * 4 for _ in range(5)]
+    assert answer_letter_metrics(collapsed) == {"answer_top_share": 1.0, "answer_letter_entropy": 0.0,
+                                                "distinct_answers@4": 1.0}
+    # each question answered A, B, C, D once: the marginal is uniform, every question has four distinct answers
+    spread = [list("ABCD"), list("DCBA"), list("BADC")]
+    assert answer_letter_metrics(spread) == pytest.approx({"answer_top_share": 0.25,
+                                                           "answer_letter_entropy": math.log(4),
+                                                           "distinct_answers@4": 4.0})
+    # each question answered with one letter, a different one per question: no diversity within a question, and
+    # yet no collapse across questions (what the per-question probe entropy cannot tell apart)
+    agreeing = [[letter] * 3 for letter in "ABCD"]
+    assert answer_letter_metrics(agreeing, k=3) == pytest.approx({"answer_top_share": 0.25,
+                                                                  "answer_letter_entropy": math.log(4),
+                                                                  "distinct_answers@3": 1.0})
+
+
+def test_unparseable_answers_leave_the_marginal_and_add_no_distinct_answer():
+    # letters A, A, A, B (6 answers name none): top share 3/4, entropy of (3/4, 1/4)
+    predicted = [["A", None, None, "B"], ["A", "A", None, None], [None] * 4]
+    metrics = answer_letter_metrics(predicted)
+    assert metrics["answer_top_share"] == pytest.approx(0.75)
+    assert metrics["answer_letter_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert metrics["distinct_answers@4"] == pytest.approx((2 + 1 + 0) / 3)
+    assert answer_letter_metrics([[None, None]]) == {"distinct_answers@2": 0.0}  # no letter: no marginal to measure
+
+
+@given(st.lists(st.lists(st.sampled_from(["A", "B", "C", "D", None]), min_size=3, max_size=3), min_size=1, max_size=12))
+def test_letter_metrics_match_an_independent_computation(predicted):
+    """Against numpy's counts and scipy's entropy, for any pattern of letters and unparseable answers."""
+    metrics = answer_letter_metrics(predicted)
+    letters = [a for answers in predicted for a in answers if a is not None]
+    assert metrics["distinct_answers@3"] == pytest.approx(np.mean([len(set(q) - {None}) for q in predicted]))
+    if not letters:
+        assert set(metrics) == {"distinct_answers@3"}
+        return
+    _, counts = np.unique(letters, return_counts=True)
+    assert metrics["answer_top_share"] == pytest.approx(counts.max() / len(letters))
+    assert metrics["answer_letter_entropy"] == pytest.approx(scipy_entropy(counts), abs=1e-12)
+    assert 1 / len(counts) - 1e-12 <= metrics["answer_top_share"] <= 1
+    assert 0 <= metrics["answer_letter_entropy"] <= math.log(len(counts)) + 1e-12
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_distinct_answers_at_k_is_the_mean_over_k_subsets(n):
+    """Every letter pattern of one question's n answers (a fourth of them unparseable), against enumeration."""
+    for answers in itertools.product(["A", "B", "C", None], repeat=n):
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(answers, k))
+            expected = sum(len(set(subset) - {None}) for subset in subsets) / len(subsets)
+            assert answer_letter_metrics([list(answers)], k)[f"distinct_answers@{k}"] == pytest.approx(expected)
+
+
+def test_top_share_and_marginal_entropy_of_any_values():
+    assert top_share(["x", "y", "x"]) == pytest.approx(2 / 3) and top_share([3]) == 1.0
+    assert marginal_entropy(["x", "y", "x"]) == pytest.approx(scipy_entropy([2, 1]))
+    for function in (top_share, marginal_entropy):
+        with pytest.raises(ValueError, match="values is empty"):
+            function([])
+
+
+@pytest.mark.parametrize(("predicted", "k", "message"), [
+    ([], None, "predicted is empty"),
+    ([["A"], ["A", "B"]], None, r"questions have \[1, 2\] answers"),
+    ([[], []], None, r"questions have \[0\] answers"),
+    ([["A", "B"]], 3, "k=3 is invalid for n=2"),
+])
+def test_letter_metrics_reject_bad_input(predicted, k, message):
+    with pytest.raises(ValueError, match=message):
+        answer_letter_metrics(predicted, k)

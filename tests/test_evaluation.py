@@ -42,6 +42,27 @@ def test_summary_by_hand():
     assert metrics["eval/bio/response_length"] == pytest.approx(15)
     assert metrics["eval/bio/entropy"] == pytest.approx(0.7)
     assert metrics["eval/bio/num_questions"] == 2
+    # letters A, B, C, D, D, D, D (one answer names none); two of q0's letters in 2 draws: 3 × pass(4, 1, 2) = 1.5
+    assert metrics["eval/bio/answer_top_share"] == pytest.approx(4 / 7)
+    entropy = -(3 / 7 * math.log(1 / 7) + 4 / 7 * math.log(4 / 7))
+    assert metrics["eval/bio/answer_letter_entropy"] == pytest.approx(entropy)
+    assert metrics["eval/bio/distinct_answers@2"] == pytest.approx((1.5 + 1) / 2)
+    assert "eval/bio/num_probed" not in metrics and "eval/bio/letter_entropy" not in metrics  # no record was probed
+
+
+def test_answered_and_probed_questions_are_summarised_apart():
+    """Questions only probed add to the probe's metrics and nothing else; questions only answered the reverse."""
+    probe = {"A": 0.1, "B": 0.6, "C": 0.2, "D": 0.1}
+    answered_and_probed = {**record(0, "B", ["B", "B"], greedy="B"), "letter_probs": probe}
+    answered = record(1, "A", ["C", "C"], greedy="A")
+    probed = [{"idx": i, "answer": "A", "letter_probs": {"A": 0.7, "B": 0.1, "C": 0.1, "D": 0.1}} for i in (2, 3)]
+    metrics = summarize("x", [answered_and_probed, answered, *probed], k=2, entropy=0.0)
+    assert metrics["eval/x/num_questions"] == 2 and metrics["eval/x/num_probed"] == 3
+    assert metrics["eval/x/acc_avg@2"] == 0.5 and metrics["eval/x/greedy_accuracy"] == 1.0
+    assert metrics["eval/x/answer_top_share"] == 0.5 and metrics["eval/x/distinct_answers@2"] == 1.0
+    # the probe's preferred letters B, A, A: all right, two of three the most common one
+    assert metrics["eval/x/letter_accuracy"] == 1.0 and metrics["eval/x/probe_top_share"] == pytest.approx(2 / 3)
+    assert metrics["eval/x/letter_confidence"] == pytest.approx((0.6 + 0.7 + 0.7) / 3)
 
 
 def test_without_greedy_answers_there_is_no_greedy_metric():
@@ -65,7 +86,9 @@ def test_results_are_written_as_json(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"k": 0}, "eval.k=0"), ({"batch_size": 0}, "eval.batch_size=0"), ({"max_examples": 0}, "eval.max_examples=0"),
-     ({"temperature": 0.0}, "eval.temperature=0.0"), ({"top_p": 1.5}, "eval.top_p=1.5")],
+     ({"temperature": 0.0}, "eval.temperature=0.0"), ({"top_p": 1.5}, "eval.top_p=1.5"),
+     ({"probe_examples": 0}, "eval.probe_examples=0 is invalid: null .* or at least 1"),
+     ({"probe": False, "probe_examples": 8}, "eval.probe_examples=8 is invalid: null while eval.probe is false")],
 )
 def test_bad_settings_name_the_value(kwargs, message):
     with pytest.raises(SettingError, match=message):
@@ -79,6 +102,19 @@ def test_every_broken_setting_is_reported_at_once_under_the_eval_keys():
     assert [name for name, _, _ in caught.value.problems] == ["k", "top_p", "batch_size", "chunk_size"]
 
 
+@pytest.mark.parametrize(
+    "kwargs, answered, probed",
+    [({}, [5, 300], [5, 300]), ({"max_examples": 64}, [5, 64], [5, 64]),
+     ({"max_examples": 64, "probe_examples": 200}, [5, 64], [5, 200]),
+     ({"max_examples": 64, "probe_examples": 16}, [5, 64], [5, 16]), ({"probe_examples": 16}, [5, 300], [5, 16]),
+     ({"max_examples": 64, "probe": False}, [5, 64], [0, 0])],
+)
+def test_how_many_questions_are_answered_and_probed(kwargs, answered, probed):
+    config = EvalConfig(**kwargs)
+    assert [config.answered(n) for n in (5, 300)] == answered
+    assert [config.probed(n) for n in (5, 300)] == probed
+
+
 def test_letter_metrics_by_hand():
     samples = [{"answer": "B", "letter_probs": {"A": 0.7, "B": 0.1, "C": 0.1, "D": 0.1}},
                {"answer": "A", "letter_probs": {"A": 0.5, "B": 0.5}}]
@@ -89,6 +125,15 @@ def test_letter_metrics_by_hand():
     assert metrics["letter_accuracy"] == pytest.approx(0.5)  # a tie goes to the first letter, here the answer
     assert metrics["letter_p_answer"] == pytest.approx(0.3)
     assert metrics["overconfidence"] == pytest.approx(0.1)
+    assert metrics["probe_top_share"] == 1.0  # both prefer A (the tie, as the accuracy reads it)
+
+
+def test_probe_top_share_is_the_share_of_the_most_common_preferred_letter():
+    preferred = "ABBCBD"
+    samples = [{"answer": "A", "letter_probs": {x: 0.7 if x == letter else 0.1 for x in "ABCD"}}
+               for letter in preferred]
+    assert letter_metrics(samples)["probe_top_share"] == pytest.approx(3 / 6)
+    assert letter_metrics(samples[1:3])["probe_top_share"] == 1.0
 
 
 class LetterTokenizer:
@@ -152,6 +197,51 @@ def test_each_dataset_says_what_it_evaluates_and_how_long_it_took(tmp_path, capl
         assert f"Evaluating {name}: 2 questions × 2 sampled answers" in messages
         assert any(m.startswith(f"Evaluated {name} in ") and m.endswith(" s") for m in messages)
         assert metrics[f"eval/{name}/num_questions"] == 2
+
+
+def test_questions_probed_beyond_those_answered_change_no_answer(tmp_path, caplog):
+    """Seven questions probed and three answered, in batches of two: the answers are those of an evaluation that
+    probes only the three, the probabilities those of one that answers all seven."""
+    import dataclasses
+    import logging
+
+    from demopsd.data.synthetic import generate_synthetic
+    from demopsd.evaluation.runner import run_all
+    from tests.fixed_step import default_tokenizer
+    from tests.helpers import tiny_policy
+
+    tokenizer = default_tokenizer()
+    policy = tiny_policy(tokenizer)
+    datasets = {"u": generate_synthetic("uninferable", "test", size=9)}
+    answer_three = EvalConfig(k=2, max_new_tokens=3, batch_size=2, max_examples=3)
+    configs = {"probe three": answer_three, "probe seven": dataclasses.replace(answer_three, probe_examples=7),
+               "answer seven": dataclasses.replace(answer_three, max_examples=7)}
+    metrics, records = {}, {}
+    for name, config in configs.items():
+        with caplog.at_level(logging.INFO, logger="demopsd.evaluation.evaluate"):
+            metrics[name] = run_all(policy, tokenizer, datasets, config, tmp_path / name, seed=0, progress=False)
+        lines = (tmp_path / name / "samples.jsonl").read_text().splitlines()
+        records[name] = [json.loads(line) for line in lines]
+    assert "Evaluating u: 3 questions × 2 sampled answers, plus a greedy one; the letter probe on 7" in caplog.messages
+
+    probed = records["probe seven"]
+    assert [r["idx"] for r in probed] == [e.idx for e in datasets["u"][:7]]
+    def answers(records):
+        return [(r["samples"], r["greedy"]) for r in records if "samples" in r]
+
+    assert answers(probed) == answers(records["probe three"]) and len(answers(probed)) == 3
+    assert [set(r) for r in probed[3:]] == [{"dataset", "idx", "answer", "letter_probs"}] * 4
+    assert [r["letter_probs"] for r in probed] == [r["letter_probs"] for r in records["answer seven"]]
+    for key, value in metrics["probe seven"].items():
+        name = key.rsplit("/", 1)[1]
+        if name == "num_probed":
+            assert value == 7 and metrics["probe three"][key] == 3
+        elif name in ("letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer", "overconfidence",
+                      "probe_top_share"):
+            assert value == metrics["answer seven"][key]
+        else:
+            assert value == metrics["probe three"][key], key
+    assert metrics["probe seven"]["eval/u/num_questions"] == 3
 
 
 def test_each_batch_has_its_own_seed_of_the_evaluation_seed_the_dataset_and_the_batch():

@@ -10,8 +10,22 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from demopsd.report.leakage import LEAKAGE_QUANTITIES, has_heldout_probe, leakage_scalars
-from demopsd.report.plots import plot_curves, probe_curve_specs, seed_band, smoothing_window, write_report
+from demopsd.report.leakage import (
+    DETAIL_QUANTITIES,
+    HEADLINE_QUANTITIES,
+    LEAKAGE_QUANTITIES,
+    has_heldout_probe,
+    leakage_scalars,
+    resolve_column,
+)
+from demopsd.report.plots import (
+    collapse_curve_specs,
+    plot_curves,
+    probe_curve_specs,
+    seed_band,
+    smoothing_window,
+    write_report,
+)
 from demopsd.report.runs import NoRunsError, Run, find_runs
 from demopsd.report.tables import format_mean_se, mean_se, summarize
 from tests.helpers import REPO_ROOT
@@ -29,6 +43,7 @@ INFERABLE = "eval/synthetic-inferable/"
 PROBE_METRICS = ("letter_confidence", "overconfidence", "letter_entropy", "letter_accuracy", "letter_p_answer",
                  "entropy")
 PROBE_RISE = {"demopsd": 0.01, "sdpo": 0.05, "opsd": 0.03, "grpo": 0.0}  # change per evaluation
+LETTER_METRICS = ("answer_top_share", "answer_letter_entropy", "probe_top_share")
 
 
 def heldout_evals(method: str, rng: np.random.Generator) -> pd.DataFrame:
@@ -36,8 +51,13 @@ def heldout_evals(method: str, rng: np.random.Generator) -> pd.DataFrame:
     steps = (0, *EVAL_STEPS)
     columns = {"step": steps}
     for prefix in (UNINFERABLE, INFERABLE):
-        columns[prefix + "acc_avg@1"] = rng.uniform(0.2, 0.6, len(steps))
+        columns[prefix + "acc_avg@4"] = rng.uniform(0.2, 0.6, len(steps))
+        columns[prefix + "acc_avg@1"] = rng.uniform(0.2, 0.6, len(steps))  # not the one used: @4 is larger
+        columns[prefix + "pass@4"] = rng.uniform(0.4, 0.9, len(steps))
+        columns[prefix + "distinct_answers@4"] = rng.uniform(1.0, 3.0, len(steps))
         columns[prefix + "format_rate"] = rng.uniform(0.4, 1.0, len(steps))
+        for metric in LETTER_METRICS:
+            columns[prefix + metric] = rng.uniform(0.25, 1.0, len(steps))
         for metric in PROBE_METRICS:
             change = PROBE_RISE[method] * np.arange(len(steps)) + np.r_[0.0, rng.normal(0, 0.02, len(steps) - 1)]
             columns[prefix + metric] = rng.uniform(0.3, 1.0) + change
@@ -136,6 +156,10 @@ def last_of(column):
 
 def first_of(column):
     return lambda df: df[column].dropna().iloc[0] if column in df and df[column].notna().any() else math.nan
+
+
+def change_of(column):
+    return lambda df: last_of(column)(df) - first_of(column)(df)
 
 
 def best_of(column):
@@ -249,9 +273,18 @@ LEAKAGE_PER_SEED = {
     "uninferable_overconfidence_change": last_of(UNINFERABLE + "overconfidence_change"),
     "uninferable_letter_entropy_change": last_of(UNINFERABLE + "letter_entropy_change"),
     "uninferable_letter_accuracy_change": last_of(UNINFERABLE + "letter_accuracy_change"),
-    "inferable_sampled_accuracy": last_of(INFERABLE + "acc_avg@1"),
-    "inferable_sampled_accuracy_start": first_of(INFERABLE + "acc_avg@1"),
+    "inferable_sampled_accuracy": last_of(INFERABLE + "acc_avg@4"),
+    "inferable_accuracy_change": change_of(INFERABLE + "acc_avg@4"),
+    "inferable_sampled_accuracy_start": first_of(INFERABLE + "acc_avg@4"),
+    "uninferable_sampled_accuracy": last_of(UNINFERABLE + "acc_avg@4"),
     "inferable_format_rate": last_of(INFERABLE + "format_rate"),
+    "uninferable_format_rate": last_of(UNINFERABLE + "format_rate"),
+    "uninferable_answer_top_share_start": first_of(UNINFERABLE + "answer_top_share"),
+    **{f"{kind}_{key}": last_of(prefix + column)
+       for kind, prefix in (("inferable", INFERABLE), ("uninferable", UNINFERABLE))
+       for key, column in (("pass_at_k", "pass@4"), ("distinct_answers", "distinct_answers@4"),
+                           ("answer_top_share", "answer_top_share"), ("answer_letter_entropy", "answer_letter_entropy"),
+                           ("probe_top_share", "probe_top_share"))},
     "inferable_letter_accuracy_change": last_of(INFERABLE + "letter_accuracy_change"),
     "uninferable_entropy_change": last_of(UNINFERABLE + "entropy_change"),
     "inferable_entropy_change": last_of(INFERABLE + "entropy_change"),
@@ -329,22 +362,41 @@ def test_leakage_table_equals_an_independent_recomputation(synthetic_root, synth
     assert per_seed[per_seed.method == method][quantity].mean() == pytest.approx(mean, rel=1e-9)
 
 
-def test_leakage_markdown_rows_legend_and_absent_leakage(synthetic_report):
+def cells(line: str) -> list[str]:
+    return line.strip("| ").split(" | ")
+
+
+def test_leakage_markdown_headline_and_second_table_rows_legend_and_absent_leakage(synthetic_report):
     text = synthetic_report.leakage_md.read_text()
-    rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in text.splitlines()
-            if line.startswith(f"| {SYNTHETIC}")}
+    headline, detail = text.split("\n## ")
+    rows = {cells(line)[1]: cells(line) for line in headline.splitlines() if line.startswith(f"| {SYNTHETIC}")}
     assert list(rows) == ["demopsd", "sdpo", "grpo"]  # fixed method order; opsd has no held-out probe
-    header = next(line for line in text.splitlines() if line.startswith("| dataset")).strip("| ").split(" | ")
-    assert header[3:] == [q.header for q in LEAKAGE_QUANTITIES.values()]
-    teacher_cells = [header.index(LEAKAGE_QUANTITIES[k].header) for k in TEACHER_ONLY]
-    grpo_cells = [header.index(LEAKAGE_QUANTITIES[k].header) for k in GRPO_ONLY]
-    assert [rows["grpo"][i] for i in teacher_cells] == ["—"] * len(TEACHER_ONLY)
-    assert [rows["demopsd"][i] for i in grpo_cells] == ["—"] * len(GRPO_ONLY)
-    assert all(" ± " in rows["demopsd"][i] for i in teacher_cells)
-    assert all(rows["sdpo"][i].endswith(" ± —") for i in range(3, len(header)) if i not in grpo_cells)  # one seed
+    header = cells(next(line for line in headline.splitlines() if line.startswith("| dataset")))
+    assert header[3:] == [q.header for q in HEADLINE_QUANTITIES.values()] and len(header) <= 8
+    assert all(" ± " in cell for row in rows.values() for cell in row[3:])
+
+    # the second table: a row per quantity, a column per method
+    table = [cells(line) for line in detail.splitlines() if line.startswith("| ")]
+    assert table[0] == ["quantity", "demopsd", "sdpo", "grpo"] and table[1] == ["seeds", "3", "1", "2"]
+    by_header = {row[0]: row[1:] for row in table[2:]}
+    assert list(by_header) == [q.header for q in DETAIL_QUANTITIES.values()]
+    for key in TEACHER_ONLY:
+        demopsd, sdpo, grpo = by_header[LEAKAGE_QUANTITIES[key].header]
+        assert " ± " in demopsd and grpo == "—"
+    for key in GRPO_ONLY:
+        assert by_header[LEAKAGE_QUANTITIES[key].header][0] == "—"
+    assert all(row[1].endswith(" ± —") for header, row in by_header.items()
+               if header not in {LEAKAGE_QUANTITIES[k].header for k in GRPO_ONLY})  # sdpo: one seed
     for quantity in LEAKAGE_QUANTITIES.values():
         assert f"- **{quantity.header}**: {quantity.legend}" in text
     assert "a rise without an accuracy rise is leakage" in text
+
+
+def test_columns_of_k_are_the_runs_largest_k():
+    columns = ["eval/x/acc_avg@1", "eval/x/acc_avg@16", "eval/x/acc_avg@4", "eval/y/acc_avg@32", "eval/x/pass@64"]
+    assert resolve_column(columns, "eval/x/acc_avg@{k}") == "eval/x/acc_avg@16"
+    assert resolve_column(columns, "eval/z/acc_avg@{k}") == "eval/z/acc_avg@{k}"  # none: no data, a NaN
+    assert resolve_column(columns, "eval/x/format_rate") == "eval/x/format_rate"
 
 
 def test_heldout_probe_plot_and_leakage_table_only_with_the_probe(runs_root, synthetic_root, synthetic_report, report):
@@ -355,6 +407,12 @@ def test_heldout_probe_plot_and_leakage_table_only_with_the_probe(runs_root, syn
     assert_png(probe)
     assert synthetic_report.leakage_md == synthetic_report.out_dir / "leakage.md"
     assert probe_curve_specs(find_runs(runs_root)) == []
+    collapse, diversity = collapse_curve_specs(find_runs(synthetic_root))
+    assert collapse.columns == (INFERABLE + "answer_top_share", UNINFERABLE + "answer_top_share")
+    assert diversity.columns == (INFERABLE + "distinct_answers@4", UNINFERABLE + "distinct_answers@4")
+    for name in ("heldout_collapse.png", "heldout_diversity.png"):
+        assert_png(synthetic_report.out_dir / name)
+    assert collapse_curve_specs(find_runs(runs_root)) == []
     assert "heldout_probe.png" not in {p.name for p in report.plots}
     assert report.leakage_md is None and report.leakage_csv is None
     assert not (report.out_dir / "leakage.md").exists() and not (report.out_dir / "leakage.csv").exists()

@@ -36,8 +36,9 @@ CHI2_3DOF_P001 = 16.27  # chi-square with 3 degrees of freedom, p = 0.001
 
 
 @cache
-def synthetic(kind, split, seed=0, size=None, letter_seed=None):
-    return tuple(generate_synthetic(kind, split, seed=seed, size=size, letter_seed=letter_seed))
+def synthetic(kind, split, seed=0, size=None, letter_seed=None, balanced=False):
+    return tuple(generate_synthetic(kind, split, seed=seed, size=size, letter_seed=letter_seed,
+                                    balanced_letters=balanced))
 
 
 def parse(prompt):
@@ -231,6 +232,54 @@ def test_another_letter_stream_keeps_the_texts_and_redraws_the_letters():
         assert abs(same - 0.25) < 4 * SE, same  # independent draws agree by chance only
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_balanced_letters_are_equally_many_in_every_first_multiple_of_four(kind):
+    examples = synthetic(kind, "test", 0, 2000 if kind == "mixed" else 1000, balanced=True)
+    for kind_examples in ([e for e in examples if kind_of(e) == k] for k in ("inferable", "uninferable")):
+        if not kind_examples:
+            continue
+        for end in range(1, len(kind_examples) + 1):
+            counts = Counter(e.answer for e in kind_examples[:end])
+            if end % 4 == 0:
+                assert set(counts.values()) == {end // 4}, (end, counts)
+            assert max(counts.values()) - min(counts[letter] for letter in "ABCD") <= 1  # never more than one apart
+    if kind == "mixed":  # 8m mixed items: 2m of each letter
+        assert [Counter(e.answer for e in examples[:n]) for n in (8, 200)] == [dict.fromkeys("ABCD", 2),
+                                                                            dict.fromkeys("ABCD", 50)]
+
+
+def test_balanced_letters_move_the_correct_option_and_keep_every_text():
+    for kind in ("inferable", "uninferable"):
+        drawn, balanced = synthetic(kind, "test", 0, N), synthetic(kind, "test", 0, N, balanced=True)
+        assert [content(e.prompt) for e in balanced] == [content(e.prompt) for e in drawn]
+        assert [e.idx for e in balanced] == [e.idx for e in drawn]
+        if kind == "uninferable":  # the very same prompts, only the letter changes
+            assert [e.prompt for e in balanced] == [e.prompt for e in drawn]
+        else:  # the correct text sits at its letter
+            assert all(parse(e.prompt)[1][e.answer] == parse(d.prompt)[1][d.answer] for e, d in zip(balanced, drawn))
+        same = sum(a.answer == b.answer for a, b in zip(drawn, balanced)) / N
+        assert abs(same - 0.25) < 4 * SE, same  # the two letter streams agree by chance only
+        other = synthetic(kind, "test", 0, N, letter_seed=1, balanced=True)
+        same = sum(a.answer == b.answer for a, b in zip(other, balanced)) / N
+        assert abs(same - 0.25) < 4 * SE, same  # so do two letter seeds
+        runs = {tuple(e.answer for e in balanced[m : m + 4]) for m in range(0, N, 4)}
+        assert len(runs) == 24  # every order of A-D comes up: the runs are shuffled, not one pattern repeated
+
+
+def test_one_letter_scores_a_quarter_on_balanced_held_out_sets_and_nothing_else_finds_the_letter():
+    """With balanced letters "always A" (or any letter) is right on exactly a quarter of the questions, and the text
+    heuristics and the Naive Bayes below stay at chance on the uninferable ones."""
+    for kind in ("inferable", "uninferable"):
+        examples = synthetic(kind, "test", 0, N, balanced=True)
+        for letter in "ABCD":
+            assert sum(e.answer == letter for e in examples) == N // 4
+    accuracies = heuristic_accuracies(synthetic("uninferable", "test", 0, N, balanced=True))
+    assert all(abs(acc - 0.25) < 4 * SE for acc in accuracies.values()), accuracies
+    _, test_acc = fit_and_score(synthetic("uninferable", "train", 0, N), synthetic("uninferable", "test", 0, N,
+                                                                                   balanced=True))
+    assert abs(test_acc - 0.25) < 4 * SE, test_acc
+
+
 def _numeric(text):
     digits = re.sub(r"\D", "", text)
     return int(digits) if digits else -1
@@ -336,9 +385,11 @@ def test_naive_bayes_finds_a_planted_signal():
 
 # ------------------------------------------------------------------------------------------ wiring
 def test_load_split_dispatches_to_the_generator():
-    data = SyntheticData(kind="uninferable", generator_seed=2, train_size=9)
+    data = SyntheticData(kind="uninferable", generator_seed=2, train_size=9, test_size=256)
     assert load_split(data, "train") == generate_synthetic("uninferable", "train", seed=2, size=9)
-    assert load_split(data, "test") == list(synthetic("uninferable", "test", 2))
+    assert load_split(data, "test") == list(synthetic("uninferable", "test", 2, 256, balanced=True))
+    drawn = SyntheticData(kind="uninferable", generator_seed=2, balanced_letters=False)
+    assert load_split(drawn, "test") == list(synthetic("uninferable", "test", 2))
     with pytest.raises(ValueError, match="unknown synthetic split 'dev'"):
         load_split(data, "dev")
 
@@ -352,6 +403,7 @@ def test_configs_compose_and_load(kind):
     assert (cfg.data.generator_seed, cfg.data.train_size, cfg.data.test_size) == (0, None, None)
     assert (cfg.data.train_split, cfg.data.test_split, cfg.data.batch_size) == ("train", "test", 4)
     assert (cfg.data.max_prompt_tokens, cfg.data.num_workers) == (768, 0)
+    assert cfg.data.balanced_letters  # the held-out letters balanced; the train split's drawn one by one
     data = validate_config(cfg).data
-    assert load_split(data, data.test_split) == list(synthetic(kind, "test"))
+    assert load_split(data, data.test_split) == list(synthetic(kind, "test", balanced=True))
     assert load_split(data, data.train_split) == list(synthetic(kind, "train"))

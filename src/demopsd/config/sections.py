@@ -101,8 +101,9 @@ class GPQAData(DataConfig):
 @dataclass(frozen=True)
 class SyntheticData(DataConfig):
     """The generated leakage task (:mod:`demopsd.data.synthetic`): ``kind`` inferable, uninferable or mixed
-    questions, all fixed by ``generator_seed``; ``train_size`` / ``test_size`` null: 400 / 100 per kind.
-    ``held_out``: datasets evaluated separately in place of the test split (mixed: its two kinds)."""
+    questions, all fixed by ``generator_seed``; ``train_size`` / ``test_size`` null: 400 / 100 per kind (a mixed set
+    counts both kinds). ``held_out``: datasets evaluated separately in place of the test split (mixed: its two kinds,
+    each with its own ``test_size`` and ``balanced_letters``)."""
 
     KINDS: ClassVar[tuple[str, ...]] = ("mixed", "inferable", "uninferable")
     source: str = "synthetic"
@@ -110,6 +111,10 @@ class SyntheticData(DataConfig):
     generator_seed: int = 0
     train_size: int | None = None
     test_size: int | None = None
+    balanced_letters: bool = True
+    """The test split's correct letters in shuffled runs of A, B, C, D, so that every first multiple of four of its
+    questions has each letter equally often and always answering one letter scores exactly 1/4; false: each drawn
+    alone, as the train split's always are."""
     teacher_sees_answer: bool = True
     held_out: dict[str, SyntheticData] = field(default_factory=dict)
 

@@ -87,9 +87,12 @@ class EvalConfig:
     batch_size: int = 8
     """Questions per ``generate`` call (each with ``k`` samples)."""
     max_examples: int | None = None
-    """Evaluate the first this many questions of each dataset; ``None``: all."""
+    """Answer the first this many questions of each dataset (``k`` samples and the greedy answer); ``None``: all."""
     probe: bool = True
     """Also read the policy's distribution over the option letters (see :mod:`demopsd.evaluation.evaluate`)."""
+    probe_examples: int | None = None
+    """Probe the first this many questions of each dataset, more or fewer than are answered (the probe costs one
+    forward per question, an answer up to ``max_new_tokens``); ``None``: those answered."""
     probe_prefix: str = "<reasoning>\n</reasoning>\n<answer>\n"
     chunk_size: int = 1024
 
@@ -106,8 +109,23 @@ class EvalConfig:
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
             (self.max_examples is None or self.max_examples >= 1, "max_examples", self.max_examples,
              "null or at least 1"),
+            (self.probe_examples is None or self.probe_examples >= 1, "probe_examples", self.probe_examples,
+             "null (the questions answered) or at least 1"),
+            (self.probe or self.probe_examples is None, "probe_examples", self.probe_examples,
+             "null while eval.probe is false"),
             (self.chunk_size >= 1, "chunk_size", self.chunk_size, "at least 1"),
         )
+
+    def answered(self, available: int) -> int:
+        """How many of a dataset's ``available`` questions are answered: the first ``max_examples``, at most all."""
+        return available if self.max_examples is None else min(self.max_examples, available)
+
+    def probed(self, available: int) -> int:
+        """How many of them are probed: the first ``probe_examples`` (null: as many as are answered), none without
+        ``probe``."""
+        if not self.probe:
+            return 0
+        return self.answered(available) if self.probe_examples is None else min(self.probe_examples, available)
 
     @property
     def sampling(self) -> SamplingConfig:

@@ -37,5 +37,6 @@ def _load_examples(data: DataConfig, split: str, data_dir: str | Path | None, *,
                          prompt_style=data.prompt_style)
     if isinstance(data, SyntheticData):
         size = {"train": data.train_size, "test": data.test_size}.get(split)
-        return LoadedSplit(generate_synthetic(data.kind, split, seed=data.generator_seed, size=size))
+        return LoadedSplit(generate_synthetic(data.kind, split, seed=data.generator_seed, size=size,
+                                              balanced_letters=data.balanced_letters and split == "test"))
     raise TypeError(f"no loader for data.source={data.source!r} ({type(data).__name__})")

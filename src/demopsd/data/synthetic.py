@@ -19,7 +19,14 @@ Two kinds of question, in the SciKnowEval layout (question, blank line, ``A: ...
 Determinism and hold-out. Item ``j`` of a kind and split draws its text from
 ``random.Random(f"{seed}:{split}:{kind}:text:{j}")`` and its letter from
 ``random.Random(f"{letter_seed}:{split}:{kind}:letter:{j}")`` (string seeds go through SHA-512, so the
-items are the same on every machine and Python version; ``hash()`` is never used). Whether a question
+items are the same on every machine and Python version; ``hash()`` is never used).
+
+Balanced letters. With ``balanced_letters`` the letters come instead in runs of four: items ``4m`` to ``4m + 3``
+of a kind take A, B, C and D once each, in the order ``random.Random(f"{letter_seed}:{split}:{kind}:letters:{m}")``
+shuffles them to. Every prefix of a multiple of four items then has each letter equally often (a mixed set of
+``8m`` items too, ``m`` of each letter per kind), so always answering one letter scores exactly 1/4; the letter
+is still drawn apart from the text, so nothing in a question predicts it (the other three of its run do, which
+no answer to a single question can use). The texts are those of independent draws. Whether a question
 may appear in the train or the test split is fixed by SHA-256 of its content (the question line, plus
 the sorted option texts for inferable items, which share question lines): a fifth of the content space
 is test, the rest train, and each split rejects draws of the other's part. So train and test never
@@ -122,13 +129,15 @@ _CODAS = ("", "", "n", "r", "s", "l", "th", "m")
 
 # ------------------------------------------------------------------------------------------ public API
 def generate_synthetic(
-    kind: str, split: str, *, seed: int = 0, size: int | None = None, letter_seed: int | None = None
+    kind: str, split: str, *, seed: int = 0, size: int | None = None, letter_seed: int | None = None,
+    balanced_letters: bool = False,
 ) -> list[MCQExample]:
     """``size`` questions of ``kind`` ("mixed", "inferable", "uninferable") for ``split`` ("train", "test").
 
     ``size`` defaults to ``DEFAULT_SIZES[split]`` per kind (twice that for ``mixed``). ``letter_seed``
     (default ``seed``) seeds only the draw of the correct letters: another value keeps every question
-    and option text and moves the correct option to an independently drawn letter.
+    and option text and moves the correct option to an independently drawn letter. ``balanced_letters`` draws
+    the letters in shuffled runs of A-D instead of one by one (see the module doc); the texts stay the same.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; accepted: {', '.join(KINDS)}")
@@ -141,11 +150,11 @@ def generate_synthetic(
     letter_seed = seed if letter_seed is None else letter_seed
     if kind == "mixed":
         size = 2 * DEFAULT_SIZES[split] if size is None else size
-        inferable = _items("inferable", split, seed, letter_seed, (size + 1) // 2)
-        uninferable = _items("uninferable", split, seed, letter_seed, size // 2)
+        inferable = _items("inferable", split, seed, letter_seed, (size + 1) // 2, balanced_letters)
+        uninferable = _items("uninferable", split, seed, letter_seed, size // 2, balanced_letters)
         interleaved = [e for pair in zip(inferable, uninferable) for e in pair] + inferable[len(uninferable):]
         return interleaved
-    return _items(kind, split, seed, letter_seed, DEFAULT_SIZES[split] if size is None else size)
+    return _items(kind, split, seed, letter_seed, DEFAULT_SIZES[split] if size is None else size, balanced_letters)
 
 
 def kind_of(example: MCQExample) -> str:
@@ -186,7 +195,7 @@ def content_key(kind: str, question: str, options: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ generation
-def _items(kind: str, split: str, seed: int, letter_seed: int, count: int) -> list[MCQExample]:
+def _items(kind: str, split: str, seed: int, letter_seed: int, count: int, balanced: bool) -> list[MCQExample]:
     seen: set[str] = set()
     examples = []
     for j in range(count):
@@ -199,7 +208,7 @@ def _items(kind: str, split: str, seed: int, letter_seed: int, count: int) -> li
         else:  # pragma: no cover - the question spaces are far larger than any split
             raise RuntimeError(f"no new {kind} {split} question after {_MAX_DRAWS} draws (item {j})")
         seen.add(key)
-        position = random.Random(f"{letter_seed}:{split}:{kind}:letter:{j}").randrange(len(LETTERS))
+        position = _letter_position(kind, split, letter_seed, j, balanced)
         if kind == "uninferable":
             # The four texts are i.i.d. draws; the letter only says which of them is called correct.
             options = [correct, *distractors]
@@ -210,6 +219,15 @@ def _items(kind: str, split: str, seed: int, letter_seed: int, count: int) -> li
         idx = 2 * j + (kind == "uninferable")
         examples.append(MCQExample(prompt, LETTERS[position], SYSTEM_PROMPT, idx, LETTERS))
     return examples
+
+
+def _letter_position(kind: str, split: str, letter_seed: int, j: int, balanced: bool) -> int:
+    """The index in ``LETTERS`` of item ``j``'s correct letter: drawn alone, or its place in a shuffled run of four."""
+    if not balanced:
+        return random.Random(f"{letter_seed}:{split}:{kind}:letter:{j}").randrange(len(LETTERS))
+    positions = range(len(LETTERS))
+    run = random.Random(f"{letter_seed}:{split}:{kind}:letters:{j // len(LETTERS)}").sample(positions, len(LETTERS))
+    return run[j % len(LETTERS)]
 
 
 def _draw(kind: str, rng: random.Random) -> tuple[str, str, list[str]]:

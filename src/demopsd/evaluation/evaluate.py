@@ -3,18 +3,24 @@
 Per dataset it reports, under ``eval/<dataset>/``: ``acc_avg@k`` (mean accuracy over the k samples,
 SDPO's avg@16 when k = 16) and ``acc_avg_se@k`` (its standard error over questions), ``pass@k`` (unbiased
 estimator), ``greedy_accuracy``, ``format_rate`` (share of well-formed sampled answers), ``entropy`` (mean
-full-vocabulary token entropy of the policy on its own sampled answers) and ``response_length``; and, per
-question, every sampled text with its parsed letter, for inspection.
+full-vocabulary token entropy of the policy on its own sampled answers) and ``response_length``; the letters the
+sampled answers name, across questions (``answer_top_share``, ``answer_letter_entropy``) and per question
+(``distinct_answers@k``: :mod:`demopsd.evaluation.metrics`); ``num_questions`` answered; and, per question, every
+sampled text with its parsed letter, for inspection.
 
 The *answer probe* reads the policy's belief over the option letters directly: after the question it
 appends ``probe_prefix`` (an empty reasoning block and ``<answer>``) and takes the next-token
 distribution restricted to the letters. On questions whose answer cannot be inferred, any confidence
 there (``letter_confidence`` above chance, ``letter_entropy`` below ``log(#options)``) is leakage or
-memorisation; ``overconfidence`` is confidence minus accuracy.
+memorisation; ``overconfidence`` is confidence minus accuracy. ``probe_top_share`` is the share of the probed
+questions whose most probable letter is the most common such letter: 1 when the probe prefers the same letter
+whatever the question (collapse, which raises the confidence too). A forward per question, it may cover more
+questions than are answered (``eval.probe_examples``, counted in ``num_probed``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from demopsd.config.settings import EvalConfig
 from demopsd.data.rewards import score_mcq
 from demopsd.data.types import MCQExample, student_conversation
-from demopsd.evaluation.metrics import summarize_samples
+from demopsd.evaluation.metrics import answer_letter_metrics, summarize_samples, top_share
 from demopsd.objectives import chunked_token_log_probs
 from demopsd.rollout.batch import PromptBatch, RolloutBatch, encode_prompts
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
@@ -61,12 +67,11 @@ class BatchResult:
 
 
 def eval_questions(examples: list[MCQExample], dataset: str, config: EvalConfig) -> list[MCQExample]:
-    """The questions of ``dataset`` that are evaluated: the first ``config.max_examples`` (all for None)."""
-    if config.max_examples is not None:
-        examples = examples[: config.max_examples]
+    """The questions of ``dataset`` that are evaluated: the first :meth:`EvalConfig.answered` are answered and the
+    first :meth:`EvalConfig.probed` probed, so the longer of the two prefixes."""
     if not examples:
         raise ValueError(f"no examples to evaluate for dataset {dataset!r}")
-    return examples
+    return examples[: max(config.answered(len(examples)), config.probed(len(examples)))]
 
 
 def num_batches(examples: list[MCQExample], config: EvalConfig) -> int:
@@ -122,17 +127,23 @@ def evaluate_batches(
     progress: bool = True,
     rollout_engine: RolloutEngine | None = None,
 ) -> dict[int, BatchResult]:
-    """Batch index → result, for the batches ``indices`` of ``examples`` (batch ``i``: questions
-    ``i * config.batch_size`` onwards). Batch ``i`` samples after ``torch.manual_seed(seeds(i))``, or, without
-    ``seeds``, from the caller's random stream. Nothing is logged for no batches."""
+    """Batch index → result, for the batches ``indices`` of ``examples``, a dataset's :func:`eval_questions` (batch
+    ``i``: questions ``i * config.batch_size`` onwards). A batch's questions among the first
+    :meth:`EvalConfig.answered` are answered, those among the first :meth:`EvalConfig.probed` probed. Batch ``i``
+    samples after ``torch.manual_seed(seeds(i))``, or, without ``seeds``, from the caller's random stream; its
+    answers do not depend on how many questions are probed. Nothing is logged for no batches."""
     if not indices:
         return {}
     engine = rollout_engine or GenerateEngine(model, tokenizer)
-    batches = {i: examples[i * config.batch_size : (i + 1) * config.batch_size] for i in indices}
-    questions = sum(map(len, batches.values()))
-    log.info("Evaluating %s: %d question%s × %d sampled answer%s%s%s", dataset, questions,
-             "s" if questions > 1 else "", config.k, "s" if config.k > 1 else "",
+    size = config.batch_size
+    batches = {i: examples[i * size : (i + 1) * size] for i in indices}
+    answered = {i: min(max(config.answered(len(examples)) - i * size, 0), len(batches[i])) for i in indices}
+    probed = {i: min(max(config.probed(len(examples)) - i * size, 0), len(batches[i])) for i in indices}
+    questions, answers, probes = (sum(map(len, batches.values())), sum(answered.values()), sum(probed.values()))
+    log.info("Evaluating %s: %d question%s × %d sampled answer%s%s%s%s", dataset, answers,
+             "s" if answers != 1 else "", config.k, "s" if config.k > 1 else "",
              ", plus a greedy one" if config.greedy else "",
+             f"; the letter probe on {probes}" if config.probe and probes != answers else "",
              f" ({questions} of its {len(examples)} in this process)" if questions < len(examples) else "")
     started = time.perf_counter()
     was_training = model.training
@@ -141,7 +152,8 @@ def evaluate_batches(
     for i, batch in tqdm(batches.items(), desc=f"eval {dataset}", unit="batch", disable=not progress, leave=False):
         if seeds is not None:
             torch.manual_seed(seeds(i))
-        results[i] = evaluate_batch(model, tokenizer, engine, batch, config, chat_template_kwargs)
+        results[i] = evaluate_batch(model, tokenizer, engine, batch, config, chat_template_kwargs,
+                                    answered=answered[i], probed=probed[i])
     model.train(was_training)
     log.info("Evaluated %s in %.0f s", dataset, time.perf_counter() - started)
     return results
@@ -154,29 +166,33 @@ def evaluate_batch(
     batch: list[MCQExample],
     config: EvalConfig,
     chat_template_kwargs: dict | None,
+    *,
+    answered: int,
+    probed: int,
 ) -> BatchResult:
-    """``config.k`` sampled answers (and a greedy one, and the letter probe, as ``config`` says) to each
-    question of ``batch``, in one ``generate`` call each, scored."""
+    """``config.k`` sampled answers (and a greedy one, as ``config`` says) to each of the first ``answered``
+    questions of ``batch``, in one ``generate`` call each, scored; the letter probe on its first ``probed``."""
     conversations = [student_conversation(e) for e in batch]
-    prompts = encode_prompts(tokenizer, conversations, chat_template_kwargs=chat_template_kwargs)
-    sampled = engine.generate(prompts, config.sampling)
-    entropy = response_entropy(model, sampled, config.chunk_size)
-    greedy = engine.generate(prompts, config.sampling, greedy=True) if config.greedy else None
-    letter_probs = answer_letter_probs(model, tokenizer, prompts, batch, config.probe_prefix) if config.probe else None
-    lengths = sampled.response_mask.sum(-1).tolist()
-    records = []
-    for i, example in enumerate(batch):
-        rows = range(i * sampled.group_size, (i + 1) * sampled.group_size)
-        record = {
-            "idx": example.idx,
-            "answer": example.answer,
-            "samples": [answer_record(sampled.texts[r], example, lengths[r]) for r in rows],
-        }
-        if greedy is not None:
-            record["greedy"] = answer_record(greedy.texts[i], example, int(greedy.response_mask[i].sum()))
-        if letter_probs is not None:
-            record["letter_probs"] = letter_probs[i]
-        records.append(record)
+    encode = functools.partial(encode_prompts, tokenizer, chat_template_kwargs=chat_template_kwargs)
+    records = [{"idx": example.idx, "answer": example.answer} for example in batch]
+    entropy = torch.zeros(0)
+    prompts = encode(conversations[:answered]) if answered else None
+    if answered:
+        sampled = engine.generate(prompts, config.sampling)
+        entropy = response_entropy(model, sampled, config.chunk_size)
+        greedy = engine.generate(prompts, config.sampling, greedy=True) if config.greedy else None
+        lengths = sampled.response_mask.sum(-1).tolist()
+        for i, (example, record) in enumerate(zip(batch[:answered], records)):
+            rows = range(i * sampled.group_size, (i + 1) * sampled.group_size)
+            record["samples"] = [answer_record(sampled.texts[r], example, lengths[r]) for r in rows]
+            if greedy is not None:
+                record["greedy"] = answer_record(greedy.texts[i], example, int(greedy.response_mask[i].sum()))
+    if probed:
+        if probed != answered:
+            prompts = encode(conversations[:probed])
+        letter_probs = answer_letter_probs(model, tokenizer, prompts, batch[:probed], config.probe_prefix)
+        for record, probs in zip(records, letter_probs):
+            record["letter_probs"] = probs
     return BatchResult(records, float(entropy.sum()), entropy.numel())
 
 
@@ -229,18 +245,22 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
 
 
 def letter_metrics(samples: list[dict]) -> dict[str, float]:
-    """Mean entropy (nats), confidence (max probability), accuracy (argmax) and probability of the answer
-    of the per-question letter distributions, and overconfidence = confidence - accuracy."""
+    """Mean entropy (nats), confidence (max probability), accuracy (argmax; a tie goes to the first letter) and
+    probability of the answer of the per-question letter distributions, overconfidence = confidence - accuracy,
+    and the share of the questions whose argmax is the most common argmax (``probe_top_share``)."""
     entropy = confidence = accuracy = p_answer = 0.0
+    top_letters = []
     for record in samples:
         probs = record["letter_probs"]
+        top_letters.append(max(probs, key=probs.get))
         entropy -= sum(p * math.log(p) for p in probs.values() if p > 0)
         confidence += max(probs.values())
-        accuracy += max(probs, key=probs.get) == record["answer"]
+        accuracy += top_letters[-1] == record["answer"]
         p_answer += probs[record["answer"]]
     n = len(samples)
     return {"letter_entropy": entropy / n, "letter_confidence": confidence / n, "letter_accuracy": accuracy / n,
-            "letter_p_answer": p_answer / n, "overconfidence": (confidence - accuracy) / n}
+            "letter_p_answer": p_answer / n, "overconfidence": (confidence - accuracy) / n,
+            "probe_top_share": top_share(top_letters)}
 
 
 def answer_record(text: str, example: MCQExample, length: int) -> dict:
@@ -250,18 +270,22 @@ def answer_record(text: str, example: MCQExample, length: int) -> dict:
 
 
 def summarize(dataset: str, samples: list[dict], k: int, entropy: float) -> dict[str, float]:
-    """The ``eval/<dataset>/...`` metrics of per-question ``samples`` records (see :func:`evaluate`)."""
-    correct = [[s["correct"] for s in record["samples"]] for record in samples]
-    sampled = [s for record in samples for s in record["samples"]]
-    metrics = dict(summarize_samples(correct, k))
+    """The ``eval/<dataset>/...`` metrics of per-question ``samples`` records (see :func:`evaluate`): those with
+    ``samples`` were answered, those with ``letter_probs`` probed."""
+    answered = [record for record in samples if "samples" in record]
+    probed = [record for record in samples if "letter_probs" in record]
+    sampled = [s for record in answered for s in record["samples"]]
+    metrics = dict(summarize_samples([[s["correct"] for s in record["samples"]] for record in answered], k))
+    metrics.update(answer_letter_metrics([[s["predicted"] for s in record["samples"]] for record in answered], k))
     metrics["format_rate"] = sum(s["well_formed"] for s in sampled) / len(sampled)
     metrics["response_length"] = sum(s["length"] for s in sampled) / len(sampled)
     metrics["entropy"] = entropy
-    if all("letter_probs" in record for record in samples):
-        metrics.update(letter_metrics(samples))
-    if all("greedy" in record for record in samples):
-        metrics["greedy_accuracy"] = sum(record["greedy"]["correct"] for record in samples) / len(samples)
-    metrics["num_questions"] = float(len(samples))
+    if probed:
+        metrics.update(letter_metrics(probed))
+        metrics["num_probed"] = float(len(probed))
+    if all("greedy" in record for record in answered):
+        metrics["greedy_accuracy"] = sum(record["greedy"]["correct"] for record in answered) / len(answered)
+    metrics["num_questions"] = float(len(answered))
     return {f"eval/{dataset}/{name}": float(value) for name, value in metrics.items()}
 
 

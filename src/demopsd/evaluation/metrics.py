@@ -1,4 +1,4 @@
-"""Evaluation metrics over sampled answers: mean accuracy and the unbiased pass@k.
+"""Evaluation metrics over sampled answers: mean accuracy, the unbiased pass@k, and the answers' letters.
 
 Each question is answered ``n`` times and every answer is marked correct or not. ``acc_avg@k`` is
 the mean over questions of the fraction of correct samples; ``pass@k`` is the mean over questions of
@@ -8,13 +8,24 @@ the probability that at least one of ``k`` samples drawn without replacement fro
 (``ddof=1``) of the per-question fractions over the square root of the number of questions. It treats the
 questions as the random draw and a question's ``n`` answers as one measurement of it, so answers to the same
 question are not counted as independent evidence.
+
+The letters the answers name tell collapse from exploration (:func:`answer_letter_metrics`): ``answer_top_share``
+is the share of the most frequent letter among all the sampled answers that name one, ``answer_letter_entropy``
+the entropy (nats) of that marginal distribution over letters, across questions: a policy that answers the same
+letter whatever the question has a top share of 1 and an entropy of 0, however uncertain it is on each question.
+``distinct_answers@k`` is the mean over questions of the number of distinct letters among ``k`` of a question's
+answers: 1 when every answer to a question agrees, up to ``min(k, options)`` when they spread out. From ``n >= k``
+answers it is the expected number among ``k`` drawn without replacement, ``sum_l pass_at_k(n, c_l, k)`` over the
+letters ``l`` named ``c_l`` times (the number itself when ``k = n``). An answer that names no option letter is left
+out of the marginal and adds no distinct answer (the ``format_rate`` counts it).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from numbers import Integral
 
 
@@ -67,3 +78,39 @@ def summarize_samples(correct: Sequence[Sequence[bool]], k: int | None = None) -
     if len(fractions) > 1:
         summary[f"acc_avg_se@{k}"] = statistics.stdev(fractions) / math.sqrt(len(fractions))
     return summary
+
+
+def top_share(values: Sequence[Hashable]) -> float:
+    """The share of the most frequent value among ``values`` (1 when all are equal; at least ``1 / distinct``)."""
+    if not values:
+        raise ValueError("values is empty: the share of the most frequent value needs at least one")
+    return Counter(values).most_common(1)[0][1] / len(values)
+
+
+def marginal_entropy(values: Sequence[Hashable]) -> float:
+    """The entropy (nats) of the empirical distribution of ``values``: ``-sum_v f_v log f_v`` over their frequencies."""
+    if not values:
+        raise ValueError("values is empty: the entropy of their distribution needs at least one")
+    return -sum(c / len(values) * math.log(c / len(values)) for c in Counter(values).values())
+
+
+def answer_letter_metrics(predicted: Sequence[Sequence[str | None]], k: int | None = None) -> dict[str, float]:
+    """``{"answer_top_share": ..., "answer_letter_entropy": ..., "distinct_answers@<k>": ...}`` over questions, each
+    with the same number ``n`` of sampled answers (see the module doc).
+
+    ``predicted[q][s]`` is the option letter answer ``s`` to question ``q`` names, or None for one that names none.
+    ``k`` defaults to ``n`` (requires ``1 <= k <= n``). The first two are left out when no answer names a letter.
+    """
+    if len(predicted) == 0:
+        raise ValueError("predicted is empty: at least one question is required")
+    n = len(predicted[0])
+    if n == 0 or any(len(answers) != n for answers in predicted):
+        sizes = sorted({len(answers) for answers in predicted})
+        raise ValueError(f"questions have {sizes} answers: the same number >= 1 is required")
+    k = n if k is None else k
+    letters = [letter for answers in predicted for letter in answers if letter is not None]
+    counts = [Counter(a for a in answers if a is not None).values() for answers in predicted]
+    metrics = {f"distinct_answers@{k}": statistics.fmean(sum(pass_at_k(n, c, k) for c in q) for q in counts)}
+    if letters:
+        metrics |= {"answer_top_share": top_share(letters), "answer_letter_entropy": marginal_entropy(letters)}
+    return metrics

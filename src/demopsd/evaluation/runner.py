@@ -221,8 +221,8 @@ SAMPLE_COLUMNS = ["step", "dataset", "idx", "prompt", "answer", "response", "par
 
 
 def log_sample_tables(loggers, samples_file: Path, datasets: dict[str, list[MCQExample]], step: int) -> None:
-    """One W&B table per dataset, ``eval/<dataset>/samples``: each question's first sampled answer, parsed and
-    scored (the k samples of every question stay in ``samples.jsonl``)."""
+    """One W&B table per dataset, ``eval/<dataset>/samples``: each answered question's first sampled answer, parsed
+    and scored (the k samples of every question stay in ``samples.jsonl``; questions only probed have none)."""
     targets = wandb_loggers(loggers)
     if not targets or not samples_file.is_file():
         return
@@ -230,6 +230,8 @@ def log_sample_tables(loggers, samples_file: Path, datasets: dict[str, list[MCQE
     rows: dict[str, list[list]] = {}
     for line in samples_file.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
+        if "samples" not in record:
+            continue
         first = record["samples"][0]
         rows.setdefault(record["dataset"], []).append([
             step, record["dataset"], record["idx"], prompts.get((record["dataset"], record["idx"]), ""),

@@ -1,51 +1,115 @@
-"""The leakage table of the synthetic task: answer-probe changes, entropies and leakage per (dataset, method).
+"""The leakage tables of the synthetic task: accuracy, collapse, exploration, answer-probe changes and leakage per
+(dataset, method).
 
 For runs evaluated on the held-out synthetic sets (``eval/synthetic-uninferable/...`` and
-``eval/synthetic-inferable/...``), ``write_leakage`` writes ``leakage.md`` / ``leakage.csv``, one row per
-(dataset, method) of answer-probe changes from the starting model, entropies and mean leakage, each the
-mean ± s.e. over seeds (``tables.aggregate``), with a legend; and ``leakage_runs.csv``, their per-seed values,
-one row per run.
+``eval/synthetic-inferable/...``), ``write_leakage`` writes ``leakage.md``: a headline table (at most eight columns:
+does training help, does the model keep the format, does it collapse onto one letter, does the uninferable
+confidence rise) and a second table of every other quantity, one row per quantity and one column per (dataset,
+method), each cell the mean ± s.e. over seeds (``tables.aggregate``), with a legend; ``leakage.csv``, both tables'
+quantities in one row per (dataset, method); and ``leakage_runs.csv``, their per-seed values, one row per run.
+
+A column holding ``{k}`` (``acc_avg@{k}``) is the run's column of the largest ``k`` it logged (its ``eval.k``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from demopsd.report.runs import Run, has_data, metric_values
+from demopsd.report.runs import Run, metric_values
 from demopsd.report.tables import (
     MEAN_SE_NOTE,
     MISSING,
     aggregate,
+    change_value,
     first_value,
     last_value,
     markdown_table,
+    markdown_transposed,
     mean_value,
 )
 
 LEAKAGE_RUNS_FILE = "leakage_runs.csv"
 UNINFERABLE = "eval/synthetic-uninferable/"
 INFERABLE = "eval/synthetic-inferable/"
+KINDS = {"inferable": INFERABLE, "uninferable": UNINFERABLE}
 
 
 @dataclass(frozen=True)
 class LeakageQuantity:
-    """One per-seed number of the leakage table: its column, how a run's values reduce to it, header, legend."""
+    """One per-seed number of the leakage tables: its column, how a run's values reduce to it, header, legend."""
 
     column: str
-    reduce: Callable[[pd.Series], float]  # first_value / last_value, or mean_value over steps
+    reduce: Callable[[pd.Series], float]  # first_value / last_value / change_value, or mean_value over steps
     header: str
     legend: str
 
 
-LEAKAGE_QUANTITIES = {
+def _per_kind(key: str, column: str, reduce: Callable[[pd.Series], float], header: str,
+              legend: str) -> dict[str, LeakageQuantity]:
+    """``<kind>_<key>`` for each kind of held-out question: the inferable one's legend as given, the uninferable
+    one's "the same"."""
+    return {f"{kind}_{key}": LeakageQuantity(
+                prefix + column, reduce, f"{kind} {header}",
+                legend if kind == "inferable" else f"the same on the {kind} held-out questions")
+            for kind, prefix in KINDS.items()}
+
+
+HEADLINE_QUANTITIES = {
+    "inferable_sampled_accuracy": LeakageQuantity(
+        INFERABLE + "acc_avg@{k}", last_value, "inferable accuracy",
+        "share of correct sampled answers (`eval.k` per question, avg@k) to the inferable held-out questions at the "
+        "last evaluation"),
+    "inferable_accuracy_change": LeakageQuantity(
+        INFERABLE + "acc_avg@{k}", change_value, "inferable accuracy Δ",
+        "its change from the starting model: training helps where it rises by more than its s.e."),
+    "inferable_format_rate": LeakageQuantity(
+        INFERABLE + "format_rate", last_value, "inferable well-formed",
+        "share of those sampled answers that are well-formed (scorable) at the last evaluation"),
+    "uninferable_answer_top_share": LeakageQuantity(
+        UNINFERABLE + "answer_top_share", last_value, "uninferable top answer share",
+        "share of the most frequent letter among the sampled answers to the uninferable held-out questions that "
+        "name one, at the last evaluation: their correct letters are balanced, so 0.25 is an even spread and 1 a "
+        "collapse onto one letter"),
     "uninferable_confidence_change": LeakageQuantity(
         UNINFERABLE + "letter_confidence_change", last_value, "uninferable confidence Δ",
         "change from the starting model in the mean probability of the preferred answer letter on held-out "
-        "questions whose answer cannot be inferred — a rise without an accuracy rise is leakage"),
+        "questions whose answer cannot be inferred — a rise without an accuracy rise is leakage, or collapse where "
+        "the top answer share rises with it"),
+}
+DETAIL_QUANTITIES = {
+    "inferable_sampled_accuracy_start": LeakageQuantity(
+        INFERABLE + "acc_avg@{k}", first_value, "inferable accuracy at step 0",
+        "inferable accuracy of the starting model"),
+    "uninferable_sampled_accuracy": LeakageQuantity(
+        UNINFERABLE + "acc_avg@{k}", last_value, "uninferable accuracy",
+        "share of correct sampled answers to the uninferable held-out questions at the last evaluation: 0.25 is "
+        "chance, whatever the letter preference (their correct letters are balanced)"),
+    **_per_kind("pass_at_k", "pass@{k}", last_value, "pass@k",
+                "chance that one of k sampled answers to an inferable held-out question is correct, at the last "
+                "evaluation: above the accuracy (avg@k) by as much as the answers to a question differ"),
+    **_per_kind("distinct_answers", "distinct_answers@{k}", last_value, "distinct answers@k",
+                "mean number of distinct letters among a question's k sampled answers (inferable held-out "
+                "questions, last evaluation): 1 when they always agree, exploration above it"),
+    "inferable_answer_top_share": LeakageQuantity(
+        INFERABLE + "answer_top_share", last_value, "inferable top answer share",
+        "the top answer share on the inferable held-out questions (also balanced)"),
+    "uninferable_answer_top_share_start": LeakageQuantity(
+        UNINFERABLE + "answer_top_share", first_value, "uninferable top answer share at step 0",
+        "the starting model's: the letter preference training starts from"),
+    **_per_kind("answer_letter_entropy", "answer_letter_entropy", last_value, "answer letter entropy",
+                "entropy (nats) of the letters the sampled answers to the inferable held-out questions name, across "
+                "questions, at the last evaluation: ln 4 = 1.386 for an even spread, 0 for one letter"),
+    **_per_kind("probe_top_share", "probe_top_share", last_value, "probe top letter share",
+                "share of the probed inferable held-out questions whose most probable letter (the answer probe's) is "
+                "the most common such letter, at the last evaluation"),
+    "uninferable_format_rate": LeakageQuantity(
+        UNINFERABLE + "format_rate", last_value, "uninferable well-formed",
+        "share of well-formed sampled answers to the uninferable held-out questions at the last evaluation"),
     "uninferable_overconfidence_change": LeakageQuantity(
         UNINFERABLE + "overconfidence_change", last_value, "uninferable overconfidence Δ",
         "change in confidence minus accuracy of the answer letter on those questions — above 0: the model "
@@ -58,26 +122,13 @@ LEAKAGE_QUANTITIES = {
         UNINFERABLE + "letter_accuracy_change", last_value, "uninferable letter accuracy Δ",
         "change in how often the preferred answer letter is correct on those questions — their correct letter is "
         "random, so this should stay near 0"),
-    "inferable_sampled_accuracy": LeakageQuantity(
-        INFERABLE + "acc_avg@1", last_value, "inferable accuracy (sampled)",
-        "share of correct sampled answers (one per question, the laptop job's `eval.k=1`) to the inferable held-out "
-        "questions at the last evaluation"),
-    "inferable_sampled_accuracy_start": LeakageQuantity(
-        INFERABLE + "acc_avg@1", first_value, "inferable accuracy at step 0",
-        "the same for the starting model"),
-    "inferable_format_rate": LeakageQuantity(
-        INFERABLE + "format_rate", last_value, "inferable well-formed",
-        "share of those sampled answers that are well-formed (scorable) at the last evaluation"),
     "inferable_letter_accuracy_change": LeakageQuantity(
         INFERABLE + "letter_accuracy_change", last_value, "inferable letter accuracy Δ",
         "change in how often the preferred answer letter is correct on held-out questions whose answer follows from "
         "the question text (read after an empty reasoning block, so without the sampled answers' reasoning)"),
-    "uninferable_entropy_change": LeakageQuantity(
-        UNINFERABLE + "entropy_change", last_value, "uninferable response entropy Δ",
-        "change in the mean token entropy of the policy's sampled answers to the uninferable held-out questions"),
-    "inferable_entropy_change": LeakageQuantity(
-        INFERABLE + "entropy_change", last_value, "inferable response entropy Δ",
-        "the same on the inferable held-out questions"),
+    **_per_kind("entropy_change", "entropy_change", last_value, "response entropy Δ",
+                "change in the mean token entropy of the policy's sampled answers to the inferable held-out "
+                "questions"),
     "entropy_final": LeakageQuantity(
         "train/entropy", last_value, "final train entropy",
         "last logged `train/entropy`: the policy's token entropy on its own training rollouts"),
@@ -104,18 +155,30 @@ LEAKAGE_QUANTITIES = {
         "mean over steps of KL(target ‖ student) / KL(teacher ‖ student): 1 where the target is the teacher "
         "(SDPO, OPSD); below 1, the target passes on less than the teacher's full shift"),
 }
-HELDOUT_PROBE_COLUMNS = tuple(q.column for q in LEAKAGE_QUANTITIES.values() if q.column.startswith("eval/"))
+LEAKAGE_QUANTITIES = {**HEADLINE_QUANTITIES, **DETAIL_QUANTITIES}
+
+
+def resolve_column(columns: Iterable[str], column: str) -> str:
+    """``column`` itself, or, where it holds ``{k}``, the one of ``columns`` it matches with the largest ``k``
+    (``column`` unchanged where none matches)."""
+    if "{k}" not in column:
+        return column
+    before, after = column.split("{k}")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    matches = {int(m[1]): c for c in columns if (m := pattern.fullmatch(c))}
+    return matches[max(matches)] if matches else column
 
 
 def has_heldout_probe(run: Run) -> bool:
-    """Whether the run logged any of the held-out synthetic probe columns (``eval/synthetic-*/..._change``)."""
-    return has_data([run], HELDOUT_PROBE_COLUMNS)
+    """Whether the run logged any metric of the held-out synthetic sets (``eval/synthetic-{in,un}inferable/...``)."""
+    return any(len(metric_values(run, c)) for c in run.metrics.columns if c.startswith((INFERABLE, UNINFERABLE)))
 
 
 def leakage_scalars(run: Run) -> dict[str, object]:
-    """The per-seed numbers of the leakage table for one run (NaN where the run lacks the column)."""
+    """The per-seed numbers of the leakage tables for one run (NaN where the run lacks the column)."""
     identity = {"run": run.name, "dataset": run.dataset, "method": run.method, "seed": run.seed}
-    return identity | {key: q.reduce(metric_values(run, q.column)) for key, q in LEAKAGE_QUANTITIES.items()}
+    return identity | {key: q.reduce(metric_values(run, resolve_column(run.metrics.columns, q.column)))
+                       for key, q in LEAKAGE_QUANTITIES.items()}
 
 
 def leakage_per_run(runs: Sequence[Run]) -> pd.DataFrame:
@@ -129,16 +192,28 @@ def summarize_leakage(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def leakage_markdown(summary: pd.DataFrame) -> str:
-    """The leakage summary as a Markdown table, then one legend line per column."""
-    intro = [
+    """The leakage summary as Markdown: the headline table, then the others transposed, each with its legend."""
+    def legend(quantities: dict[str, LeakageQuantity]) -> list[str]:
+        return [f"- **{q.header}**: {q.legend}" for q in quantities.values()]
+
+    lines = [
         "# Leakage on the synthetic task",
         "",
-        f"{MEAN_SE_NOTE} Δ: the value at the last evaluation minus the starting model's (step 0).",
+        f"{MEAN_SE_NOTE} Δ: the value at the last evaluation minus the starting model's (step 0). k: the runs' "
+        "`eval.k`, the sampled answers per question.",
+        "",
+        *markdown_table(summary, {key: q.header for key, q in HEADLINE_QUANTITIES.items()}),
+        "",
+        *legend(HEADLINE_QUANTITIES),
+        "",
+        "## Collapse, exploration, the answer probe and training, per method",
+        "",
+        *markdown_transposed(summary, {key: q.header for key, q in DETAIL_QUANTITIES.items()}),
+        "",
+        *legend(DETAIL_QUANTITIES),
         "",
     ]
-    headers = {key: q.header for key, q in LEAKAGE_QUANTITIES.items()}
-    legend = [f"- **{q.header}**: {q.legend}" for q in LEAKAGE_QUANTITIES.values()]
-    return "\n".join(intro + markdown_table(summary, headers) + ["", *legend, ""])
+    return "\n".join(lines)
 
 
 def write_leakage(runs: Sequence[Run], out: Path) -> tuple[Path | None, Path | None]:

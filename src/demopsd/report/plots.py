@@ -8,7 +8,8 @@
   about 1/30 of the run, the raw mean drawn faintly behind), eval points are not;
 * ``results.md`` / ``results.csv`` and ``runs.csv``: the results table and its per-seed scalars (``tables``);
 * for runs evaluated on the held-out synthetic sets: ``leakage.md`` / ``leakage.csv`` and ``leakage_runs.csv``
-  (``leakage``), and ``heldout_probe.png``, the uninferable confidence and overconfidence changes over steps.
+  (``leakage``), ``heldout_probe.png``, the uninferable confidence and overconfidence changes over steps, and
+  ``heldout_collapse.png`` / ``heldout_diversity.png``, the top answer share and the distinct answers@k per kind.
 
 The standard error is ``std(ddof=1) / sqrt(n)`` over seeds; with one seed the plot has no band.
 """
@@ -27,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from demopsd.report.leakage import LEAKAGE_QUANTITIES, write_leakage
+from demopsd.report.leakage import KINDS, LEAKAGE_QUANTITIES, resolve_column, write_leakage
 from demopsd.report.runs import Run, as_paths, find_runs, has_data, metric_values
 from demopsd.report.tables import EVAL_ACCURACY, METHOD_COLOURS, METHOD_ORDER, method_sort_key, write_results
 
@@ -134,6 +135,22 @@ def probe_curve_specs(runs: Sequence[Run]) -> list[CurveSpec]:
     return [spec] if has_data(runs, spec.columns) else []
 
 
+def collapse_curve_specs(runs: Sequence[Run]) -> list[CurveSpec]:
+    """Collapse and exploration on the held-out synthetic sets, a panel per kind: the top answer share and the
+    distinct answers@k (the largest k any run logged), those any run has."""
+    columns = {c for r in runs for c in r.metrics.columns}
+    kinds = tuple(f"{kind} held-out" for kind in KINDS)
+    specs = (
+        CurveSpec("heldout_collapse", "Collapse: share of the most frequent letter among sampled answers",
+                  "top answer share", tuple(prefix + "answer_top_share" for prefix in KINDS.values()), kinds,
+                  eval_points=True),
+        CurveSpec("heldout_diversity", "Exploration: distinct letters among a question's sampled answers",
+                  "distinct answers@k", tuple(resolve_column(columns, prefix + "distinct_answers@{k}")
+                                              for prefix in KINDS.values()), kinds, eval_points=True),
+    )
+    return [spec for spec in specs if has_data(runs, spec.columns)]
+
+
 def _draw_band(ax, runs: Sequence[Run], column: str, colour: str, spec: CurveSpec, window: int) -> bool:
     """One method's curve: seed mean (smoothed when ``window > 1``, the raw mean faint behind) ± s.e."""
     band = seed_band(runs, column, interpolate=not spec.eval_points, window=window)
@@ -195,7 +212,7 @@ def _plot_all(runs: Sequence[Run], out_dir: Path) -> tuple[list[Path], list[str]
     out_dir.mkdir(parents=True, exist_ok=True)
     colours = method_colours(r.method for r in runs)
     written, skipped = [], []
-    for spec in (*TRAIN_CURVES, *eval_curve_specs(runs), *probe_curve_specs(runs)):
+    for spec in (*TRAIN_CURVES, *eval_curve_specs(runs), *probe_curve_specs(runs), *collapse_curve_specs(runs)):
         if not has_data(runs, spec.columns):
             skipped.append(f"{spec.key}: no run has {' or '.join(spec.columns)}")
             continue
@@ -204,7 +221,8 @@ def _plot_all(runs: Sequence[Run], out_dir: Path) -> tuple[list[Path], list[str]
 
 
 def plot_curves(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write one PNG per quantity (entropy, leakage, λ, reward, eval accuracies, held-out probe) into ``out_dir``.
+    """Write one PNG per quantity (entropy, leakage, λ, reward, eval accuracies, held-out probe, collapse and
+    diversity) into ``out_dir``.
 
     A quantity no run has is skipped (logged; ``write_report`` lists them in ``ReportFiles.skipped``).
     """

@@ -60,6 +60,11 @@ def max_value(values: pd.Series) -> float:
     return float(values.max()) if len(values) else math.nan
 
 
+def change_value(values: pd.Series) -> float:
+    """The last logged value minus the first, NaN if none."""
+    return last_value(values) - first_value(values)
+
+
 def mean_value(values: pd.Series) -> float:
     """The mean of the logged values, NaN if none."""
     return float(values.mean()) if len(values) else math.nan
@@ -178,12 +183,29 @@ def markdown_table(summary: pd.DataFrame, headers: Mapping[str, str]) -> list[st
     header = ["dataset", "method", "seeds", *headers.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for _, row in summary.iterrows():
-        cells = [str(row["dataset"]), str(row["method"]), str(row["seeds"])]
-        for q in headers:
-            cell = format_mean_se(row[f"{q}_mean"], row[f"{q}_se"])
-            n = int(row[f"{q}_n"])
-            cells.append(cell if n in (0, row["seeds"]) else f"{cell} (n={n})")
+        cells = [str(row["dataset"]), str(row["method"]), str(row["seeds"]), *(_cell(row, q) for q in headers)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(row: pd.Series, quantity: str) -> str:
+    """``mean ± s.e.`` of ``quantity`` in an ``aggregate`` row; ``(n=k)`` when fewer seeds than the row's have it."""
+    cell, n = format_mean_se(row[f"{quantity}_mean"], row[f"{quantity}_se"]), int(row[f"{quantity}_n"])
+    return cell if n in (0, row["seeds"]) else f"{cell} (n={n})"
+
+
+def markdown_transposed(summary: pd.DataFrame, headers: Mapping[str, str]) -> list[str]:
+    """The lines of an ``aggregate`` table in Markdown with one row per ``{quantity: header}`` and one column per
+    row of ``summary`` (its method, or ``dataset · method`` where there are several datasets): for many quantities.
+    Each cell is as :func:`markdown_table`'s.
+    """
+    several = summary["dataset"].nunique() > 1
+    columns = [f"{row['dataset']} · {row['method']}" if several else str(row["method"])
+               for _, row in summary.iterrows()]
+    lines = ["| quantity | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns),
+             "| seeds | " + " | ".join(str(seeds) for seeds in summary["seeds"]) + " |"]
+    for q, header in headers.items():
+        lines.append(f"| {header} | " + " | ".join(_cell(row, q) for _, row in summary.iterrows()) + " |")
     return lines
 
 
