@@ -176,3 +176,17 @@ def test_the_teachers_prompts_are_cut_as_the_reprompt_settings_say():
     assert cut.ids.shape == (3, 20)
     first = full.ids[0][full.mask[0].bool()]
     assert torch.equal(cut.ids[0], first[:20])  # the beginning kept, the end dropped
+
+
+def test_the_update_norm_is_the_size_of_the_parameters_change(monkeypatch):
+    """``train/update_norm``: the global norm of θ_after − θ_before for one update, and the mean of each update's
+    for two (the first update's alone is one update of the same first mini-batch)."""
+    initial = dict(tiny_policy(default_tokenizer(), seed=3).double().named_parameters())
+    params, metrics = float64_step(monkeypatch, "grpo", "optim.log_update_norm=true")
+    change = torch.cat([(params[name] - value).flatten() for name, value in initial.items()]).norm()
+    torch.testing.assert_close(metrics["train/update_norm"].double(), change, rtol=1e-6, atol=0)
+    assert change > 0
+    _, two_updates = float64_step(monkeypatch, "grpo", "optim.log_update_norm=true", "method.mini_batch_size=1")
+    assert two_updates["train/update_norm"] > 0
+    _, without = float64_step(monkeypatch, "grpo")
+    assert "train/update_norm" not in without

@@ -337,3 +337,16 @@ def test_the_micro_batch_budget_and_the_moved_gradient_clip_are_checked():
 def test_data_choices_are_checked_before_anything_loads(key, value):
     overrides = ["data=gpqa/diamond"] if "prompt_style" in key else []
     assert "one of" in line_for(problems_of([*overrides, f"{key}={value}"]), key, value)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["data.batch_size=1"], True), (["data.batch_size=2", "trainer=ddp", "trainer.devices=2"], True),
+    (["data.batch_size=4", "trainer=ddp", "trainer.devices=2"], False), (["data.batch_size=2"], False),
+])
+def test_the_placebo_needs_another_prompt_in_each_process(overrides, problem):
+    cfg = compose_train(["method=demopsd_placebo", *overrides])
+    if not problem:
+        assert validate_config(cfg).method.reprompt.placebo
+        return
+    (line,) = problems_of(["method=demopsd_placebo", *overrides])
+    assert line.startswith("data.batch_size=") and "at least 2 prompts per training process" in line

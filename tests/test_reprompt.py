@@ -208,3 +208,14 @@ def test_truncation_keys_are_settings_of_the_composed_config():
     assert (default.max_prompt_tokens, default.truncation) == (10240, "right")
     with pytest.raises(ConfigError, match=r"method.reprompt.truncation='middle'"):
         validate_config(compose_train(["method=sdpo", "method.reprompt.truncation=middle"]))
+
+
+def test_the_placebo_gives_each_group_the_next_groups_contexts():
+    """Three prompts of two rollouts, each group with one success: under the placebo every rollout's context is
+    the demonstration of the next prompt (the last prompt's, the first's), never its own prompt's."""
+    completions = ["first right", "first wrong", "second wrong", "second right", "third right", "third wrong"]
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    real = build_contexts(completions, rewards, 2, RepromptConfig())
+    placebo = build_contexts(completions, rewards, 2, RepromptConfig(placebo=True))
+    assert [c and c.split()[-2] for c in real] == [None, "first", "second", None, None, "third"]
+    assert [c and c.split()[-2] for c in placebo] == ["second", None, None, "third", None, "first"]

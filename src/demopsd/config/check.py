@@ -87,6 +87,9 @@ def train_rules(built: Mapping[str, Any], report: Report) -> None:
                "generator of tensors, which a multi-process tensor-parallel engine would have to pickle)")
     if method and data:
         _check_mini_batch(method.mini_batch_size, data.batch_size, trainer, report)
+        needed = method.prompts_needed(data.batch_size // (_processes(trainer) or 1))
+        if needed:
+            report("data.batch_size", data.batch_size, needed)
     if trainer.get("gradient_clip_val") is not None:
         report("trainer.gradient_clip_val", trainer["gradient_clip_val"],
                "not set: the module clips each update itself, to optim.grad_clip (null: no clipping)")
@@ -103,11 +106,17 @@ def _check_mini_batch(mini_batch_size: int | None, batch_size: int, trainer: Map
         report("method.mini_batch_size", mini_batch_size,
                f"a divisor of data.batch_size={batch_size} (each update takes an equal share of the step's prompts)")
         return
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    if _is_int(devices) and _is_int(nodes) and mini_batch_size % (devices * nodes):
+    processes = _processes(trainer)
+    if processes and mini_batch_size % processes:
         report("method.mini_batch_size", mini_batch_size,
-               f"a multiple of the {devices * nodes} training processes (trainer.devices × trainer.num_nodes): "
+               f"a multiple of the {processes} training processes (trainer.devices × trainer.num_nodes): "
                "each process updates on its share of every mini-batch")
+
+
+def _processes(trainer: Mapping) -> int | None:
+    """The training processes ``trainer.devices × trainer.num_nodes``; None when they are not numbers (``auto``)."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    return devices * nodes if _is_int(devices) and _is_int(nodes) else None
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -48,6 +48,11 @@ class MethodConfig:
         """What ``rollout.n`` the method needs, when ``rollouts_per_prompt`` is not enough; None when it is."""
         return None
 
+    def prompts_needed(self, prompts_per_process: int) -> str | None:
+        """What the method needs of each training process's share of ``data.batch_size``, when
+        ``prompts_per_process`` is not enough; None when it is."""
+        return None
+
 
 @dataclass(frozen=True)
 class DistillMethodConfig(MethodConfig):
@@ -75,6 +80,12 @@ class DistillMethodConfig(MethodConfig):
             return None
         return (f"an integer >= 2 for method {self.name!r} (demonstrations come from sibling rollouts; 1 only with "
                 "method.reprompt.use_demonstrations=false and method.reprompt.use_reference_answer=true)")
+
+    def prompts_needed(self, prompts_per_process: int) -> str | None:
+        if not self.reprompt.placebo or prompts_per_process >= 2:
+            return None
+        return ("at least 2 prompts per training process under method.reprompt.placebo=true (the placebo context "
+                "is another prompt's)")
 
 
 @dataclass(frozen=True)

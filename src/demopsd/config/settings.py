@@ -147,6 +147,9 @@ class OptimConfig:
     """The learning rate rises linearly from 0 at the first update to ``lr`` at update ``warmup_steps``."""
     grad_clip: float | None = 1.0
     """The gradient's global norm is clipped to this before each update (null: no clipping)."""
+    log_update_norm: bool = False
+    """Log ``train/update_norm``, the norm of the parameters' change in each update (a step's mean): it keeps a copy
+    of the policy's weights (of each process's shard) during the optimizer step."""
 
     def __post_init__(self) -> None:
         check_rules(
@@ -261,6 +264,10 @@ class RepromptConfig:
     truncation: str = "right"
     """What a longer teacher prompt gets: ``right`` (its end is cut, as the reference's ``reprompt_truncation``),
     ``left`` (its start is cut) or ``error``."""
+    placebo: bool = False
+    """A control for leakage: each rollout's context is the one built for the rollout in the same place of the
+    next prompt's group (cyclically), i.e. another question's demonstration or answer; what the real context
+    adds over this placebo is what the teacher takes from it. Needs two prompts per training process."""
 
     def __post_init__(self) -> None:
         placeholders = {"template": ("{prompt}", "{context}"), "demonstration_template": ("{solution}",),

@@ -105,7 +105,7 @@ class SelfDistillationModule(L.LightningModule):
                 )
         self.method_step.begin(step_batch)
         optimizer = self.optimizers()
-        grad_norms = []
+        grad_norms, update_norms = [], []
         for index, mini_batch in enumerate(updates):
             optimizer.zero_grad(set_to_none=True)
             for micro_batch in self.micro_batches(rollouts, mini_batch):
@@ -114,10 +114,15 @@ class SelfDistillationModule(L.LightningModule):
                     self.manual_backward(loss)
             with self.clock.phase("optimizer"):
                 grad_norms.append(self.clip_gradient_norm())
+                before = [p.detach().clone() for p in self.policy.parameters()] if self.optim.log_update_norm else None
                 self.update(optimizer, counts_as_step=index == len(updates) - 1)
+                if before is not None:
+                    update_norms.append(self.change_norm(before))
         optimizer.zero_grad(set_to_none=True)
         metrics.update(self.method_step.end())
         metrics["train/grad_norm"] = torch.stack(grad_norms).mean()
+        if update_norms:
+            metrics["train/update_norm"] = torch.stack(update_norms).mean()
         if not step_was_skipped(self._trainer):
             self.after_updates()
         distributed = self._trainer is not None and self.trainer.world_size > 1
@@ -146,6 +151,14 @@ class SelfDistillationModule(L.LightningModule):
         if self.optim.grad_clip is not None and torch.isfinite(norm):
             torch.nn.utils.clip_grads_with_norm_(self.policy.parameters(), self.optim.grad_clip, norm)
         return norm.detach().float().cpu()
+
+    def change_norm(self, before: list[torch.Tensor]) -> torch.Tensor:
+        """The global norm of the policy's parameters minus ``before`` (their values before an update): the size
+        of the step the optimizer took (0 for a skipped update); over every process's shards when sharded."""
+        norm = torch.nn.utils.get_total_norm([p.detach() - b for p, b in zip(self.policy.parameters(), before)])
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return norm.float().cpu()
 
     def update(self, optimizer, *, counts_as_step: bool) -> None:
         """One optimizer update through Lightning (callbacks' ``on_before_optimizer_step``, hence the numerical

@@ -39,7 +39,8 @@ def build_contexts(
 
     ``completions``/``rewards`` hold one entry per rollout, groups consecutive;
     ``answers`` holds one reference answer per group (prompt). ``step`` seeds the random sibling
-    choice together with ``config.seed``, so a step's contexts are reproducible.
+    choice together with ``config.seed``, so a step's contexts are reproducible. Under ``config.placebo`` each group
+    gets the contexts built for the next group (the last the first's).
     """
     n = len(completions)
     if group_size < 1:
@@ -62,7 +63,7 @@ def build_contexts(
         elif config.use_reference_answer:
             context = config.answer_template.format(answer=answers[i // group_size])
         contexts.append(context)
-    return contexts
+    return contexts[group_size:] + contexts[:group_size] if config.placebo else contexts
 
 
 def successful_siblings(rewards: list[float], group_size: int, threshold: float) -> list[list[int]]:
