@@ -156,7 +156,7 @@ def test_the_leakage_benchmark_sweeps_the_laptop_job():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=leakage_benchmark"], return_hydra_config=True)
     default_job = compose_train(["experiment=leakage_laptop"])
-    assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": "opsd,sdpo,demopsd,grpo"}
+    assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": "opsd,sdpo,demopsd,demopsd_placebo,grpo"}
     assert cfg.trainer.max_steps == 12 and cfg.checkpoint.every_n_train_steps == 0
     for section in ("data", "rollout", "optim", "eval", "model"):
         assert cfg[section] == default_job[section], section

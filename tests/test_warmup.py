@@ -30,10 +30,12 @@ CONFIG = WarmupConfig()
 def test_the_warmup_questions_are_other_questions_than_the_tasks():
     questions = warmup_questions(CONFIG)
     assert len(questions) == CONFIG.steps * CONFIG.batch_size == len({e.prompt for e in questions})
-    task_train = {e.prompt for e in generate_synthetic("mixed", "train", seed=CONFIG.task_seed)}
-    task_test = {e.prompt for e in generate_synthetic("mixed", "test", seed=CONFIG.task_seed)}
-    assert not {e.prompt for e in questions} & (task_train | task_test)
-    assert not any(held_out_by(CONFIG.task_seed, e) for e in questions)
+    assert CONFIG.task_seeds == (0, 1, 2)  # the leakage runs' seeds, each generating its own questions
+    for seed in CONFIG.task_seeds:
+        task_train = {e.prompt for e in generate_synthetic("mixed", "train", seed=seed)}
+        task_test = {e.prompt for e in generate_synthetic("mixed", "test", seed=seed, size=800)}
+        assert not {e.prompt for e in questions} & (task_train | task_test), seed
+        assert not any(held_out_by(seed, e) for e in questions)
     assert {kind_of(e) for e in questions} == {"inferable", "uninferable"}
 
 
@@ -54,10 +56,10 @@ def test_the_taught_answer_is_well_formed_and_correct_under_every_reward_rule(ru
 
 def test_the_taught_reasoning_recalls_the_fact_then_names_the_chosen_options_letter_and_text():
     questions = warmup_questions(CONFIG)
-    example = next(e for e in questions if e.prompt.startswith("What is the capital of France?"))
+    example = next(e for e in questions if e.prompt.startswith("What is the capital of Japan?"))
     reasoning = well_formed_answer(example).split("</reasoning>")[0]
-    assert reasoning == f"<reasoning>\nThe capital of France is Paris. The answer is {example.answer}: Paris.\n"
-    assert f"\n{example.answer}: Paris\n" in example.prompt
+    assert reasoning == f"<reasoning>\nThe capital of Japan is Tokyo. The answer is {example.answer}: Tokyo.\n"
+    assert f"\n{example.answer}: Tokyo\n" in example.prompt
     fictional = next(e for e in questions if kind_of(e) == "uninferable")  # no fact to recall: the option's line only
     text = option_texts(fictional.prompt)[fictional.answer]
     assert well_formed_answer(fictional).split("</reasoning>")[0] == (
@@ -81,7 +83,7 @@ def test_labels_cover_the_answer_and_its_eos_only():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(steps=0), "steps=0"), (dict(batch_size=0), "batch_size=0"), (dict(lr=0.0), "lr=0.0"),
-    (dict(generator_seed=0, task_seed=0), "other questions"), (dict(kind="uninferable"), "kind='uninferable'"),
+    (dict(generator_seed=2), "other questions"), (dict(kind="uninferable"), "kind='uninferable'"),
 ])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -121,7 +123,7 @@ def test_an_inferable_warmup_trains_on_inferable_questions_only():
     questions = warmup_questions(config)
     assert len(questions) == config.steps * config.batch_size
     assert {kind_of(e) for e in questions} == {"inferable"}
-    assert not any(held_out_by(config.task_seed, e) for e in questions)
+    assert not any(held_out_by(seed, e) for seed in config.task_seeds for e in questions)
 
 
 def test_settings_added_since_a_build_take_their_defaults(tmp_path):

@@ -50,14 +50,15 @@ everyday knowledge; 4: the fact recalled before the chosen option's line."""
 class WarmupConfig:
     """``steps`` AdamW steps of ``batch_size`` questions at learning rate ``lr``; the questions are the synthetic
     questions of ``kind`` ("mixed", or "inferable" only) of ``generator_seed``, leaving out those of the task
-    generated with ``task_seed``."""
+    generated with each of ``task_seeds`` (the leakage runs' seeds: each run generates its questions with its seed,
+    ``data.generator_seed: ${seed}``), so that no run trains or is evaluated on a question the warm-up taught."""
 
     steps: int = 30
     batch_size: int = 8
     lr: float = 3e-5
     kind: str = "mixed"
-    generator_seed: int = 1
-    task_seed: int = 0
+    generator_seed: int = 1000
+    task_seeds: tuple[int, ...] = (0, 1, 2)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,18 +69,20 @@ class WarmupConfig:
             raise ValueError(f"warmup lr={self.lr} is invalid: a positive learning rate is accepted")
         if self.kind not in WARMUP_KINDS:
             raise ValueError(f"warmup kind={self.kind!r} is invalid: accepted: {', '.join(WARMUP_KINDS)}")
-        if self.generator_seed == self.task_seed:
+        object.__setattr__(self, "task_seeds", tuple(self.task_seeds))  # a list when read back from warmup.json
+        if self.generator_seed in self.task_seeds:
             raise ValueError(f"warmup generator_seed={self.generator_seed} is invalid: it must differ from "
-                             f"task_seed={self.task_seed}, so that the warm-up questions are other questions")
+                             f"task_seeds={self.task_seeds}, so that the warm-up questions are other questions")
 
 
 def warmup_questions(config: WarmupConfig) -> list[MCQExample]:
     """``steps * batch_size`` questions of ``config.kind`` and ``config.generator_seed`` that are neither in the
-    task's train split nor in the part of the question space its test split is drawn from."""
+    train split of any of the task's seeds nor in the part of the question space its test split is drawn from."""
     needed = config.steps * config.batch_size
-    task_train = {e.prompt for e in generate_synthetic("mixed", "train", seed=config.task_seed)}
+    task_train = {e.prompt for seed in config.task_seeds for e in generate_synthetic("mixed", "train", seed=seed)}
     pool = generate_synthetic(config.kind, "train", seed=config.generator_seed, size=3 * needed)
-    kept = [e for e in pool if e.prompt not in task_train and not held_out_by(config.task_seed, e)]
+    kept = [e for e in pool
+            if e.prompt not in task_train and not any(held_out_by(seed, e) for seed in config.task_seeds)]
     if len(kept) < needed:  # pragma: no cover - a fifth of the pool is held out, on average
         raise RuntimeError(f"only {len(kept)} warm-up questions left of {len(pool)}; {needed} needed")
     return kept[:needed]
