@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from demopsd.config.check import validate_config
