@@ -54,7 +54,8 @@ def validate_eval_config(cfg: DictConfig) -> EvalRunSettings:
     """The typed settings of the composed eval config ``cfg``, or :class:`ConfigError` listing every problem. The
     train config's own keys, which a preset shared by both apps (``debug=smoke``, ``experiment=...``) may set, are
     left out."""
-    train_only = {f.name for f in dataclasses.fields(TrainSettings)} - {f.name for f in dataclasses.fields(EvalRunSettings)}
+    train_only = {f.name for f in dataclasses.fields(TrainSettings)} \
+        - {f.name for f in dataclasses.fields(EvalRunSettings)}
     return _validate(cfg, EvalRunSettings, lambda built, report: None, ignored=train_only)
 
 
@@ -280,8 +281,9 @@ def _resolved(cfg: DictConfig, report: Report) -> dict:
 
 
 def _without_hydra_interpolations(cfg: DictConfig) -> DictConfig:
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    for key, value in _raw_leaves(OmegaConf.to_container(cfg, resolve=False), ""):
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    copy = OmegaConf.create(raw)
+    for key, value in _raw_leaves(raw, ""):
         if isinstance(value, str) and "${hydra:" in value:
             OmegaConf.update(copy, key, None)
     return copy

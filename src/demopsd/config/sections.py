@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from demopsd.config.settings import DTYPE_NAMES, REWARD_RULES, WANDB_MODES, EvalConfig, SettingError, check_rules
+from demopsd.config.settings import DTYPE_NAMES, REWARD_RULES, WANDB_MODES, EvalConfig, broken_rules, check_rules
 
 ON_BAD_ROW = ("error", "skip")
 ON_LONG_PROMPT = ("filter", "error")
@@ -146,14 +146,9 @@ class EvalSettings(EvalConfig):
     """More datasets, by name: each a ``data`` section (its own ``source``), e.g. ``eval=gpqa`` adds GPQA-diamond."""
 
     def __post_init__(self) -> None:
-        problems = []
-        try:
-            super().__post_init__()
-        except SettingError as error:
-            problems = [(False, *problem) for problem in error.problems]
         check_rules(
             self.SECTION,
-            *problems,
+            *broken_rules(super().__post_init__),
             (self.every_n_steps >= 0, "every_n_steps", self.every_n_steps,
              "0 (never) or a positive number of training steps"),
         )

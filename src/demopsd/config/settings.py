@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -44,6 +45,16 @@ class SettingError(ValueError):
         super().__init__("; ".join(f"{section + '.' if section else ''}{name}={value!r} is invalid: {accepted} is accepted"
                                    for name, value, accepted in problems))
         self.section, self.problems = section, problems
+
+
+def broken_rules(check: Callable[[], object], rename: Mapping[str, str] = {}) -> list[tuple[bool, str, Any, str]]:
+    """The rules ``check()`` finds broken (it raises :class:`SettingError`; a parent's or a nested settings object's
+    rules), as failed rules for :func:`check_rules`, their fields renamed by ``rename``; [] when all hold."""
+    try:
+        check()
+    except SettingError as error:
+        return [(False, rename.get(name, name), value, accepted) for name, value, accepted in error.problems]
+    return []
 
 
 def check_rules(section: str, *rules: tuple[bool, str, Any, str]) -> None:
@@ -97,15 +108,9 @@ class EvalConfig:
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
-        sampling_problems = []
-        try:
-            self.sampling
-        except SettingError as error:  # SamplingConfig's rules, under this section's names
-            sampling_problems = [(False, "k" if name == "n" else name, value, accepted)
-                                 for name, value, accepted in error.problems]
         check_rules(
             self.SECTION,
-            *sampling_problems,
+            *broken_rules(lambda: self.sampling, rename={"n": "k"}),  # SamplingConfig's, under this section's names
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
             (self.max_examples is None or self.max_examples >= 1, "max_examples", self.max_examples,
              "null or at least 1"),
@@ -299,14 +304,8 @@ class VLLMRolloutConfig(EngineConfig, RolloutConfig):
     backend: str = "vllm"
 
     def __post_init__(self) -> None:
-        problems = []
-        for rules in (RolloutConfig.__post_init__, EngineConfig.__post_init__):
-            try:
-                rules(self)
-            except SettingError as error:
-                problems += error.problems
-        if problems:
-            raise SettingError(self.SECTION, problems)
+        check_rules(self.SECTION, *broken_rules(lambda: RolloutConfig.__post_init__(self)),
+                    *broken_rules(lambda: EngineConfig.__post_init__(self)))
 
 
 ROLLOUT_BACKENDS: dict[str, type[RolloutConfig]] = {"hf": RolloutConfig, "vllm": VLLMRolloutConfig}

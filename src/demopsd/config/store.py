@@ -10,15 +10,15 @@ conf/ YAML files start their defaults list with the one they extend, so they hol
 =====================================  =================================================
 
 Importing this module stores them (``src/train.py``, ``src/eval.py`` and the tests do; so must a script that
-composes conf/ with Hydra's compose API). The nodes are plain mappings of the defaults, not typed structured configs: the values are checked by
-:func:`demopsd.config.check.validate_config`, which reports every problem at once in the project's words.
+composes conf/ with Hydra's compose API). The nodes are plain mappings of the defaults, not typed structured
+configs: the values are checked by :func:`demopsd.config.check.validate_config`, which reports every problem at
+once in the project's words.
 """
 
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from demopsd.config.methods import METHODS, store_method_settings
 from demopsd.config.run import EvalRunSettings, TrainSettings
 from demopsd.config.sections import DATA_SOURCES, EvalSettings, LoggerConfig, ModelConfig, PathsConfig
 from demopsd.config.settings import ROLLOUT_BACKENDS, defaults_of
@@ -30,10 +30,9 @@ EVAL_TOP_LEVEL = ("seed", "task_name", "ckpt_path", "device")
 
 
 def store_settings() -> None:
-    """Every ``/settings/...`` node (a method kind registered later stores its own: :func:`register_method`)."""
+    """Every ``/settings/...`` node but the methods', which :func:`demopsd.config.methods.register_method` stores
+    as it registers each kind (:data:`~demopsd.config.methods.METHODS`)."""
     store = ConfigStore.instance()
-    for kind in METHODS.values():
-        store_method_settings(kind.settings)
     store.store(group="settings", name="train", node=defaults_of(TrainSettings, TRAIN_TOP_LEVEL))
     store.store(group="settings", name="eval_run", node=defaults_of(EvalRunSettings, EVAL_TOP_LEVEL))
     for source, cls in DATA_SOURCES.items():
