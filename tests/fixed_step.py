@@ -90,7 +90,7 @@ class FixedRollouts:
     def sync(self) -> None:
         pass
 
-    def generate(self, prompts, sampling, greedy: bool = False) -> RolloutBatch:
+    def generate(self, prompts, sampling, greedy: bool = False, entropy: bool = False) -> RolloutBatch:
         assert len(self.texts) == prompts.ids.shape[0] * sampling.n, "fixed responses do not match the batch"
         batch = RolloutBatch(
             prompt=repeat_prompts(prompts, sampling.n), response_ids=self.response_ids.clone(),

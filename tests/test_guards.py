@@ -257,7 +257,7 @@ def stubbed_rollouts(monkeypatch):
     class StubEngine:
         uses_policy_weights = False
 
-        def generate(self, prompts, sampling, greedy=False):
+        def generate(self, prompts, sampling, greedy=False, entropy=False):
             n = sampling.n
             rows = prompts.ids.shape[0] * n
             generator = torch.Generator().manual_seed(int(prompts.ids.sum()))

@@ -88,6 +88,35 @@ def test_generate_reads_each_prompt_once_and_samples_what_plain_generate_samples
     assert torch.equal(ours.response_ids, plain)
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 0.8)])
+def test_entropy_measured_while_sampling_is_that_of_a_forward_pass_over_the_responses(temperature, top_p):
+    """The entropy ``generate`` records at each step is the full-vocabulary entropy of the model's own next-token
+    distribution (not of the temperature- or top-p-warped one), token by token as a forward pass over prompt and
+    response recomputes it, for left-padded prompts and rows that end early; the sampled tokens do not change."""
+    tokenizer = default_tokenizer()
+    model = tiny_policy(tokenizer).eval()
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "Which letter? A or B."}],
+                                         [{"role": "user", "content": "Name a colour, any colour you like best."}]])
+    sampling = SamplingConfig(n=3, temperature=temperature, top_p=top_p, max_new_tokens=16)
+    torch.manual_seed(3)
+    frequent = generate_rollouts(model, tokenizer, prompts, sampling).response_ids.flatten().mode().values
+    model.generation_config.eos_token_id = int(frequent)  # so that some rows end early
+    torch.manual_seed(3)
+    measured = generate_rollouts(model, tokenizer, prompts, sampling, entropy=True)
+    torch.manual_seed(3)
+    plain = generate_rollouts(model, tokenizer, prompts, sampling)
+    assert torch.equal(measured.response_ids, plain.response_ids) and plain.token_entropy is None
+    mask = measured.response_mask.bool()
+    assert not mask.all(), "some rows should end before max_new_tokens"
+    assert measured.token_entropy.shape == measured.response_ids.shape and not measured.token_entropy[~mask].any()
+    with torch.no_grad():
+        hidden = response_hidden_states(model, measured.prompt, measured.response_ids, measured.response_mask)
+        log_probs = (hidden[mask] @ lm_head_weight(model).T).double().log_softmax(-1)
+    recomputed = -(log_probs.exp() * log_probs).sum(-1)
+    assert recomputed.std() > 0.05, "the entropies should differ from token to token"
+    torch.testing.assert_close(measured.token_entropy[mask].double(), recomputed, atol=1e-4, rtol=1e-4)
+
+
 def test_a_rollout_batch_refuses_rows_that_are_not_whole_groups():
     ids = torch.ones(6, 2, dtype=torch.long)
     prompt = PromptBatch(ids, ids)
@@ -106,7 +135,7 @@ class ServedTexts:
     def __init__(self, texts: list[str]) -> None:
         self.texts, self.prompts = texts, []
 
-    def generate(self, prompts, sampling, greedy=False):
+    def generate(self, prompts, sampling, greedy=False, entropy=False):
         self.prompts.append(prompts)
         ids = torch.ones(len(self.texts), 1, dtype=torch.long)
         return RolloutBatch(repeat_prompts(prompts, sampling.n), ids, ids, list(self.texts), 0.0, sampling.n)

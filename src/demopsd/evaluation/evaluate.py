@@ -178,8 +178,9 @@ def evaluate_batch(
     entropy = torch.zeros(0)
     prompts = encode(conversations[:answered]) if answered else None
     if answered:
-        sampled = engine.generate(prompts, config.sampling)
-        entropy = response_entropy(model, sampled, config.chunk_size)
+        sampled = engine.generate(prompts, config.sampling, entropy=True)
+        entropy = (response_entropy(model, sampled, config.chunk_size) if sampled.token_entropy is None
+                   else sampled.token_entropy[sampled.response_mask.bool()])
         greedy = engine.generate(prompts, config.sampling, greedy=True) if config.greedy else None
         lengths = sampled.response_mask.sum(-1).tolist()
         for i, (example, record) in enumerate(zip(batch[:answered], records)):
@@ -206,7 +207,8 @@ def combine(dataset: str, batches: list[BatchResult], k: int) -> EvalResult:
 
 
 def response_entropy(model: PreTrainedModel, rollouts: RolloutBatch, chunk_size: int) -> torch.Tensor:
-    """Full-vocabulary entropy ``[N]`` of ``model`` at each of the ``N`` response tokens of ``rollouts``."""
+    """Full-vocabulary entropy ``[N]`` of ``model`` at each of the ``N`` response tokens of ``rollouts``, from a
+    forward pass over them: for an engine that did not measure it while sampling."""
     hidden = response_hidden_states(model, rollouts.prompt, rollouts.response_ids, rollouts.response_mask)
     valid = rollouts.response_mask.bool()
     _, entropy = chunked_token_log_probs(

@@ -31,6 +31,9 @@ class RolloutBatch:
     the generated tokens up to and including the first end-of-sequence token. ``log_probs`` ``[B*n, R]`` holds
     the sampler's log-probability of each response token when it is not the trainer's live model (vLLM);
     ``None`` means the rollouts came from the policy being trained, so its own values are ``log π_old``.
+    ``token_entropy`` ``[B*n, R]`` holds the full-vocabulary entropy of the sampler's distribution at each response
+    token, before temperature and top-p, where the engine measured it while sampling (``generate`` asked for it);
+    ``None`` otherwise.
     ``group_size`` is set by the engine that sampled the rows; ``None`` for rows cut out of a batch
     (:func:`demopsd.training.batching.select_rows`), which need not hold whole groups.
     """
@@ -42,6 +45,7 @@ class RolloutBatch:
     seconds: float
     group_size: int | None
     log_probs: torch.Tensor | None = None
+    token_entropy: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = self.response_ids.shape[0]
@@ -62,6 +66,7 @@ class RolloutBatch:
             seconds=self.seconds,
             group_size=self.group_size,
             log_probs=None if self.log_probs is None else self.log_probs.to(device),
+            token_entropy=None if self.token_entropy is None else self.token_entropy.to(device),
         )
 
 

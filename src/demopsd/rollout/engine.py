@@ -12,7 +12,7 @@ import time
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from demopsd.config.settings import SamplingConfig
 from demopsd.rollout.batch import PromptBatch, RolloutBatch, eos_token_ids, repeat_prompts, response_mask
@@ -25,8 +25,11 @@ class RolloutEngine(Protocol):
     """Whether the engine runs the policy module itself (a sharded policy must then be gathered around
     :meth:`generate`) rather than a copy of its weights."""
 
-    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:
-        """Rows grouped by prompt as :class:`RolloutBatch` says, on the policy's device."""
+    def generate(
+        self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False, entropy: bool = False
+    ) -> RolloutBatch:
+        """Rows grouped by prompt as :class:`RolloutBatch` says, on the policy's device. ``entropy``: fill
+        :attr:`RolloutBatch.token_entropy` if the engine can measure it while sampling (else it stays None)."""
 
     def policy_updated(self) -> None:
         """The policy's weights changed (an optimizer step): the next :meth:`sync` must bring them in."""
@@ -46,8 +49,10 @@ class GenerateEngine:
     def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.policy, self.tokenizer = policy, tokenizer
 
-    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:
-        return generate_rollouts(self.policy, self.tokenizer, prompts, sampling, greedy=greedy)
+    def generate(
+        self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False, entropy: bool = False
+    ) -> RolloutBatch:
+        return generate_rollouts(self.policy, self.tokenizer, prompts, sampling, greedy=greedy, entropy=entropy)
 
     def policy_updated(self) -> None:
         pass
@@ -64,10 +69,13 @@ def generate_rollouts(
     sampling: SamplingConfig,
     *,
     greedy: bool = False,
+    entropy: bool = False,
 ) -> RolloutBatch:
     """Sample ``sampling.n`` responses per prompt with Hugging Face ``generate`` on the live weights.
 
     ``greedy``: one deterministic response per prompt (``n``, temperature and top-p are ignored).
+    ``entropy``: also measure each response token's full-vocabulary entropy (:class:`StepEntropy`), at no extra
+    forward pass.
     Each prompt is read once, not once per response: ``generate`` starts from :func:`shared_prompt_cache`.
     """
     device = model.device
@@ -79,6 +87,7 @@ def generate_rollouts(
         else {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     )
     eos_ids = eos_token_ids(model, tokenizer)
+    step_entropy = StepEntropy() if entropy else None
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -90,6 +99,7 @@ def generate_rollouts(
         max_new_tokens=sampling.max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([] if step_entropy is None else [step_entropy]),
         synced_gpus=False,  # a sharded model's weights are gathered first (demopsd.runtime.sharding): no process waits
     )
     seconds = time.perf_counter() - start
@@ -98,8 +108,31 @@ def generate_rollouts(
     mask = response_mask(response_ids, eos_ids)
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    token_entropy = None if step_entropy is None else step_entropy.entropy().masked_fill(mask == 0, 0)
     return RolloutBatch(prompt=prompt, response_ids=response_ids, response_mask=mask, texts=texts, seconds=seconds,
-                        group_size=copies)
+                        group_size=copies, token_entropy=token_entropy)
+
+
+class StepEntropy(LogitsProcessor):
+    """Records, at each step of ``generate``, the full-vocabulary entropy of every row's next-token distribution,
+    and leaves the logits as they are.
+
+    ``generate`` applies the processors it is given before its temperature and top-p warpers, so these are the
+    model's own distributions, those :func:`demopsd.objectives.chunked_token_log_probs` recomputes from hidden
+    states. Memory: one float per row per step.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = scores.float().softmax(-1)
+        self.steps.append(-torch.special.xlogy(probs, probs).sum(-1))
+        return scores
+
+    def entropy(self) -> torch.Tensor:
+        """``[rows, steps]``: column ``t`` is the entropy of the distribution response token ``t`` was drawn from."""
+        return torch.stack(self.steps, dim=1)
 
 
 def shared_prompt_cache(model: PreTrainedModel, prompts: PromptBatch, copies: int) -> DynamicCache | None:

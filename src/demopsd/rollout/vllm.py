@@ -213,10 +213,13 @@ class VLLMEngine:
         push_weights(self.llm, full_state(policy, self.dtype))
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False) -> RolloutBatch:
+    def generate(
+        self, prompts: PromptBatch, sampling: SamplingConfig, *, greedy: bool = False, entropy: bool = False
+    ) -> RolloutBatch:
         """``sampling.n`` responses per prompt (one for ``greedy``), rows grouped by prompt as in ``RolloutBatch``,
         on the policy's device. The engine is woken and given the policy's newest weights first (:meth:`sync`);
-        after a generation for training (the policy in training mode) it goes back to sleep."""
+        after a generation for training (the policy in training mode) it goes back to sleep. vLLM returns a few
+        log-probabilities per token, not the whole distribution: ``entropy`` is ignored, ``token_entropy`` None."""
         self.sync()
         copies = 1 if greedy else sampling.n
         requests = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompts.ids, prompts.mask)]
