@@ -1,5 +1,6 @@
 """Every method × dataset composes, and its objective / sampling / reprompt settings build and validate."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from demopsd.config.objectives import DistillationConfig, GRPOConfig
-from demopsd.config.settings import RepromptConfig
+from demopsd.config.settings import EvalConfig, RepromptConfig
 from tests.helpers import CONFIG_DIR, REPO_ROOT
 
 METHODS = sorted(path.stem for path in (CONFIG_DIR / "method").glob("*.yaml"))
@@ -160,6 +161,23 @@ def test_the_leakage_benchmark_sweeps_the_laptop_job():
     assert cfg.trainer.max_steps == 12 and cfg.checkpoint.every_n_train_steps == 0
     for section in ("data", "rollout", "optim", "eval", "model"):
         assert cfg[section] == default_job[section], section
+
+
+def test_the_learning_rate_sweep_starts_from_what_src_eval_evaluates_once():
+    """The sweep's runs skip the step-0 evaluation; ``src/eval.py experiment=lr_sweep`` evaluates the same model on
+    the same questions with the same settings and seed, which is what each run's step 0 would have been."""
+    from demopsd.config.check import validate_config, validate_eval_config
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        sweep = compose(config_name="train", overrides=["experiment=lr_sweep"], return_hydra_config=True)
+    assert dict(sweep.hydra.sweeper.params) == {"optim.lr": "1.0e-5,3.0e-6,1.0e-6,1.0e-4", "method": "grpo,demopsd"}
+    run = validate_config(compose_train(["experiment=lr_sweep", "seed=2", "optim.lr=1e-6"]))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        start = validate_eval_config(compose(config_name="eval", overrides=["experiment=lr_sweep", "seed=2"]))
+    assert not run.eval.at_start and run.eval.at_end and run.trainer["max_steps"] == 24
+    assert (start.data, start.model, start.seed) == (run.data, run.model, run.seed)
+    assert start.data.generator_seed == 2 and start.eval.probe_examples == 200
+    assert all(getattr(start.eval, f.name) == getattr(run.eval, f.name) for f in dataclasses.fields(EvalConfig))
 
 
 def test_cfg_job_prints_the_composed_config():
