@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from demopsd.evaluation.evaluate import summarize
-from demopsd.evaluation.runner import changes_from
+from demopsd.evaluation.metrics import changes_from
 from demopsd.report.dashboard import (
     GROUP_BY, MAX_RUNS, SECTIONS, NotLoggedInError, build_workspace, save_workspace,
 )

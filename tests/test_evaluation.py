@@ -17,7 +17,7 @@ from demopsd.evaluation.evaluate import (
     summarize,
     write_results,
 )
-from demopsd.evaluation.runner import changes_from
+from demopsd.evaluation.metrics import changes_from
 from demopsd.rollout.batch import PromptBatch
 from tests.helpers import tiny_llama
 

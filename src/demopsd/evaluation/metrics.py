@@ -114,3 +114,14 @@ def answer_letter_metrics(predicted: Sequence[Sequence[str | None]], k: int | No
     if letters:
         metrics |= {"answer_top_share": top_share(letters), "answer_letter_entropy": marginal_entropy(letters)}
     return metrics
+
+
+CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer",
+                  "overconfidence")
+"""Logged also as ``<metric>_change`` from the starting model (step 0), when it was evaluated."""
+
+
+def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """``<name>_change`` = ``metrics[name] - baseline[name]`` for the :data:`CHANGE_METRICS` in both."""
+    return {f"{name}_change": value - baseline[name] for name, value in metrics.items()
+            if name in baseline and name.rsplit("/", 1)[-1] in CHANGE_METRICS}

@@ -26,6 +26,7 @@ from demopsd.evaluation.evaluate import (
     num_batches,
     write_results,
 )
+from demopsd.evaluation.metrics import changes_from
 from demopsd.rollout.engine import GenerateEngine, RolloutEngine
 from demopsd.runtime.checkpoints import (
     CHECKPOINT_DIR,
@@ -41,11 +42,6 @@ from demopsd.runtime.randomness import random_states_kept
 from demopsd.runtime.sharding import gathered
 
 log = logging.getLogger(__name__)
-
-CHANGE_METRICS = ("entropy", "letter_entropy", "letter_confidence", "letter_accuracy", "letter_p_answer",
-                  "overconfidence")
-"""Logged also as ``<metric>_change`` from the starting model (step 0), when it was evaluated."""
-
 
 def eval_datasets(data: DataConfig, evaluation: EvalSettings, data_dir: str | None) -> dict[str, list[MCQExample]]:
     """Dataset name → examples: the held-out data of ``data`` (if ``eval.in_domain``) and every ``eval.ood`` entry.
@@ -142,8 +138,8 @@ class PeriodicEvaluation(L.Callback):
     per-question samples go to ``<out_dir>/step<NNNNNN>/``. Sampling is seeded with ``seed + step`` (each batch
     of questions from it, the dataset and the batch: :func:`run_all`) on a forked random state, so evaluating
     or not leaves the training run unchanged, and the answers do not depend on the number of processes. With
-    ``at_start`` the :data:`CHANGE_METRICS` are also logged as changes from the starting model (its own biases
-    are not what training did); that baseline is kept in checkpoints.
+    ``at_start`` the :data:`~demopsd.evaluation.metrics.CHANGE_METRICS` are also logged as changes from the
+    starting model (its own biases are not what training did); that baseline is kept in checkpoints.
     """
 
     def __init__(
@@ -240,12 +236,6 @@ def log_sample_tables(loggers, samples_file: Path, datasets: dict[str, list[MCQE
     for logger in targets:
         for dataset, data in rows.items():
             logger.log_table(key=f"eval/{dataset}/samples", columns=SAMPLE_COLUMNS, data=data, step=step)
-
-
-def changes_from(baseline: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
-    """``<name>_change`` = ``metrics[name] - baseline[name]`` for the :data:`CHANGE_METRICS` in both."""
-    return {f"{name}_change": value - baseline[name] for name, value in metrics.items()
-            if name in baseline and name.rsplit("/", 1)[-1] in CHANGE_METRICS}
 
 
 def periodic_evaluation(settings: TrainSettings, out_dir: Path) -> PeriodicEvaluation:

@@ -30,6 +30,8 @@ from matplotlib.ticker import MaxNLocator
 
 from demopsd.report.leakage import KINDS, LEAKAGE_QUANTITIES, resolve_column, write_leakage
 from demopsd.report.runs import Run, as_paths, find_runs, has_data, metric_values
+from demopsd.report.start import find_starting_evaluations, with_starting_model
+from demopsd.report.sweep import labelled_by_setting, write_sweep
 from demopsd.report.tables import EVAL_ACCURACY, METHOD_COLOURS, METHOD_ORDER, method_sort_key, write_results
 
 log = logging.getLogger(__name__)
@@ -248,19 +250,37 @@ class ReportFiles:
     runs: int = 0
     leakage_md: Path | None = None  # None: no run has the held-out synthetic probe
     leakage_csv: Path | None = None
+    sweep_md: Path | None = None  # None: no sweep key was given
+    sweep_csv: Path | None = None
 
 
-def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path | None = None) -> ReportFiles:
+def write_report(
+    paths: str | Path | Iterable[str | Path],
+    out_dir: str | Path | None = None,
+    *,
+    start: str | Path | Iterable[str | Path] = (),
+    sweep: str | None = None,
+) -> ReportFiles:
     """Find the runs under ``paths`` and write plots, ``results.md``, ``results.csv`` and ``runs.csv``.
 
-    Also ``leakage.md`` and ``leakage.csv`` when a run has the held-out synthetic probe.
+    Also ``leakage.md`` and ``leakage.csv`` when a run has the held-out synthetic probe. ``start``: directories of
+    starting-model evaluations (``src/eval.py``) that stand for step 0 of the runs that skipped it
+    (:mod:`demopsd.report.start`). ``sweep``: a setting (``optim.lr``) the runs differ in; ``sweep.md`` and
+    ``sweep.csv`` then hold one row per (method, value) (:mod:`demopsd.report.sweep`), and the other tables and the
+    plots show each (method, value) as a method of its own.
     ``out_dir`` defaults to ``<first path>/report``.
     """
     roots = as_paths(paths)
     out = Path(out_dir) if out_dir is not None else (roots[0] if roots else Path(".")) / "report"
     runs = find_runs(roots)
+    if as_paths(start):
+        runs = with_starting_model(runs, find_starting_evaluations(start))
     out.mkdir(parents=True, exist_ok=True)
+    sweep_md, sweep_csv = write_sweep(runs, out, sweep) if sweep else (None, None)
+    if sweep:
+        runs = labelled_by_setting(runs, sweep)
     plots, skipped = _plot_all(runs, out)
     leakage_md, leakage_csv = write_leakage(runs, out)
     table_md, table_csv, runs_csv = write_results(runs, out)
-    return ReportFiles(out, table_md, table_csv, runs_csv, plots, skipped, len(runs), leakage_md, leakage_csv)
+    return ReportFiles(out, table_md, table_csv, runs_csv, plots, skipped, len(runs), leakage_md, leakage_csv,
+                       sweep_md, sweep_csv)

@@ -32,6 +32,9 @@ class Run:
     seed: int | None
     name: str
     metrics: pd.DataFrame  # index "step" (sorted, unique); one column per logged metric
+    start: Path | None = None
+    """The ``src/eval.py`` evaluation that stands for the run's step 0 (:mod:`demopsd.report.start`); None when the
+    run evaluated its start itself (``<path>/eval/step000000``) or not at all."""
 
 
 def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
