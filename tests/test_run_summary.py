@@ -1,6 +1,7 @@
 import pandas as pd
 
 from demopsd.report.summary import run_summary
+from tests.test_sweep_report import QUESTIONS, samples, write_jsonl
 
 
 def test_summary_reports_first_and_last_evaluation_training_entropy_and_mean_leakage(tmp_path):
@@ -38,5 +39,43 @@ def test_accuracy_carries_its_standard_error_over_questions_when_logged(tmp_path
         {"step": 12, "eval/synthetic-inferable/acc_avg@4": 0.375, "eval/synthetic-inferable/acc_avg_se@4": 0.05},
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
-    line = run_summary(tmp_path / "metrics.csv").splitlines()[1]
+    verdict, _, line = run_summary(tmp_path / "metrics.csv").splitlines()
     assert line == "  synthetic-inferable (step 0 → 12): accuracy 0.250 ± 0.040 → 0.375 ± 0.050 (+0.125)"
+    assert verdict == ("Training changed no held-out accuracy by 2 standard errors or more: synthetic-inferable "
+                       "unchanged, accuracy 0.250 → 0.375 (+0.125 ± 0.064 unpaired s.e.)")  # 0.125 < 2 √(.04² + .05²)
+
+
+def test_the_first_line_says_when_training_made_the_model_worse_lost_the_format_and_collapsed(tmp_path):
+    """Judged on the per-question (paired) change where the evaluations' samples are there: here every question
+    loses one of its four correct answers (a change of -0.25 with no spread), more than any unpaired s.e."""
+    start = [True] * 2 + [False] * 2
+    end = [True] + [False] * 3
+    write_jsonl(tmp_path / "eval" / "step000000" / "samples.jsonl", samples(start * QUESTIONS))
+    write_jsonl(tmp_path / "eval" / "step000008" / "samples.jsonl", samples(end * QUESTIONS))
+    inferable = "eval/synthetic-inferable/"
+    rows = [{"step": 0, inferable + "acc_avg@4": 0.5, inferable + "acc_avg_se@4": 0.2, inferable + "format_rate": 1.0,
+             inferable + "answer_top_share": 0.3},
+            {"step": 8, inferable + "acc_avg@4": 0.25, inferable + "acc_avg_se@4": 0.2, inferable + "format_rate": 0.5,
+             inferable + "answer_top_share": 0.95}]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    first = run_summary(tmp_path / "metrics.csv").splitlines()[0]
+    assert first == ("Training made the model worse: synthetic-inferable worse, accuracy 0.500 → 0.250 (-0.250 ± "
+                     "0.000 paired s.e.); it lost the answer format on synthetic-inferable (well-formed 1.00 → 0.50); "
+                     "it collapsed onto one answer letter on synthetic-inferable (top letter's share 0.30 → 0.95)")
+
+
+def test_a_collapse_onto_one_letter_is_damage_whatever_the_accuracy(tmp_path):
+    rows = [{"step": 0, "eval/x/acc_avg@4": 0.25, "eval/x/acc_avg_se@4": 0.03, "eval/x/answer_top_share": 0.4},
+            {"step": 8, "eval/x/acc_avg@4": 0.25, "eval/x/acc_avg_se@4": 0.03, "eval/x/answer_top_share": 0.8}]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == (
+        "Training damaged the model's answers: x unchanged, accuracy 0.250 → 0.250 (+0.000 ± 0.042 unpaired s.e.); "
+        "it collapsed onto one answer letter on x (top letter's share 0.40 → 0.80)")
+
+
+def test_a_rise_of_two_standard_errors_is_help(tmp_path):
+    rows = [{"step": 0, "eval/x/acc_avg@4": 0.25, "eval/x/acc_avg_se@4": 0.03, "eval/x/format_rate": 1.0},
+            {"step": 8, "eval/x/acc_avg@4": 0.40, "eval/x/acc_avg_se@4": 0.03, "eval/x/format_rate": 0.95}]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == (
+        "Training helped: x better, accuracy 0.250 → 0.400 (+0.150 ± 0.042 unpaired s.e.)")

@@ -1,10 +1,23 @@
-"""The few lines a finished run prints about what it measured, read back from its ``metrics.csv``."""
+"""The few lines a finished run prints about what it measured, read back from its ``metrics.csv``: first a verdict
+(did training help, change nothing, or make the model worse; did it lose the format or collapse onto one letter),
+then the numbers behind it."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
+
+from demopsd.report.sweep import paired_change
+
+SIGNIFICANT_AT = 2.0
+"""A held-out accuracy changed when its change is at least this many standard errors."""
+FORMAT_LOST_BELOW = 0.9
+"""The answer format is lost when fewer than this share of the sampled answers are well-formed (and fewer than at
+the start)."""
+COLLAPSED_AT = (0.8, 0.2)
+"""Answers collapsed onto one letter when the most frequent letter's share ends at least 0.8, up at least 0.2."""
 
 PROBE = (("letter_confidence", "letter confidence"), ("overconfidence", "overconfidence"),
          ("letter_entropy", "letter entropy"), ("letter_accuracy", "letter accuracy"), ("entropy", "response entropy"))
@@ -53,7 +66,60 @@ def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str
         return ""
     header = "What this run measured (held-out questions: first → last evaluation):"
     footer = [f"Plots and tables: {plots}"] if plots else []
-    return "\n".join([header, *lines, *footer])
+    first = verdict(metrics, Path(metrics_csv).parent, datasets)
+    return "\n".join([*([first] if first else []), header, *lines, *footer])
+
+
+def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | None:
+    """One line: whether each dataset's held-out accuracy rose, fell or stayed within :data:`SIGNIFICANT_AT`
+    standard errors from the first to the last evaluation, and whether the answers lost their format or collapsed
+    onto one letter; None without two evaluations with a standard error. The standard error is paired (per question, from the
+    evaluations' ``samples.jsonl`` under ``run_dir``) where both are there, else that of two independent means."""
+    judged, flags = {}, []
+    for dataset in datasets:
+        column = next((c for c in sorted(metrics.columns) if c.startswith(f"eval/{dataset}/acc_avg@")
+                       and c.rsplit("@", 1)[1].isdigit()), None)
+        evaluated = metrics.dropna(subset=[column]) if column else metrics.iloc[:0]
+        if len(evaluated) < 2:
+            continue
+        steps = evaluated["step"].astype(int)
+        first, last = float(evaluated[column].iloc[0]), float(evaluated[column].iloc[-1])
+        change, se, kind = accuracy_change(evaluated, column, run_dir, dataset, steps.iloc[0], steps.iloc[-1])
+        if math.isnan(se):  # nothing to judge the change by
+            continue
+        status = ("unchanged" if abs(change) < SIGNIFICANT_AT * se or change == 0
+                  else "better" if change > 0 else "worse")
+        judged[dataset] = (status, f"{dataset} {status}, accuracy {first:.3f} → {last:.3f} ({change:+.3f} ± "
+                                   f"{se:.3f} {kind} s.e.)")
+        well_formed = _values(metrics, f"eval/{dataset}/format_rate")
+        if len(well_formed) > 1 and well_formed.iloc[-1] < min(FORMAT_LOST_BELOW, well_formed.iloc[0]):
+            flags.append(f"lost the answer format on {dataset} (well-formed {well_formed.iloc[0]:.2f} → "
+                         f"{well_formed.iloc[-1]:.2f})")
+        top = _values(metrics, f"eval/{dataset}/answer_top_share")
+        if len(top) > 1 and top.iloc[-1] >= COLLAPSED_AT[0] and top.iloc[-1] - top.iloc[0] >= COLLAPSED_AT[1]:
+            flags.append(f"collapsed onto one answer letter on {dataset} (top letter's share {top.iloc[0]:.2f} → "
+                         f"{top.iloc[-1]:.2f})")
+    if not judged:
+        return None
+    statuses = {status for status, _ in judged.values()}
+    lead = ("Training made the model worse" if "worse" in statuses
+            else "Training damaged the model's answers" if flags
+            else "Training helped" if "better" in statuses
+            else f"Training changed no held-out accuracy by {SIGNIFICANT_AT:g} standard errors or more")
+    return f"{lead}: " + "; ".join(text for _, text in judged.values()) + "".join(f"; it {flag}" for flag in flags)
+
+
+def accuracy_change(evaluated: pd.DataFrame, column: str, run_dir: Path, dataset: str, first_step: int,
+                    last_step: int) -> tuple[float, float, str]:
+    """The change of ``column`` from the first evaluation to the last, its standard error and which kind it is."""
+    samples = [run_dir / "eval" / f"step{step:06d}" / "samples.jsonl" for step in (first_step, last_step)]
+    if all(path.is_file() for path in samples):
+        change, se, _ = paired_change(*samples, dataset=dataset)
+        return change, se, "paired"
+    change = float(evaluated[column].iloc[-1] - evaluated[column].iloc[0])
+    errors = _values(evaluated, column.replace("acc_avg@", "acc_avg_se@"))
+    se = math.hypot(errors.iloc[0], errors.iloc[-1]) if len(errors) == len(evaluated) else math.nan
+    return change, se, "unpaired"
 
 
 def _values(metrics: pd.DataFrame, column: str, index: str | None = None) -> pd.Series:
