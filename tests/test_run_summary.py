@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 
 from demopsd.report.summary import run_summary
 from tests.test_sweep_report import QUESTIONS, samples, write_jsonl
@@ -42,7 +43,7 @@ def test_accuracy_carries_its_standard_error_over_questions_when_logged(tmp_path
     verdict, _, line = run_summary(tmp_path / "metrics.csv").splitlines()
     assert line == "  synthetic-inferable (step 0 → 12): accuracy 0.250 ± 0.040 → 0.375 ± 0.050 (+0.125)"
     assert verdict == ("Training changed no held-out accuracy by 2 standard errors or more: synthetic-inferable "
-                       "unchanged, accuracy 0.250 → 0.375 (+0.125 ± 0.064 unpaired s.e.)")  # 0.125 < 2 √(.04² + .05²)
+                       "unchanged, accuracy 0.250 → 0.375 (+0.125 ± 0.064 unpaired s.e.)")  # 0.125 < 2 × 0.064
 
 
 def test_the_first_line_says_when_training_made_the_model_worse_lost_the_format_and_collapsed(tmp_path):
@@ -53,29 +54,26 @@ def test_the_first_line_says_when_training_made_the_model_worse_lost_the_format_
     write_jsonl(tmp_path / "eval" / "step000000" / "samples.jsonl", samples(start * QUESTIONS))
     write_jsonl(tmp_path / "eval" / "step000008" / "samples.jsonl", samples(end * QUESTIONS))
     inferable = "eval/synthetic-inferable/"
-    rows = [{"step": 0, inferable + "acc_avg@4": 0.5, inferable + "acc_avg_se@4": 0.2, inferable + "format_rate": 1.0,
-             inferable + "answer_top_share": 0.3},
-            {"step": 8, inferable + "acc_avg@4": 0.25, inferable + "acc_avg_se@4": 0.2, inferable + "format_rate": 0.5,
-             inferable + "answer_top_share": 0.95}]
+    rows = [{"step": step, **{inferable + key: value for key, value in zip(
+                ("acc_avg@4", "acc_avg_se@4", "format_rate", "answer_top_share"), values)}}
+            for step, values in ((0, (0.5, 0.2, 1.0, 0.3)), (8, (0.25, 0.2, 0.5, 0.95)))]
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
     first = run_summary(tmp_path / "metrics.csv").splitlines()[0]
     assert first == ("Training made the model worse: synthetic-inferable worse, accuracy 0.500 → 0.250 (-0.250 ± "
-                     "0.000 paired s.e.); it lost the answer format on synthetic-inferable (well-formed 1.00 → 0.50); "
-                     "it collapsed onto one answer letter on synthetic-inferable (top letter's share 0.30 → 0.95)")
+                     "0.000 paired s.e.); it lost the answer format on synthetic-inferable "
+                     "(well-formed 1.00 → 0.50); it collapsed onto one answer letter on synthetic-inferable (top letter's share 0.30 → 0.95)")
 
 
-def test_a_collapse_onto_one_letter_is_damage_whatever_the_accuracy(tmp_path):
-    rows = [{"step": 0, "eval/x/acc_avg@4": 0.25, "eval/x/acc_avg_se@4": 0.03, "eval/x/answer_top_share": 0.4},
-            {"step": 8, "eval/x/acc_avg@4": 0.25, "eval/x/acc_avg_se@4": 0.03, "eval/x/answer_top_share": 0.8}]
+@pytest.mark.parametrize("end, first_line", [
+    ({"acc_avg@4": 0.25, "answer_top_share": 0.8, "format_rate": 1.0},  # a collapse is damage whatever the accuracy
+     "Training damaged the model's answers: x unchanged, accuracy 0.250 → 0.250 (+0.000 ± 0.042 unpaired s.e.); "
+     "it collapsed onto one answer letter on x (top letter's share 0.40 → 0.80)"),
+    ({"acc_avg@4": 0.40, "answer_top_share": 0.5, "format_rate": 0.95},  # up two s.e., format and letters kept
+     "Training helped: x better, accuracy 0.250 → 0.400 (+0.150 ± 0.042 unpaired s.e.)"),
+])
+def test_help_and_damage_in_the_first_line(tmp_path, end, first_line):
+    start = {"acc_avg@4": 0.25, "answer_top_share": 0.4, "format_rate": 1.0}
+    rows = [{"step": step, "eval/x/acc_avg_se@4": 0.03, **{f"eval/x/{k}": v for k, v in values.items()}}
+            for step, values in ((0, start), (8, end))]
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
-    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == (
-        "Training damaged the model's answers: x unchanged, accuracy 0.250 → 0.250 (+0.000 ± 0.042 unpaired s.e.); "
-        "it collapsed onto one answer letter on x (top letter's share 0.40 → 0.80)")
-
-
-def test_a_rise_of_two_standard_errors_is_help(tmp_path):
-    rows = [{"step": 0, "eval/x/acc_avg@4": 0.25, "eval/x/acc_avg_se@4": 0.03, "eval/x/format_rate": 1.0},
-            {"step": 8, "eval/x/acc_avg@4": 0.40, "eval/x/acc_avg_se@4": 0.03, "eval/x/format_rate": 0.95}]
-    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
-    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == (
-        "Training helped: x better, accuracy 0.250 → 0.400 (+0.150 ± 0.042 unpaired s.e.)")
+    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == first_line

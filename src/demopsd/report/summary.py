@@ -73,8 +73,9 @@ def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str
 def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | None:
     """One line: whether each dataset's held-out accuracy rose, fell or stayed within :data:`SIGNIFICANT_AT`
     standard errors from the first to the last evaluation, and whether the answers lost their format or collapsed
-    onto one letter; None without two evaluations with a standard error. The standard error is paired (per question, from the
-    evaluations' ``samples.jsonl`` under ``run_dir``) where both are there, else that of two independent means."""
+    onto one letter; None without two evaluations with a standard error. The standard error is paired (per question,
+    from the evaluations' ``samples.jsonl`` under ``run_dir``) where both are there, else that of two independent
+    means."""
     judged, flags = {}, []
     for dataset in datasets:
         column = next((c for c in sorted(metrics.columns) if c.startswith(f"eval/{dataset}/acc_avg@")
