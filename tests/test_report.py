@@ -14,6 +14,7 @@ from demopsd.report.leakage import (
     DETAIL_QUANTITIES,
     HEADLINE_QUANTITIES,
     LEAKAGE_QUANTITIES,
+    PLACEBO_QUANTITIES,
     has_heldout_probe,
     leakage_scalars,
     resolve_column,
@@ -35,14 +36,15 @@ INDOMAIN = f"eval/{DATASET}/acc_avg@16"
 GPQA = "eval/gpqa-diamond/acc_avg@16"
 STEPS = 30
 EVAL_STEPS = (9, 19, 29)
-ENTROPY_LEVEL = {"demopsd": 1.4, "sdpo": 1.1, "opsd": 0.9, "grpo": 0.5}  # demopsd keeps entropy highest
+ENTROPY_LEVEL = {"demopsd": 1.4, "sdpo": 1.1, "opsd": 0.9, "grpo": 0.5,  # demopsd keeps entropy highest
+                 "demopsd_placebo": 1.3}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SYNTHETIC = "synthetic-mixed"
 UNINFERABLE = "eval/synthetic-uninferable/"
 INFERABLE = "eval/synthetic-inferable/"
 PROBE_METRICS = ("letter_confidence", "overconfidence", "letter_entropy", "letter_accuracy", "letter_p_answer",
                  "entropy")
-PROBE_RISE = {"demopsd": 0.01, "sdpo": 0.05, "opsd": 0.03, "grpo": 0.0}  # change per evaluation
+PROBE_RISE = {"demopsd": 0.01, "sdpo": 0.05, "opsd": 0.03, "grpo": 0.0, "demopsd_placebo": 0.02}  # per evaluation
 LETTER_METRICS = ("answer_top_share", "answer_letter_entropy", "probe_top_share")
 
 
@@ -270,6 +272,8 @@ def test_summarize_separates_datasets(runs_root, tmp_path):
 
 LEAKAGE_PER_SEED = {
     "uninferable_confidence_change": last_of(UNINFERABLE + "letter_confidence_change"),
+    "inferable_confidence_change": last_of(INFERABLE + "letter_confidence_change"),
+    "uninferable_accuracy_change": change_of(UNINFERABLE + "acc_avg@4"),
     "uninferable_overconfidence_change": last_of(UNINFERABLE + "overconfidence_change"),
     "uninferable_letter_entropy_change": last_of(UNINFERABLE + "letter_entropy_change"),
     "uninferable_letter_accuracy_change": last_of(UNINFERABLE + "letter_accuracy_change"),
@@ -390,6 +394,37 @@ def test_leakage_markdown_headline_and_second_table_rows_legend_and_absent_leaka
     for quantity in LEAKAGE_QUANTITIES.values():
         assert f"- **{quantity.header}**: {quantity.legend}" in text
     assert "a rise without an accuracy rise is leakage" in text
+
+
+def test_placebo_controlled_leakage_is_a_difference_in_differences_paired_by_seed(tmp_path):
+    """Per seed, real minus placebo on each kind of question, then uninferable minus inferable; a run without its
+    placebo partner of the same seed (demopsd seed 2) is left out; mean ± s.e. over the seeds in leakage.md."""
+    for method, seeds in (("demopsd", 3), ("demopsd_placebo", 2), ("grpo", 1)):
+        for seed in range(seeds):
+            write_run(tmp_path / "runs" / f"{method}-{seed}", method, seed, SYNTHETIC, heldout=True)
+    files = write_report(tmp_path / "runs", tmp_path / "report")
+    differences = pd.read_csv(tmp_path / "report" / "leakage_placebo.csv")
+    frames = {(m, s): pd.read_csv(tmp_path / "runs" / f"{m}-{s}" / "metrics.csv") for m, s in
+              (("demopsd", 0), ("demopsd", 1), ("demopsd_placebo", 0), ("demopsd_placebo", 1))}
+
+    def did(seed: int, uninferable, inferable) -> float:
+        real, placebo = frames["demopsd", seed], frames["demopsd_placebo", seed]
+        return (uninferable(real) - uninferable(placebo)) - (inferable(real) - inferable(placebo))
+
+    expected = {
+        "confidence_change": [did(s, last_of(UNINFERABLE + "letter_confidence_change"),
+                                  last_of(INFERABLE + "letter_confidence_change")) for s in (0, 1)],
+        "accuracy_change": [did(s, change_of(UNINFERABLE + "acc_avg@4"), change_of(INFERABLE + "acc_avg@4"))
+                            for s in (0, 1)],
+    }
+    assert set(differences["method"]) == {"demopsd"} and sorted(differences["seed"]) == [0, 0, 1, 1]
+    for quantity, values in expected.items():
+        rows = differences[differences.quantity == quantity].sort_values("seed")
+        assert rows["difference_in_differences"].tolist() == pytest.approx(values, rel=1e-12)
+        assert (rows["uninferable"] - rows["inferable"]).tolist() == pytest.approx(values, rel=1e-12)
+        line = next(line for line in files.leakage_md.read_text().splitlines()
+                    if line.startswith(f"| {SYNTHETIC} | demopsd | 2 | {PLACEBO_QUANTITIES[quantity]} |"))
+        assert cells(line)[-1] == format_mean_se(*mean_se(values)[:2])
 
 
 def test_columns_of_k_are_the_runs_largest_k():

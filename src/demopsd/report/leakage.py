@@ -7,6 +7,8 @@ does training help, does the model keep the format, does it collapse onto one le
 confidence rise) and a second table of every other quantity, one row per quantity and one column per (dataset,
 method), each cell the mean ± s.e. over seeds (``tables.aggregate``), with a legend; ``leakage.csv``, both tables'
 quantities in one row per (dataset, method); and ``leakage_runs.csv``, their per-seed values, one row per run.
+Where a method ran beside its placebo control (``<method>_placebo``), ``leakage.md`` ends with the placebo-controlled
+leakage (:func:`placebo_differences`), whose per-seed values are in ``leakage_placebo.csv``.
 
 A column holding ``{k}`` (``acc_avg@{k}``) is the run's column of the largest ``k`` it logged (its ``eval.k``).
 """
@@ -28,8 +30,10 @@ from demopsd.report.tables import (
     change_value,
     first_value,
     last_value,
+    format_mean_se,
     markdown_table,
     markdown_transposed,
+    mean_se,
     mean_value,
 )
 
@@ -110,6 +114,13 @@ DETAIL_QUANTITIES = {
     "uninferable_format_rate": LeakageQuantity(
         UNINFERABLE + "format_rate", last_value, "uninferable well-formed",
         "share of well-formed sampled answers to the uninferable held-out questions at the last evaluation"),
+    "inferable_confidence_change": LeakageQuantity(
+        INFERABLE + "letter_confidence_change", last_value, "inferable confidence Δ",
+        "the same change in confidence on the inferable held-out questions, where the question holds the answer"),
+    "uninferable_accuracy_change": LeakageQuantity(
+        UNINFERABLE + "acc_avg@{k}", change_value, "uninferable accuracy Δ",
+        "change in the share of correct sampled answers to the uninferable held-out questions: near 0, whatever "
+        "leaks"),
     "uninferable_overconfidence_change": LeakageQuantity(
         UNINFERABLE + "overconfidence_change", last_value, "uninferable overconfidence Δ",
         "change in confidence minus accuracy of the answer letter on those questions — above 0: the model "
@@ -216,6 +227,62 @@ def leakage_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+PLACEBO_SUFFIX = "_placebo"
+"""A method named ``<method>_placebo`` is ``<method>``'s placebo control (its teacher sees another question's
+context)."""
+PLACEBO_QUANTITIES = {"confidence_change": "letter confidence Δ", "accuracy_change": "sampled accuracy Δ"}
+"""What the placebo-controlled table compares, from each kind's ``<kind>_<quantity>`` of :data:`LEAKAGE_QUANTITIES`."""
+PLACEBO_FILE = "leakage_placebo.csv"
+
+
+def placebo_differences(scalars: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, for each method whose placebo control ran with the same seed and dataset, and each of
+    :data:`PLACEBO_QUANTITIES`: what the real context adds over the placebo on the uninferable and on the inferable
+    questions (real minus placebo), and their difference (uninferable minus inferable), the difference in
+    differences. One row per (dataset, method, seed, quantity)."""
+    rows = []
+    placebo = scalars[scalars["method"].str.endswith(PLACEBO_SUFFIX)]
+    for _, control in placebo.iterrows():
+        real = scalars[(scalars["method"] == control["method"].removesuffix(PLACEBO_SUFFIX))
+                       & (scalars["seed"] == control["seed"]) & (scalars["dataset"] == control["dataset"])]
+        for _, treated in real.iterrows():
+            for quantity in PLACEBO_QUANTITIES:
+                uninferable, inferable = (treated[f"{kind}_{quantity}"] - control[f"{kind}_{quantity}"]
+                                          for kind in ("uninferable", "inferable"))
+                rows.append({"dataset": treated["dataset"], "method": treated["method"], "seed": treated["seed"],
+                             "quantity": quantity, "uninferable": uninferable, "inferable": inferable,
+                             "difference_in_differences": uninferable - inferable})
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "quantity", "uninferable", "inferable",
+                                       "difference_in_differences"])
+
+
+def placebo_markdown(differences: pd.DataFrame) -> list[str]:
+    """The placebo-controlled section of ``leakage.md``: each cell the mean ± s.e. over seeds of
+    :func:`placebo_differences`; nothing without a placebo run."""
+    if differences.empty:
+        return []
+    columns = ("uninferable", "inferable", "difference_in_differences")
+    lines = [
+        "## Placebo-controlled leakage",
+        "",
+        "What the real privileged context adds over the placebo's (the same method with another question's context, "
+        "the same seed and so the same questions): the change from the starting model with the real context minus "
+        "that with the placebo, mean ± s.e. over seeds. On the uninferable questions the real context can only leak; "
+        "on the inferable ones it may also teach. The difference in differences (uninferable minus inferable) is "
+        "the leakage beyond what the context teaches; 0 when the context does no more on questions that cannot be "
+        "answered than on those that can.",
+        "",
+        "| dataset | method | seeds | quantity | uninferable: real − placebo | inferable: real − placebo | "
+        "difference in differences |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for (dataset, method, quantity), group in differences.groupby(["dataset", "method", "quantity"], sort=False):
+        cells = [format_mean_se(*mean_se(group[column])[:2]) for column in columns]
+        lines.append(f"| {dataset} | {method} | {len(group)} | {PLACEBO_QUANTITIES[quantity]} | "
+                     + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_leakage(runs: Sequence[Run], out: Path) -> tuple[Path | None, Path | None]:
     """``leakage.md``, ``leakage.csv`` and the per-seed ``leakage_runs.csv`` in ``out``; returns the first two,
     or ``(None, None)`` when no run has the held-out probe."""
@@ -226,5 +293,8 @@ def write_leakage(runs: Sequence[Run], out: Path) -> tuple[Path | None, Path | N
     md, csv = out / "leakage.md", out / "leakage.csv"
     summary.to_csv(csv, index=False)
     scalars.to_csv(out / LEAKAGE_RUNS_FILE, index=False)
-    md.write_text(leakage_markdown(summary), encoding="utf-8")
+    differences = placebo_differences(scalars)
+    if not differences.empty:
+        differences.to_csv(out / PLACEBO_FILE, index=False)
+    md.write_text("\n".join([leakage_markdown(summary), *placebo_markdown(differences)]), encoding="utf-8")
     return md, csv
