@@ -149,6 +149,7 @@ def test_collapse_onto_one_letter_and_an_even_spread_by_hand():
     collapsed = [["B"] * 4 for _ in range(5)]
     assert answer_letter_metrics(collapsed) == {"answer_top_share": 1.0, "answer_letter_entropy": 0.0,
                                                 "distinct_answers@4": 1.0}
+    assert f"{answer_letter_metrics(collapsed)['answer_letter_entropy']:.3f}" == "0.000"  # not "-0.000" in tables
     # each question answered A, B, C, D once: the marginal is uniform, every question has four distinct answers
     spread = [list("ABCD"), list("DCBA"), list("BADC")]
     assert answer_letter_metrics(spread) == pytest.approx({"answer_top_share": 0.25,

@@ -91,7 +91,7 @@ def marginal_entropy(values: Sequence[Hashable]) -> float:
     """The entropy (nats) of the empirical distribution of ``values``: ``-sum_v f_v log f_v`` over their frequencies."""
     if not values:
         raise ValueError("values is empty: the entropy of their distribution needs at least one")
-    return -sum(c / len(values) * math.log(c / len(values)) for c in Counter(values).values())
+    return 0.0 - sum(c / len(values) * math.log(c / len(values)) for c in Counter(values).values())  # 0.0, not -0.0
 
 
 def answer_letter_metrics(predicted: Sequence[Sequence[str | None]], k: int | None = None) -> dict[str, float]:
