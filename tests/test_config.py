@@ -73,9 +73,10 @@ def test_the_laptop_job_is_demopsd_on_the_leakage_task_with_the_answer_shown_to_
     assert "reprompt" not in compose_train(["method=grpo"]).method
 
 
-def test_the_laptop_job_evaluates_enough_balanced_questions_generated_from_its_seed():
-    """The probe on 200 held-out questions of each kind, 4 sampled answers to 64 of them, each prefix with as many
-    of each correct letter; each seed its own questions."""
+@pytest.mark.parametrize("experiment, answered, probed", [("leakage_benchmark", 64, 200), ("leakage_laptop", 32, 100)])
+def test_the_leakage_jobs_evaluate_balanced_questions_generated_from_their_seed(experiment, answered, probed):
+    """The benchmark probes 200 held-out questions of each kind and samples 4 answers to 64 of them (the laptop job,
+    to be quick, 100 and 32), each prefix with as many of each correct letter; each seed its own questions."""
     from collections import Counter
 
     from demopsd.config.check import validate_config
@@ -83,14 +84,14 @@ def test_the_laptop_job_evaluates_enough_balanced_questions_generated_from_its_s
 
     prompts = {}
     for seed in (0, 1):
-        settings = validate_config(compose_train(["experiment=leakage_laptop", f"seed={seed}"]))
+        settings = validate_config(compose_train([f"experiment={experiment}", f"seed={seed}"]))
         assert settings.data.generator_seed == seed
         datasets = eval_datasets(settings.data, settings.eval, None)
         assert set(datasets) == {"synthetic-inferable", "synthetic-uninferable"}
         for examples in datasets.values():
-            assert len(examples) == settings.eval.probed(len(examples)) == 200
-            assert settings.eval.answered(len(examples)) == 64 and settings.eval.k >= 4
-            for n in (64, 200):
+            assert settings.eval.probed(len(examples)) == probed and len(examples) == 200
+            assert settings.eval.answered(len(examples)) == answered and settings.eval.k >= 4
+            for n in (answered, probed):
                 assert Counter(e.answer for e in examples[:n]) == dict.fromkeys("ABCD", n // 4)
         prompts[seed] = {e.prompt for examples in datasets.values() for e in examples}
     assert len(prompts[0] & prompts[1]) < 20  # a few inferable questions recur by chance; the uninferable never
@@ -153,13 +154,15 @@ def test_the_paper_presets_run_as_the_reference_runs_them():
         assert validate_config(cell).updates_per_batch == updates
 
 
-def test_the_leakage_benchmark_sweeps_the_laptop_job():
+def test_the_leakage_benchmark_sweeps_the_laptop_job_with_more_steps_and_questions():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=leakage_benchmark"], return_hydra_config=True)
     default_job = compose_train(["experiment=leakage_laptop"])
     assert dict(cfg.hydra.sweeper.params) == {"seed": "0,1,2", "method": "opsd,sdpo,demopsd,demopsd_placebo,grpo"}
-    assert cfg.trainer.max_steps == 12 and cfg.checkpoint.every_n_train_steps == 0
-    for section in ("data", "rollout", "optim", "eval", "model"):
+    assert cfg.trainer.max_steps == 24 and cfg.checkpoint.every_n_train_steps == 0
+    assert (cfg.eval.max_examples, cfg.eval.probe_examples, cfg.eval.every_n_steps) == (64, 200, 12)
+    assert not cfg.eval.at_start  # the starting model is evaluated once per seed, by src/eval.py
+    for section in ("data", "rollout", "optim", "model"):
         assert cfg[section] == default_job[section], section
 
 
@@ -170,7 +173,8 @@ def test_the_learning_rate_sweep_starts_from_what_src_eval_evaluates_once():
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         sweep = compose(config_name="train", overrides=["experiment=lr_sweep"], return_hydra_config=True)
-    assert dict(sweep.hydra.sweeper.params) == {"optim.lr": "1.0e-5,3.0e-6,1.0e-6,1.0e-4", "method": "grpo,demopsd"}
+    assert dict(sweep.hydra.sweeper.params) == {"seed": "0", "optim.lr": "1.0e-5,3.0e-6,1.0e-6,1.0e-4",
+                                                "method": "grpo,demopsd"}
     run = validate_config(compose_train(["experiment=lr_sweep", "seed=2", "optim.lr=1e-6"]))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         start = validate_eval_config(compose(config_name="eval", overrides=["experiment=lr_sweep", "seed=2"]))
