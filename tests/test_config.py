@@ -173,7 +173,7 @@ def test_the_learning_rate_sweep_starts_from_what_src_eval_evaluates_once():
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         sweep = compose(config_name="train", overrides=["experiment=lr_sweep"], return_hydra_config=True)
-    assert dict(sweep.hydra.sweeper.params) == {"seed": "0", "optim.lr": "1.0e-5,3.0e-6,1.0e-6,1.0e-4",
+    assert dict(sweep.hydra.sweeper.params) == {"seed": "0", "optim.lr": "1.0e-5,3.0e-6,1.0e-6",
                                                 "method": "grpo,demopsd"}
     run = validate_config(compose_train(["experiment=lr_sweep", "seed=2", "optim.lr=1e-6"]))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
