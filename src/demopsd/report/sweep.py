@@ -104,7 +104,7 @@ def sweep_row(run: Run, key: str) -> dict[str, object]:
         "distinct_answers": last_value(metric_values(run, _column(run, INFERABLE + "distinct_answers@"))),
         "probe_top_share": last_value(metric_values(run, UNINFERABLE + "probe_top_share")),
         "update_norm": mean_value(metric_values(run, "train/update_norm")),
-        "run": str(run.path),
+        "run": run.path.name,
     }
 
 
