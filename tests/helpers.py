@@ -61,6 +61,7 @@ def train_tiny(log_dir, model_dir, *extra: str, hook: str | None = None,
         "experiment=leakage_laptop", "debug=smoke", f"model.name_or_path={model_dir}", f"paths.log_dir={log_dir}",
         "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", "checkpoint.keep=-1",  # tests compare steps 2 and 4
         "checkpoint.save_final_model=false", "rollout.max_new_tokens=8",
+        "optim.lr=1e-4",  # the tiny model's weights, and the EMA teacher's, move measurably in a few steps
         "logger.wandb.mode=offline", *extra,
     ]
     script = "tests/instrumented_train.py" if hook else "src/train.py"
