@@ -61,7 +61,8 @@ def test_the_first_line_says_when_training_made_the_model_worse_lost_the_format_
     first = run_summary(tmp_path / "metrics.csv").splitlines()[0]
     assert first == ("Training made the model worse: synthetic-inferable worse, accuracy 0.500 → 0.250 (-0.250 ± "
                      "0.000 paired s.e.); it lost the answer format on synthetic-inferable "
-                     "(well-formed 1.00 → 0.50); it collapsed onto one answer letter on synthetic-inferable (top letter's share 0.30 → 0.95)")
+                     "(well-formed 1.00 → 0.50); it collapsed onto one answer letter on synthetic-inferable "
+                     "(top letter's share 0.30 → 0.95)")
 
 
 @pytest.mark.parametrize("end, first_line", [
@@ -77,3 +78,11 @@ def test_help_and_damage_in_the_first_line(tmp_path, end, first_line):
             for step, values in ((0, start), (8, end))]
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
     assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == first_line
+
+
+def test_a_run_that_did_not_evaluate_its_start_is_judged_from_its_first_evaluation_and_says_so(tmp_path):
+    rows = [{"step": step, "eval/x/acc_avg@4": 0.4, "eval/x/acc_avg_se@4": 0.03} for step in (12, 24)]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == (
+        "Training from step 12 to 24 (the start was not evaluated) changed no held-out accuracy by 2 standard errors "
+        "or more: x unchanged, accuracy 0.400 → 0.400 (+0.000 ± 0.042 unpaired s.e.)")

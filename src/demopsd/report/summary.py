@@ -73,10 +73,11 @@ def run_summary(metrics_csv: str | Path, plots: str | Path | None = None) -> str
 def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | None:
     """One line: whether each dataset's held-out accuracy rose, fell or stayed within :data:`SIGNIFICANT_AT`
     standard errors from the first to the last evaluation, and whether the answers lost their format or collapsed
-    onto one letter; None without two evaluations with a standard error. The standard error is paired (per question,
-    from the evaluations' ``samples.jsonl`` under ``run_dir``) where both are there, else that of two independent
-    means."""
-    judged, flags = {}, []
+    onto one letter; None without two evaluations with a standard error. A run that did not evaluate its start
+    (``eval.at_start=false``) is judged from its first evaluation, and the line says so. The standard error is
+    paired (per question, from the evaluations' ``samples.jsonl`` under ``run_dir``) where both are there, else that
+    of two independent means."""
+    judged, flags, spans = {}, [], set()
     for dataset in datasets:
         column = next((c for c in sorted(metrics.columns) if c.startswith(f"eval/{dataset}/acc_avg@")
                        and c.rsplit("@", 1)[1].isdigit()), None)
@@ -84,6 +85,7 @@ def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | 
         if len(evaluated) < 2:
             continue
         steps = evaluated["step"].astype(int)
+        spans.add((steps.iloc[0], steps.iloc[-1]))
         first, last = float(evaluated[column].iloc[0]), float(evaluated[column].iloc[-1])
         change, se, kind = accuracy_change(evaluated, column, run_dir, dataset, steps.iloc[0], steps.iloc[-1])
         if math.isnan(se):  # nothing to judge the change by
@@ -103,10 +105,17 @@ def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | 
     if not judged:
         return None
     statuses = {status for status, _ in judged.values()}
-    lead = ("Training made the model worse" if "worse" in statuses
-            else "Training damaged the model's answers" if flags
-            else "Training helped" if "better" in statuses
-            else f"Training changed no held-out accuracy by {SIGNIFICANT_AT:g} standard errors or more")
+    span = next(iter(spans)) if len(spans) == 1 else None  # the datasets are evaluated together
+    if span is None:
+        training = "Training between its first and last evaluations"
+    elif span[0] == 0:
+        training = "Training"
+    else:
+        training = f"Training from step {span[0]} to {span[1]} (the start was not evaluated)"
+    lead = (f"{training} made the model worse" if "worse" in statuses
+            else f"{training} damaged the model's answers" if flags
+            else f"{training} helped" if "better" in statuses
+            else f"{training} changed no held-out accuracy by {SIGNIFICANT_AT:g} standard errors or more")
     return f"{lead}: " + "; ".join(text for _, text in judged.values()) + "".join(f"; it {flag}" for flag in flags)
 
 
