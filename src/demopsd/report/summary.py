@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from demopsd.report.sweep import paired_change
+from demopsd.report.leakage import resolve_column
+from demopsd.report.sweep import evaluation_samples, paired_change
 
 SIGNIFICANT_AT = 2.0
 """A held-out accuracy changed when its change is at least this many standard errors."""
@@ -79,9 +80,8 @@ def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | 
     of two independent means."""
     judged, flags, spans = {}, [], set()
     for dataset in datasets:
-        column = next((c for c in sorted(metrics.columns) if c.startswith(f"eval/{dataset}/acc_avg@")
-                       and c.rsplit("@", 1)[1].isdigit()), None)
-        evaluated = metrics.dropna(subset=[column]) if column else metrics.iloc[:0]
+        column = resolve_column(metrics.columns, f"eval/{dataset}/acc_avg@{{k}}")
+        evaluated = metrics.dropna(subset=[column]) if column in metrics.columns else metrics.iloc[:0]
         if len(evaluated) < 2:
             continue
         steps = evaluated["step"].astype(int)
@@ -122,7 +122,7 @@ def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | 
 def accuracy_change(evaluated: pd.DataFrame, column: str, run_dir: Path, dataset: str, first_step: int,
                     last_step: int) -> tuple[float, float, str]:
     """The change of ``column`` from the first evaluation to the last, its standard error and which kind it is."""
-    samples = [run_dir / "eval" / f"step{step:06d}" / "samples.jsonl" for step in (first_step, last_step)]
+    samples = [evaluation_samples(run_dir, step) for step in (first_step, last_step)]
     if all(path.is_file() for path in samples):
         change, se, _ = paired_change(*samples, dataset=dataset)
         return change, se, "paired"

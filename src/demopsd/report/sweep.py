@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from demopsd.report.leakage import INFERABLE, UNINFERABLE
+from demopsd.report.leakage import INFERABLE, UNINFERABLE, resolve_column
 from demopsd.report.runs import CONFIG_FILE, Run, metric_values
 from demopsd.report.start import SAMPLES_FILE
 from demopsd.report.tables import MISSING, last_value, mean_value, method_sort_key
@@ -77,16 +77,21 @@ def paired_change(start_file: Path, end_file: Path, dataset: str = DATASET) -> t
     return statistics.fmean(changes), statistics.stdev(changes) / math.sqrt(len(changes)), len(changes)
 
 
+def evaluation_samples(run_dir: Path, step: int) -> Path:
+    """Where a training run in ``run_dir`` wrote the held-out samples of its evaluation at ``step``."""
+    return run_dir / "eval" / f"step{step:06d}" / SAMPLES_FILE
+
+
 def samples_at(run: Run, step: int) -> Path:
     """Where the run's held-out samples of ``step`` are (step 0: those of its starting evaluation, if it has one)."""
     if step == 0 and run.start is not None:
         return run.start / SAMPLES_FILE
-    return run.path / "eval" / f"step{step:06d}" / SAMPLES_FILE
+    return evaluation_samples(run.path, step)
 
 
 def sweep_row(run: Run, key: str) -> dict[str, object]:
     """One run's numbers for the sweep table; ``key`` is the swept setting, read from the run's config."""
-    accuracy = metric_values(run, _column(run, INFERABLE + "acc_avg@"))
+    accuracy = metric_values(run, resolve_column(run.metrics.columns, INFERABLE + "acc_avg@{k}"))
     last = int(accuracy.index[-1])
     change, change_se, questions = paired_change(samples_at(run, 0), samples_at(run, last))
     return {
@@ -101,17 +106,11 @@ def sweep_row(run: Run, key: str) -> dict[str, object]:
         "questions": questions,
         "format_rate": last_value(metric_values(run, INFERABLE + "format_rate")),
         "answer_top_share": last_value(metric_values(run, INFERABLE + "answer_top_share")),
-        "distinct_answers": last_value(metric_values(run, _column(run, INFERABLE + "distinct_answers@"))),
+        "distinct_answers": last_value(metric_values(run, resolve_column(run.metrics.columns, INFERABLE + "distinct_answers@{k}"))),
         "probe_top_share": last_value(metric_values(run, UNINFERABLE + "probe_top_share")),
         "update_norm": mean_value(metric_values(run, "train/update_norm")),
         "run": run.path.name,
     }
-
-
-def _column(run: Run, prefix: str) -> str | None:
-    """The run's column ``<prefix><k>`` of the largest ``k`` (its ``eval.k``)."""
-    matching = [c for c in run.metrics.columns if c.startswith(prefix) and c[len(prefix):].isdigit()]
-    return max(matching, key=lambda c: int(c[len(prefix):]), default=None)
 
 
 def sweep_table(rows: pd.DataFrame, key: str) -> pd.DataFrame:
