@@ -112,10 +112,11 @@ def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | 
         training = "Training"
     else:
         training = f"Training from step {span[0]} to {span[1]} (the start was not evaluated)"
-    lead = (f"{training} made the model worse" if "worse" in statuses
-            else f"{training} damaged the model's answers" if flags
-            else f"{training} helped" if "better" in statuses
-            else f"{training} changed no held-out accuracy by {SIGNIFICANT_AT:g} standard errors or more")
+    outcome = ("made the model worse" if "worse" in statuses
+               else "damaged the model's answers" if flags
+               else "helped" if "better" in statuses
+               else f"changed no held-out accuracy by {SIGNIFICANT_AT:g} standard errors or more")
+    lead = f"{training} {outcome}"
     return f"{lead}: " + "; ".join(text for _, text in judged.values()) + "".join(f"; it {flag}" for flag in flags)
 
 

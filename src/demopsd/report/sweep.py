@@ -91,7 +91,10 @@ def samples_at(run: Run, step: int) -> Path:
 
 def sweep_row(run: Run, key: str) -> dict[str, object]:
     """One run's numbers for the sweep table; ``key`` is the swept setting, read from the run's config."""
-    accuracy = metric_values(run, resolve_column(run.metrics.columns, INFERABLE + "acc_avg@{k}"))
+    def largest_k(column: str) -> pd.Series:
+        return metric_values(run, resolve_column(run.metrics.columns, column))
+
+    accuracy = largest_k(INFERABLE + "acc_avg@{k}")
     last = int(accuracy.index[-1])
     change, change_se, questions = paired_change(samples_at(run, 0), samples_at(run, last))
     return {
@@ -106,7 +109,7 @@ def sweep_row(run: Run, key: str) -> dict[str, object]:
         "questions": questions,
         "format_rate": last_value(metric_values(run, INFERABLE + "format_rate")),
         "answer_top_share": last_value(metric_values(run, INFERABLE + "answer_top_share")),
-        "distinct_answers": last_value(metric_values(run, resolve_column(run.metrics.columns, INFERABLE + "distinct_answers@{k}"))),
+        "distinct_answers": last_value(largest_k(INFERABLE + "distinct_answers@{k}")),
         "probe_top_share": last_value(metric_values(run, UNINFERABLE + "probe_top_share")),
         "update_norm": mean_value(metric_values(run, "train/update_norm")),
         "run": run.path.name,
