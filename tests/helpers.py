@@ -75,6 +75,46 @@ def run_python(*args: str, env: dict[str, str] | None = None, timeout: int = 600
                           env={**os.environ, **(env or {})})
 
 
+GLOO_TRANSPORT = "gloo/transport/tcp"
+"""In what a process writes when gloo's TCP transport aborts it: its listener can abort a process while the
+processes connect (``getpeername`` failing, pytorch/pytorch#188266, open upstream), seen once in CI on a loaded
+2-core machine. A process killed by a signal, its log naming gloo's transport, is started again once."""
+
+
+def spawn_processes(fn, args: tuple, nprocs: int, workdir: Path) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` new processes (``torch.multiprocessing.spawn``), each one's stderr in
+    ``workdir/rank<r>.log``. A process that fails raises an AssertionError with every process's last log lines.
+    Once, and only when a process was killed by a signal and the logs name gloo's transport (:data:`GLOO_TRANSPORT`),
+    the processes start again with a new store: their process group's FileStore must be ``workdir / "store"``;
+    a failure that happens again is raised."""
+    import warnings
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    for attempt in range(2):
+        try:
+            mp.spawn(_logged_process, args=(fn, workdir, *args), nprocs=nprocs, join=True)
+            return
+        except ProcessException as failure:
+            logs = "\n".join(f"--- rank {rank}:\n" + _tail(workdir / f"rank{rank}.log") for rank in range(nprocs))
+            if attempt == 0 and isinstance(failure, mp.ProcessExitedException) and GLOO_TRANSPORT in logs:
+                warnings.warn(f"gloo's transport killed a process; starting them again:\n{logs}")
+                (workdir / "store").unlink(missing_ok=True)
+                continue
+            raise AssertionError(f"{failure}\n{logs}") from failure
+
+
+def _logged_process(rank: int, fn, workdir: Path, *args) -> None:
+    with open(workdir / f"rank{rank}.log", "w") as log:
+        os.dup2(log.fileno(), 2)  # the C++ side's messages too, an abort's among them
+        fn(rank, *args)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else "(no log)"
+
+
 @contextlib.contextmanager
 def global_random_states():
     """Restore Python's, NumPy's and torch's global random states on exit (imported when first used, after

@@ -1,7 +1,7 @@
 """Evaluation in two processes (a gloo group on one CPU) against one process: every process evaluates its own
 share of the questions, and the files, the metrics and the answers are those of one process evaluating them all.
-The processes start with torch.multiprocessing and join a gloo group over a file store, as the one process of
-tests/test_sharding.py does."""
+The processes start with torch.multiprocessing (tests.helpers.spawn_processes) and join a gloo group over a file
+store, as the one process of tests/test_sharding.py does."""
 
 import json
 import logging
@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from demopsd.config.settings import EvalConfig, ShardingConfig
@@ -22,7 +21,7 @@ from demopsd.rollout.engine import GenerateEngine
 from demopsd.runtime.sharding import fsdp_units, shard_model
 from demopsd.training.timing import StepClock
 from tests.fixed_step import default_tokenizer
-from tests.helpers import tiny_policy
+from tests.helpers import spawn_processes, tiny_policy
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +77,7 @@ def evaluate_in_process(rank: int, world: int, out_dir: Path, layouts: list[str]
 
 def run(directory: Path, world: int, layouts: list[str]) -> dict[str, tuple[Path, list[dict]]]:
     """Evaluate in ``world`` new processes; per layout, the step's output directory and each process's report."""
-    mp.spawn(evaluate_in_process, args=(world, directory, layouts), nprocs=world, join=True)
+    spawn_processes(evaluate_in_process, (world, directory, layouts), world, directory)
     return {layout: (directory / layout / "eval" / f"step{STEP:06d}",
                      [json.loads((directory / layout / f"rank{rank}.json").read_text()) for rank in range(world)])
             for layout in layouts}

@@ -7,14 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from demopsd.config.settings import OptimConfig, ShardingConfig
 from demopsd.runtime.sharding import shard_model
 from demopsd.training.module import SelfDistillationModule
-from tests.helpers import tiny_llama
+from tests.helpers import spawn_processes, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +48,7 @@ def sharded_process(rank: int, out: Path) -> None:
 
 
 def test_sharded_gradients_are_clipped_by_the_whole_norm(tmp_path):
-    mp.spawn(sharded_process, args=(tmp_path,), nprocs=WORLD, join=True)
+    spawn_processes(sharded_process, (tmp_path,), WORLD, tmp_path)
     model = tiny_llama().train()
     loss_of(model).backward()
     unclipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -27,7 +26,7 @@ from demopsd.runtime.sharding import full_state, reshard, shard_from_rank0, shar
 from demopsd.training.module import SelfDistillationModule
 from demopsd.training.steps import DistillationStep
 from demopsd.training.teacher import fill_ema_teacher, make_ema_teacher
-from tests.helpers import CONFIG_DIR, global_random_states, tiny_llama
+from tests.helpers import CONFIG_DIR, global_random_states, spawn_processes, tiny_llama
 
 FP32 = ShardingConfig(param_dtype="float32", reduce_dtype="float32", activation_checkpointing=False)
 IDS = torch.tensor([[0, 0, 5, 9, 13, 20], [3, 17, 4, 8, 1, 30]])  # the first row left-padded
@@ -291,7 +290,7 @@ def two_processes(tmp_path_factory, tiny_model_dir):
     model.save_pretrained(big_dir)
     tokenizer.save_pretrained(big_dir)
     del model
-    mp.spawn(set_up_in_process, args=(out, tiny_model_dir, big_dir), nprocs=WORLD, join=True)
+    spawn_processes(set_up_in_process, (out, tiny_model_dir, big_dir), WORLD, out)
     return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)], model_bytes
 
 
