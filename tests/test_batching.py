@@ -190,3 +190,15 @@ def test_the_update_norm_is_the_size_of_the_parameters_change(monkeypatch):
     assert two_updates["train/update_norm"] > 0
     _, without = float64_step(monkeypatch, "grpo")
     assert "train/update_norm" not in without
+
+
+@pytest.mark.parametrize("grad_clip", ["null", "1e-3"])
+def test_an_sgd_update_is_the_learning_rate_times_the_clipped_gradient(monkeypatch, grad_clip):
+    """``optim.name=sgd``: the update's norm is lr × the gradient's norm, after clipping when the clip acts
+    (``train/grad_norm`` is the norm before clipping), where AdamW's first step has a size set by lr alone."""
+    settings = ("optim.name=sgd", "optim.weight_decay=0", "optim.warmup_steps=0", "optim.log_update_norm=true",
+                f"optim.grad_clip={grad_clip}")
+    _, metrics = float64_step(monkeypatch, "grpo", *settings)
+    clipped = min(float(metrics["train/grad_norm"]), float(grad_clip) if grad_clip != "null" else float("inf"))
+    assert float(metrics["train/update_norm"]) == pytest.approx(1e-2 * clipped, rel=1e-6)
+    assert grad_clip == "null" or float(metrics["train/grad_norm"]) > 10 * float(grad_clip)  # the clip acted

@@ -55,6 +55,7 @@ def test_every_method_and_dataset_default_passes(method, dataset):
         ["method.objective.top_k=null", "method.objective.is_clip=null", "trainer.max_steps=-1"],
         ["method.teacher=live", "method.ema_rate=0"],  # the rate of an EMA teacher that does not exist
         ["method.objective.alpha=0", "method.objective.lambda_max=1", "method.objective.is_clip=1", "rollout.top_p=1"],
+        ["optim.name=sgd", "optim.momentum=0.9"],
     ],
 )
 def test_good_settings_pass(overrides):
@@ -89,6 +90,9 @@ BAD = [
     (["rollout.max_new_tokens=0"], "rollout.max_new_tokens", 0, "at least 1"),
     (["optim.lr=0"], "optim.lr", 0, "a positive learning rate"),
     (["optim.lr=-1e-5"], "optim.lr", -1e-5, "a positive learning rate"),
+    (["optim.name=adam"], "optim.name", "adam", "adamw or sgd"),
+    (["optim.name=sgd", "optim.momentum=1"], "optim.momentum", 1, "a value in [0, 1) with sgd"),
+    (["optim.momentum=0.9"], "optim.momentum", 0.9, "0 with adamw"),
     (["data.batch_size=0"], "data.batch_size", 0, "an integer >= 1"),
     (["trainer.max_steps=0"], "trainer.max_steps", 0, "an integer >= 1, or -1"),
     (["trainer.max_steps=-2"], "trainer.max_steps", -2, "an integer >= 1, or -1"),

@@ -141,13 +141,20 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with a linear learning-rate warm-up over ``warmup_steps`` training steps, gradients clipped to
-    ``grad_clip``."""
+    """The optimizer (AdamW, or SGD) with a linear learning-rate warm-up over ``warmup_steps`` training steps,
+    gradients clipped to ``grad_clip``."""
 
     SECTION: ClassVar[str] = "optim"
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adamw", "sgd")
+    name: str = "adamw"
+    """``adamw``: each step's size is set by the learning rate, whatever the gradient's norm (the reference's);
+    ``sgd``: each step is ``lr`` times the (clipped) gradient, with ``momentum``, so a smaller gradient moves less."""
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates."""
+    momentum: float = 0.0
+    """SGD's momentum (heavy ball)."""
     warmup_steps: int = 0
     """The learning rate rises linearly from 0 at the first update to ``lr`` at update ``warmup_steps``."""
     grad_clip: float | None = 1.0
@@ -159,6 +166,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check_rules(
             self.SECTION,
+            (self.name in self.OPTIMIZERS, "name", self.name, " or ".join(self.OPTIMIZERS)),
             (self.lr > 0, "lr", self.lr, "a positive learning rate"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
              "null (no clipping) or a positive norm"),
@@ -166,6 +174,8 @@ class OptimConfig:
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
              "two numbers in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0"),
+            (0 <= self.momentum < 1 and (self.name == "sgd" or self.momentum == 0), "momentum", self.momentum,
+             "0 with adamw (betas set its moments), a value in [0, 1) with sgd"),
         )
 
 

@@ -213,12 +213,13 @@ class SelfDistillationModule(L.LightningModule):
         return batch  # plain examples; tokens are moved when they are made
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
-            lr=self.optim.lr,
-            weight_decay=self.optim.weight_decay,
-            betas=tuple(self.optim.betas),
-        )
+        optim = self.optim
+        if optim.name == "sgd":
+            optimizer = torch.optim.SGD(self.policy.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                        weight_decay=optim.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.policy.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                          betas=tuple(optim.betas))
         warmup = self.optim.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, step / warmup) if warmup else 1.0  # the reference's: 0 at the first step
