@@ -184,6 +184,21 @@ def test_the_learning_rate_sweep_starts_from_what_src_eval_evaluates_once():
     assert all(getattr(start.eval, f.name) == getattr(run.eval, f.name) for f in dataclasses.fields(EvalConfig))
 
 
+def test_the_sgd_sweep_is_the_learning_rate_sweep_with_sgd():
+    """Its runs differ from the lr sweep's only in the optimizer and its rates, so the lr sweep's evaluation of the
+    starting model (``results/lr_sweep/start``) is their step 0 too."""
+    from demopsd.config.check import validate_config
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        sweep = compose(config_name="train", overrides=["experiment=sgd_sweep"], return_hydra_config=True)
+    assert dict(sweep.hydra.sweeper.params) == {"seed": "0", "optim.lr": "0.3,0.1,0.03", "method": "grpo,demopsd"}
+    sgd, adamw = (validate_config(compose_train([f"experiment={name}", "method=grpo", "optim.lr=0.1"]))
+                  for name in ("sgd_sweep", "lr_sweep"))
+    assert (sgd.optim.name, sgd.optim.momentum, adamw.optim.name) == ("sgd", 0.0, "adamw")
+    same_place = {"task_name": adamw.task_name, "logger": adamw.logger}  # where each sweep writes its runs
+    assert sgd.task_name == "sgd_sweep" and dataclasses.replace(sgd, optim=adamw.optim, **same_place) == adamw
+
+
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "src/train.py", "method=grpo", "data=sciknoweval/physics", "--cfg", "job"],
