@@ -191,7 +191,7 @@ def test_the_sgd_sweep_is_the_learning_rate_sweep_with_sgd():
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         sweep = compose(config_name="train", overrides=["experiment=sgd_sweep"], return_hydra_config=True)
-    assert dict(sweep.hydra.sweeper.params) == {"seed": "0", "optim.lr": "0.3,0.1,0.03", "method": "grpo,demopsd"}
+    assert dict(sweep.hydra.sweeper.params) == {"seed": "0", "optim.lr": "0.3,0.1,0.03,0.01", "method": "grpo,demopsd"}
     sgd, adamw = (validate_config(compose_train([f"experiment={name}", "method=grpo", "optim.lr=0.1"]))
                   for name in ("sgd_sweep", "lr_sweep"))
     assert (sgd.optim.name, sgd.optim.momentum, adamw.optim.name) == ("sgd", 0.0, "adamw")
