@@ -156,6 +156,14 @@ def last_of(column):
     return lambda df: df[column].dropna().iloc[-1] if column in df and df[column].notna().any() else math.nan
 
 
+def at_last_evaluation(column):
+    """The value at the last step that logged any ``eval/`` metric, NaN where that evaluation left ``column`` out."""
+    def value(df):
+        evaluated = df[df.filter(regex="^eval/").notna().any(axis=1)]
+        return evaluated[column].iloc[-1] if column in df and len(evaluated) else math.nan
+    return value
+
+
 def first_of(column):
     return lambda df: df[column].dropna().iloc[0] if column in df and df[column].notna().any() else math.nan
 
@@ -271,27 +279,27 @@ def test_summarize_separates_datasets(runs_root, tmp_path):
 
 
 LEAKAGE_PER_SEED = {
-    "uninferable_confidence_change": last_of(UNINFERABLE + "letter_confidence_change"),
-    "inferable_confidence_change": last_of(INFERABLE + "letter_confidence_change"),
+    "uninferable_confidence_change": at_last_evaluation(UNINFERABLE + "letter_confidence_change"),
+    "inferable_confidence_change": at_last_evaluation(INFERABLE + "letter_confidence_change"),
     "uninferable_accuracy_change": change_of(UNINFERABLE + "acc_avg@4"),
-    "uninferable_overconfidence_change": last_of(UNINFERABLE + "overconfidence_change"),
-    "uninferable_letter_entropy_change": last_of(UNINFERABLE + "letter_entropy_change"),
-    "uninferable_letter_accuracy_change": last_of(UNINFERABLE + "letter_accuracy_change"),
-    "inferable_sampled_accuracy": last_of(INFERABLE + "acc_avg@4"),
+    "uninferable_overconfidence_change": at_last_evaluation(UNINFERABLE + "overconfidence_change"),
+    "uninferable_letter_entropy_change": at_last_evaluation(UNINFERABLE + "letter_entropy_change"),
+    "uninferable_letter_accuracy_change": at_last_evaluation(UNINFERABLE + "letter_accuracy_change"),
+    "inferable_sampled_accuracy": at_last_evaluation(INFERABLE + "acc_avg@4"),
     "inferable_accuracy_change": change_of(INFERABLE + "acc_avg@4"),
     "inferable_sampled_accuracy_start": first_of(INFERABLE + "acc_avg@4"),
-    "uninferable_sampled_accuracy": last_of(UNINFERABLE + "acc_avg@4"),
-    "inferable_format_rate": last_of(INFERABLE + "format_rate"),
-    "uninferable_format_rate": last_of(UNINFERABLE + "format_rate"),
+    "uninferable_sampled_accuracy": at_last_evaluation(UNINFERABLE + "acc_avg@4"),
+    "inferable_format_rate": at_last_evaluation(INFERABLE + "format_rate"),
+    "uninferable_format_rate": at_last_evaluation(UNINFERABLE + "format_rate"),
     "uninferable_answer_top_share_start": first_of(UNINFERABLE + "answer_top_share"),
-    **{f"{kind}_{key}": last_of(prefix + column)
+    **{f"{kind}_{key}": at_last_evaluation(prefix + column)
        for kind, prefix in (("inferable", INFERABLE), ("uninferable", UNINFERABLE))
        for key, column in (("pass_at_k", "pass@4"), ("distinct_answers", "distinct_answers@4"),
                            ("answer_top_share", "answer_top_share"), ("answer_letter_entropy", "answer_letter_entropy"),
                            ("probe_top_share", "probe_top_share"))},
-    "inferable_letter_accuracy_change": last_of(INFERABLE + "letter_accuracy_change"),
-    "uninferable_entropy_change": last_of(UNINFERABLE + "entropy_change"),
-    "inferable_entropy_change": last_of(INFERABLE + "entropy_change"),
+    "inferable_letter_accuracy_change": at_last_evaluation(INFERABLE + "letter_accuracy_change"),
+    "uninferable_entropy_change": at_last_evaluation(UNINFERABLE + "entropy_change"),
+    "inferable_entropy_change": at_last_evaluation(INFERABLE + "entropy_change"),
     "entropy_final": last_of("train/entropy"),
     "reward_mean": mean_of("train/reward_mean"),
     "demonstration_fraction_mean": mean_of("distill/demonstration_fraction"),
@@ -312,8 +320,8 @@ def absent(method: str, key: str) -> bool:
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
-    """Synthetic-task runs: demopsd x 3 seeds (one whose last uninferable confidence is missing), grpo x 2,
-    sdpo x 1; plus an opsd run on another dataset without the held-out probe."""
+    """Synthetic-task runs: demopsd x 3 seeds (one whose last evaluation left the uninferable confidence out),
+    grpo x 2, sdpo x 1; plus an opsd run on another dataset without the held-out probe."""
     root = tmp_path_factory.mktemp("synthetic")
     for method, seeds in (("demopsd", 3), ("grpo", 2), ("sdpo", 1)):
         for seed in range(seeds):
@@ -342,10 +350,9 @@ def test_leakage_scalars_are_the_last_and_mean_values_of_each_run(synthetic_root
             if absent(run.method, key):
                 assert math.isnan(values[key]), key
             else:
-                assert values[key] == pytest.approx(per_seed(frame), rel=1e-12), (run.name, key)
+                assert values[key] == pytest.approx(per_seed(frame), rel=1e-12, nan_ok=True), (run.name, key)
     lost = leakage_scalars(next(r for r in runs if r.name == "demopsd-s2"))["uninferable_confidence_change"]
-    before_last = pd.read_csv(synthetic_root / "demopsd-2" / "metrics.csv").set_index("step")
-    assert lost == pytest.approx(before_last[UNINFERABLE + "letter_confidence_change"].dropna().loc[EVAL_STEPS[-2]])
+    assert math.isnan(lost)  # missing at the last evaluation, not the value of an earlier one
 
 
 @pytest.mark.parametrize("method, seeds", [("demopsd", 3), ("grpo", 2)])
@@ -358,7 +365,8 @@ def test_leakage_table_equals_an_independent_recomputation(synthetic_root, synth
     if absent(method, quantity):
         assert n == 0 and math.isnan(row[f"{quantity}_mean"]) and math.isnan(row[f"{quantity}_se"])
         return
-    assert n == seeds
+    left_out = method == "demopsd" and quantity == "uninferable_confidence_change"  # by seed 2's last evaluation
+    assert n == seeds - left_out
     assert row[f"{quantity}_mean"] == pytest.approx(mean, rel=1e-9)
     assert row[f"{quantity}_se"] == pytest.approx(se, rel=1e-9)
     assert format_mean_se(mean, se) in synthetic_report.leakage_md.read_text()

@@ -17,7 +17,8 @@ from demopsd.config.settings import EvalConfig
 from demopsd.report.plots import write_report
 from demopsd.report.runs import find_runs
 from demopsd.report.start import NoFittingStartError, find_starting_evaluations, with_starting_model
-from demopsd.report.sweep import paired_change
+from demopsd.report.leakage import leakage_scalars
+from demopsd.report.sweep import paired_change, sweep_row
 from tests.helpers import REPO_ROOT
 
 INFERABLE, UNINFERABLE = "synthetic-inferable", "synthetic-uninferable"
@@ -119,6 +120,22 @@ def test_a_run_that_evaluated_its_start_keeps_its_own(tmp_path):
     [run] = find_runs(tmp_path / "runs")
     [kept] = with_starting_model([run], find_starting_evaluations(tmp_path / "start"))
     assert kept is run and kept.start is None
+
+
+def test_a_metric_the_last_evaluation_left_out_is_missing_not_the_starts(tmp_path):
+    """An evaluation in which no answer names a letter logs no top answer share: the run's last value is missing,
+    not the starting model's 0.5, in the sweep's row and the leakage tables; what the evaluation logged stays."""
+    write_start(tmp_path / "start")
+    run_dir = write_sweep_run(tmp_path / "runs" / "a", "grpo", 1e-5, improved(8))
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics.loc[metrics["step"] == 4, f"eval/{INFERABLE}/answer_top_share"] = np.nan
+    metrics.to_csv(run_dir / "metrics.csv", index=False)
+    [run] = with_starting_model(find_runs(tmp_path / "runs"), find_starting_evaluations(tmp_path / "start"))
+    assert run.metrics.loc[0, f"eval/{INFERABLE}/answer_top_share"] == 0.5
+    row, scalars = sweep_row(run, "optim.lr"), leakage_scalars(run)
+    assert math.isnan(row["answer_top_share"]) and math.isnan(scalars["inferable_answer_top_share"])
+    assert row["distinct_answers"] == 2.0 and row["probe_top_share"] == 0.4 and row["format_rate"] == 1.0
+    assert row["update_norm"] == pytest.approx(0.25)  # the training metrics of every step, not only evaluations'
 
 
 def test_paired_change_equals_a_per_question_recomputation(tmp_path):

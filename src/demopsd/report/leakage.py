@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from demopsd.report.runs import Run, metric_values
+from demopsd.report.runs import Run, evaluation_values, metric_values
 from demopsd.report.tables import (
     MEAN_SE_NOTE,
     MISSING,
@@ -188,7 +188,7 @@ def has_heldout_probe(run: Run) -> bool:
 def leakage_scalars(run: Run) -> dict[str, object]:
     """The per-seed numbers of the leakage tables for one run (NaN where the run lacks the column)."""
     identity = {"run": run.name, "dataset": run.dataset, "method": run.method, "seed": run.seed}
-    return identity | {key: q.reduce(metric_values(run, resolve_column(run.metrics.columns, q.column)))
+    return identity | {key: q.reduce(evaluation_values(run, resolve_column(run.metrics.columns, q.column)))
                        for key, q in LEAKAGE_QUANTITIES.items()}
 
 

@@ -102,6 +102,17 @@ def metric_values(run: Run, column: str | None) -> pd.Series:
     return pd.to_numeric(run.metrics[column], errors="coerce").dropna()
 
 
+def evaluation_values(run: Run, column: str | None) -> pd.Series:
+    """The run's values of the evaluation metric ``column`` at each of its evaluations (the steps at which it logged
+    any ``eval/`` metric), NaN at one that logged none: the last value is the last evaluation's, never an earlier
+    one's (an evaluation leaves ``answer_top_share`` out when no answer names a letter). Other columns, those not
+    under ``eval/``: :func:`metric_values`."""
+    if column is None or not column.startswith("eval/"):
+        return metric_values(run, column)
+    evaluated = run.metrics.filter(regex="^eval/").apply(pd.to_numeric, errors="coerce").notna().any(axis=1)
+    return metric_values(run, column).reindex(run.metrics.index[evaluated])
+
+
 def has_data(runs: Sequence[Run], columns: Iterable[str]) -> bool:
     """Whether any of ``runs`` logged a value of any of ``columns``."""
     return any(len(metric_values(r, c)) for r in runs for c in columns)
