@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from demopsd.config.settings import EvalConfig
-from demopsd.report.plots import write_report
+from demopsd.report.plots import method_colours, write_report
 from demopsd.report.runs import find_runs
 from demopsd.report.start import NoFittingStartError, find_starting_evaluations, with_starting_model
 from demopsd.report.leakage import leakage_scalars
@@ -184,3 +184,21 @@ def test_the_report_command_names_a_start_that_does_not_fit(tmp_path):
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "sweep table: sweep.md, sweep.csv" in done.stdout and (tmp_path / "out" / "sweep.md").is_file()
+
+
+def test_every_setting_of_a_sweep_has_its_own_shade_of_its_methods_colour():
+    """Eight sweep labels (more than the palette for other methods holds): eight colours, each a shade of its
+    method's (the same hue), lighter for a smaller value, the largest value the method's own colour."""
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    values = ("0.3", "0.01", "0.1", "0.03")
+    labels = [f"{method} optim.lr={value}" for method in ("grpo", "demopsd") for value in values]
+    colours = method_colours([*labels, "demopsd_placebo"])
+    assert len({colours[label] for label in labels}) == len(labels)
+    for method in ("grpo", "demopsd"):
+        ordered = [colours[f"{method} optim.lr={value}"] for value in sorted(values, key=float)]
+        hues = [rgb_to_hsv(to_rgb(colour))[0] for colour in ordered]
+        assert max(hues) - min(hues) < 0.01  # one hue
+        lightness = [sum(to_rgb(colour)) for colour in ordered]
+        assert lightness == sorted(lightness, reverse=True) and ordered[-1] == colours[method]
+    assert colours["demopsd_placebo"] not in {colours[label] for label in labels}

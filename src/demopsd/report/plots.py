@@ -17,6 +17,7 @@ The standard error is ``std(ddof=1) / sqrt(n)`` over seeds; with one seed the pl
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -67,11 +69,34 @@ TRAIN_CURVES = (
 
 
 def method_colours(methods: Iterable[str]) -> dict[str, str]:
-    """A colour per method: fixed for the four known methods, the rest in alphabetical order."""
+    """A colour per method: fixed for the four known methods, the rest in alphabetical order. A sweep's runs of a
+    known method (``grpo optim.lr=0.1``: :func:`~demopsd.report.sweep.labelled_by_setting`) take shades of its
+    colour, lightest for the smallest value, so that every setting has its own and each method stays one hue."""
     colours = dict(zip(METHOD_ORDER, METHOD_COLOURS))
-    others = sorted(set(methods) - set(METHOD_ORDER))
+    swept: dict[str, list[str]] = {}
+    for method in set(methods) - set(METHOD_ORDER):
+        if method.split(" ")[0] in colours:
+            swept.setdefault(method.split(" ")[0], []).append(method)
+    for base, labels in swept.items():
+        labels.sort(key=_setting_value)
+        for i, label in enumerate(labels):
+            colours[label] = _shade(colours[base], 0.35 + 0.65 * (i + 1) / len(labels))
+    others = sorted(set(methods) - colours.keys())
     colours.update({m: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, m in enumerate(others)})
     return colours
+
+
+def _setting_value(label: str) -> tuple[float, str]:
+    """``grpo optim.lr=0.1`` → (0.1, label): numbers in numeric order (the label alone where none is)."""
+    try:
+        return float(label.rsplit("=", 1)[1]), label
+    except (IndexError, ValueError):
+        return math.inf, label
+
+
+def _shade(colour: str, strength: float) -> str:
+    """``colour`` mixed with white: ``strength`` 1 is the colour itself, 0 white."""
+    return to_hex([1 - strength * (1 - channel) for channel in to_rgb(colour)])
 
 
 # --------------------------------------------------------------------------- curves
