@@ -17,7 +17,6 @@ from demopsd.report.leakage import (
     PLACEBO_QUANTITIES,
     has_heldout_probe,
     leakage_scalars,
-    resolve_column,
 )
 from demopsd.report.plots import (
     collapse_curve_specs,
@@ -27,7 +26,7 @@ from demopsd.report.plots import (
     smoothing_window,
     write_report,
 )
-from demopsd.report.runs import NoRunsError, Run, find_runs
+from demopsd.report.runs import NoRunsError, Run, find_runs, resolve_column
 from demopsd.report.tables import format_mean_se, mean_se, summarize
 from tests.helpers import REPO_ROOT
 

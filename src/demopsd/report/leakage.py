@@ -15,8 +15,7 @@ A column holding ``{k}`` (``acc_avg@{k}``) is the run's column of the largest ``
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,17 +168,6 @@ DETAIL_QUANTITIES = {
 LEAKAGE_QUANTITIES = {**HEADLINE_QUANTITIES, **DETAIL_QUANTITIES}
 
 
-def resolve_column(columns: Iterable[str], column: str) -> str:
-    """``column`` itself, or, where it holds ``{k}``, the one of ``columns`` it matches with the largest ``k``
-    (``column`` unchanged where none matches)."""
-    if "{k}" not in column:
-        return column
-    before, after = column.split("{k}")
-    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
-    matches = {int(m[1]): c for c in columns if (m := pattern.fullmatch(c))}
-    return matches[max(matches)] if matches else column
-
-
 def has_heldout_probe(run: Run) -> bool:
     """Whether the run logged any metric of the held-out synthetic sets (``eval/synthetic-{in,un}inferable/...``)."""
     return any(len(metric_values(run, c)) for c in run.metrics.columns if c.startswith((INFERABLE, UNINFERABLE)))
@@ -188,7 +176,7 @@ def has_heldout_probe(run: Run) -> bool:
 def leakage_scalars(run: Run) -> dict[str, object]:
     """The per-seed numbers of the leakage tables for one run (NaN where the run lacks the column)."""
     identity = {"run": run.name, "dataset": run.dataset, "method": run.method, "seed": run.seed}
-    return identity | {key: q.reduce(evaluation_values(run, resolve_column(run.metrics.columns, q.column)))
+    return identity | {key: q.reduce(evaluation_values(run, q.column))
                        for key, q in LEAKAGE_QUANTITIES.items()}
 
 

@@ -30,8 +30,8 @@ from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from demopsd.report.leakage import KINDS, LEAKAGE_QUANTITIES, resolve_column, write_leakage
-from demopsd.report.runs import Run, as_paths, find_runs, has_data, metric_values
+from demopsd.report.leakage import KINDS, LEAKAGE_QUANTITIES, write_leakage
+from demopsd.report.runs import Run, as_paths, find_runs, has_data, metric_values, resolve_column
 from demopsd.report.start import find_starting_evaluations, with_starting_model
 from demopsd.report.sweep import labelled_by_setting, write_sweep
 from demopsd.report.tables import EVAL_ACCURACY, METHOD_COLOURS, METHOD_ORDER, method_sort_key, write_results
@@ -72,16 +72,16 @@ def method_colours(methods: Iterable[str]) -> dict[str, str]:
     """A colour per method: fixed for the four known methods, the rest in alphabetical order. A sweep's runs of a
     known method (``grpo optim.lr=0.1``: :func:`~demopsd.report.sweep.labelled_by_setting`) take shades of its
     colour, lightest for the smallest value, so that every setting has its own and each method stays one hue."""
-    colours = dict(zip(METHOD_ORDER, METHOD_COLOURS))
+    methods, colours = set(methods), dict(zip(METHOD_ORDER, METHOD_COLOURS))
     swept: dict[str, list[str]] = {}
-    for method in set(methods) - set(METHOD_ORDER):
+    for method in methods - set(METHOD_ORDER):
         if method.split(" ")[0] in colours:
             swept.setdefault(method.split(" ")[0], []).append(method)
     for base, labels in swept.items():
         labels.sort(key=_setting_value)
         for i, label in enumerate(labels):
             colours[label] = _shade(colours[base], 0.35 + 0.65 * (i + 1) / len(labels))
-    others = sorted(set(methods) - colours.keys())
+    others = sorted(methods - colours.keys())
     colours.update({m: OTHER_COLOURS[i % len(OTHER_COLOURS)] for i, m in enumerate(others)})
     return colours
 

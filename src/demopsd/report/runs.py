@@ -7,6 +7,7 @@ plots (``plots``) read runs through ``Run`` and ``metric_values``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,11 +103,24 @@ def metric_values(run: Run, column: str | None) -> pd.Series:
     return pd.to_numeric(run.metrics[column], errors="coerce").dropna()
 
 
+def resolve_column(columns: Iterable[str], column: str) -> str:
+    """``column`` itself, or, where it holds ``{k}``, the one of ``columns`` it matches with the largest ``k``
+    (``column`` unchanged where none matches)."""
+    if "{k}" not in column:
+        return column
+    before, after = column.split("{k}")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    matches = {int(m[1]): c for c in columns if (m := pattern.fullmatch(c))}
+    return matches[max(matches)] if matches else column
+
+
 def evaluation_values(run: Run, column: str | None) -> pd.Series:
-    """The run's values of the evaluation metric ``column`` at each of its evaluations (the steps at which it logged
-    any ``eval/`` metric), NaN at one that logged none: the last value is the last evaluation's, never an earlier
-    one's (an evaluation leaves ``answer_top_share`` out when no answer names a letter). Other columns, those not
-    under ``eval/``: :func:`metric_values`."""
+    """The run's values of the evaluation metric ``column`` (its largest ``k`` where it holds ``{k}``:
+    :func:`resolve_column`) at each of its evaluations (the steps at which it logged any ``eval/`` metric), NaN at
+    one that logged none: the last value is the last evaluation's, never an earlier one's (an evaluation leaves
+    ``answer_top_share`` out when no answer names a letter). Other columns, those not under ``eval/``:
+    :func:`metric_values`."""
+    column = column if column is None else resolve_column(run.metrics.columns, column)
     if column is None or not column.startswith("eval/"):
         return metric_values(run, column)
     evaluated = run.metrics.filter(regex="^eval/").apply(pd.to_numeric, errors="coerce").notna().any(axis=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from demopsd.report.leakage import resolve_column
+from demopsd.report.runs import resolve_column
 from demopsd.report.sweep import evaluation_samples, paired_change
 
 SIGNIFICANT_AT = 2.0

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from demopsd.report.leakage import INFERABLE, UNINFERABLE, resolve_column
+from demopsd.report.leakage import INFERABLE, UNINFERABLE
 from demopsd.report.runs import CONFIG_FILE, Run, evaluation_values, metric_values
 from demopsd.report.start import SAMPLES_FILE
 from demopsd.report.tables import MISSING, last_value, mean_value, method_sort_key
@@ -91,10 +91,7 @@ def samples_at(run: Run, step: int) -> Path:
 
 def sweep_row(run: Run, key: str) -> dict[str, object]:
     """One run's numbers for the sweep table; ``key`` is the swept setting, read from the run's config."""
-    def largest_k(column: str) -> pd.Series:
-        return evaluation_values(run, resolve_column(run.metrics.columns, column))
-
-    accuracy = largest_k(INFERABLE + "acc_avg@{k}")
+    accuracy = evaluation_values(run, INFERABLE + "acc_avg@{k}")
     last = int(accuracy.index[-1])
     change, change_se, questions = paired_change(samples_at(run, 0), samples_at(run, last))
     return {
@@ -109,7 +106,7 @@ def sweep_row(run: Run, key: str) -> dict[str, object]:
         "questions": questions,
         "format_rate": last_value(evaluation_values(run, INFERABLE + "format_rate")),
         "answer_top_share": last_value(evaluation_values(run, INFERABLE + "answer_top_share")),
-        "distinct_answers": last_value(largest_k(INFERABLE + "distinct_answers@{k}")),
+        "distinct_answers": last_value(evaluation_values(run, INFERABLE + "distinct_answers@{k}")),
         "probe_top_share": last_value(evaluation_values(run, UNINFERABLE + "probe_top_share")),
         "update_norm": mean_value(metric_values(run, "train/update_norm")),
         "run": run.path.name,
