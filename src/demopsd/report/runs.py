@@ -1,8 +1,9 @@
 """Finding and loading training runs: every run directory under some paths, and one run's metrics.
 
 A *run directory* is any folder holding both ``metrics.csv`` (Lightning's CSVLogger) and
-``config_resolved.yaml``; a Hydra multirun folder holds several. The tables (``tables``, ``leakage``) and
-plots (``plots``) read runs through ``Run`` and ``metric_values``.
+``config_resolved.yaml``; a Hydra multirun folder holds several. The tables (``tables``, ``leakage``, ``sweep``)
+and plots (``plots``) read runs through ``Run``, ``metric_values`` and, for a value at the last evaluation,
+``evaluation_values``.
 """
 
 from __future__ import annotations
