@@ -80,6 +80,18 @@ def test_help_and_damage_in_the_first_line(tmp_path, end, first_line):
     assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == first_line
 
 
+def test_a_last_evaluation_that_names_no_letter_is_not_judged_by_an_earlier_ones_collapse(tmp_path):
+    """The last evaluation's answers name no letter (no top answer share logged): the line says the format was lost,
+    not that the answers collapsed, which only the evaluation before it showed."""
+    values = ((0, 0.25, 1.0, 0.4), (4, 0.25, 1.0, 0.9), (8, 0.0, 0.0, None))
+    rows = [{"step": step, "eval/x/acc_avg_se@4": 0.03, "eval/x/acc_avg@4": accuracy, "eval/x/format_rate": formed,
+             "eval/x/answer_top_share": top} for step, accuracy, formed, top in values]
+    pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+    assert run_summary(tmp_path / "metrics.csv").splitlines()[0] == (
+        "Training made the model worse: x worse, accuracy 0.250 → 0.000 (-0.250 ± 0.042 unpaired s.e.); "
+        "it lost the answer format on x (well-formed 1.00 → 0.00)")
+
+
 def test_a_run_that_did_not_evaluate_its_start_is_judged_from_its_first_evaluation_and_says_so(tmp_path):
     rows = [{"step": step, "eval/x/acc_avg@4": 0.4, "eval/x/acc_avg_se@4": 0.03} for step in (12, 24)]
     pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)

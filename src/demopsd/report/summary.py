@@ -94,11 +94,12 @@ def verdict(metrics: pd.DataFrame, run_dir: Path, datasets: list[str]) -> str | 
                   else "better" if change > 0 else "worse")
         judged[dataset] = (status, f"{dataset} {status}, accuracy {first:.3f} → {last:.3f} ({change:+.3f} ± "
                                    f"{se:.3f} {kind} s.e.)")
-        well_formed = _values(metrics, f"eval/{dataset}/format_rate")
+        # at the evaluations that logged the accuracy: NaN, never an earlier value, where one left a metric out
+        well_formed = _at_evaluations(evaluated, f"eval/{dataset}/format_rate")
         if len(well_formed) > 1 and well_formed.iloc[-1] < min(FORMAT_LOST_BELOW, well_formed.iloc[0]):
             flags.append(f"lost the answer format on {dataset} (well-formed {well_formed.iloc[0]:.2f} → "
                          f"{well_formed.iloc[-1]:.2f})")
-        top = _values(metrics, f"eval/{dataset}/answer_top_share")
+        top = _at_evaluations(evaluated, f"eval/{dataset}/answer_top_share")  # none when no answer names a letter
         if len(top) > 1 and top.iloc[-1] >= COLLAPSED_AT[0] and top.iloc[-1] - top.iloc[0] >= COLLAPSED_AT[1]:
             flags.append(f"collapsed onto one answer letter on {dataset} (top letter's share {top.iloc[0]:.2f} → "
                          f"{top.iloc[-1]:.2f})")
@@ -131,6 +132,10 @@ def accuracy_change(evaluated: pd.DataFrame, column: str, run_dir: Path, dataset
     errors = _values(evaluated, column.replace("acc_avg@", "acc_avg_se@"))
     se = math.hypot(errors.iloc[0], errors.iloc[-1]) if len(errors) == len(evaluated) else math.nan
     return change, se, "unpaired"
+
+
+def _at_evaluations(evaluated: pd.DataFrame, column: str) -> pd.Series:
+    return evaluated[column] if column in evaluated.columns else pd.Series(dtype="float64")
 
 
 def _values(metrics: pd.DataFrame, column: str, index: str | None = None) -> pd.Series:
